@@ -1,0 +1,1 @@
+"""Helpers shared by every test tier (no torch, no targets imported here)."""

@@ -1,0 +1,69 @@
+"""Real published wheels for the tests: downloaded once with `pip download --no-deps`, cached.
+
+Tests never use hand-made copies of library files: they install the wheels the patches target
+into throwaway directories with `pip install --no-deps --target`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("ERNIE_PATCHER_CACHE", Path.home() / ".cache" / "ernie-patcher"))
+WHEELS = CACHE / "wheels"
+
+DIFFUSERS = ("diffusers", "0.38.0")
+VLLM_OMNI = ("vllm-omni", "0.20.0")
+
+
+def _normalized(name: str) -> str:
+    return name.replace("-", "_").lower()
+
+
+def wheel(name: str, version: str) -> Path:
+    """Path of the real wheel NAME==VERSION, downloaded (no dependencies) on first use."""
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    pattern = f"{_normalized(name)}-{version}-*.whl"
+    found = sorted(WHEELS.glob(pattern))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "-q", "-d", str(WHEELS), f"{name}=={version}"],
+            check=True,
+        )
+        found = sorted(WHEELS.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"pip download {name}=={version} produced no wheel in {WHEELS}")
+    return found[0]
+
+
+def _template(specs: tuple[tuple[str, str], ...]) -> Path:
+    """A cached `pip install --no-deps --target` tree of SPECS, built once, copied per test."""
+    key = "+".join(f"{_normalized(n)}-{v}" for n, v in specs)
+    tree = CACHE / "targets" / key
+    if not (tree / ".complete").exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        staging = tree.with_name(tree.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q",
+             "--disable-pip-version-check", "--target", str(staging),
+             *[str(wheel(n, v)) for n, v in specs]],
+            check=True,
+        )
+        (staging / ".complete").write_text("ok\n")
+        try:
+            staging.rename(tree)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def install_target(dest: Path, *specs: tuple[str, str]) -> Path:
+    """Put a fresh copy of the real installed files of SPECS (default: both targets) at DEST."""
+    specs = specs or (DIFFUSERS, VLLM_OMNI)
+    shutil.copytree(_template(tuple(specs)), dest, symlinks=True, ignore=shutil.ignore_patterns(".complete"))
+    return dest
