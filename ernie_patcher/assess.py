@@ -1,0 +1,220 @@
+"""Work out, in memory, the state of each patch against an environment and what applying needs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .diffparse import FilePatch, ParsedPatch, parse_patch
+from .discovery import Environment, InstalledPackage, record_digest
+from .errors import ExitCode, PatcherError
+from .fsops import read_bytes, sha256
+from .hunks import HunkConflict, apply_hunks
+from .probes import ProbeResult, run_probe
+from .series import PatchSpec
+from .state import Manifest
+
+APPLIED = "applied"
+NOT_APPLIED = "not-applied"
+DRIFTED = "drifted"
+CONFLICT = "conflict"
+UNSUPPORTED = "unsupported"
+MISSING = "missing"
+
+ENCODING = ("utf-8", "surrogateescape")
+
+
+@dataclass
+class FileState:
+    """One file of one patch: where it is, its state, and the bytes before/after this patch."""
+
+    relpath: str
+    path: Path | None
+    state: str
+    detail: str = ""
+    creates: bool = False
+    current: bytes | None = None
+    patched: bytes | None = None
+    offsets: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "relpath": self.relpath, "state": self.state,
+                "detail": self.detail, "action": "create" if self.creates else "modify",
+                "offsets": self.offsets}
+
+
+@dataclass
+class PatchState:
+    spec: PatchSpec
+    package: InstalledPackage | None
+    state: str
+    reason: str = ""
+    files: list[FileState] = field(default_factory=list)
+    probes: list[ProbeResult] = field(default_factory=list)
+    strip: int | None = None
+    strip_inferred: bool = False
+    stale: bool = False
+    untested: bool = False
+
+    @property
+    def fit(self) -> str | None:
+        """For a patch not applied yet: 'exact', 'offset' or 'conflict'."""
+        if self.state == NOT_APPLIED:
+            return "offset" if any(o for f in self.files for o in f.offsets) else "exact"
+        if self.state == CONFLICT:
+            return "conflict"
+        return None
+
+    def to_dict(self) -> dict:
+        pkg = self.package
+        return {
+            "id": self.spec.id, "package": self.spec.package,
+            "installed_version": pkg.version if pkg else None, "versions": str(self.spec.versions),
+            "state": self.state, "reason": self.reason, "fit": self.fit, "untested": self.untested,
+            "manifest_stale": self.stale, "strip": self.strip, "strip_inferred": self.strip_inferred,
+            "files": [f.to_dict() for f in self.files], "probes": [p.to_dict() for p in self.probes],
+        }
+
+
+def decode(data: bytes) -> str:
+    return data.decode(*ENCODING)
+
+
+def encode(text: str) -> bytes:
+    return text.encode(*ENCODING)
+
+
+def target_path(package: InstalledPackage, relpath: str) -> Path:
+    """The absolute path of RELPATH, refusing any that leaves the package through a symlink."""
+    path = package.import_root / relpath
+    module_dir = (package.import_root / package.module).resolve()
+    parent = path.parent.resolve()
+    inside = parent == module_dir or module_dir in parent.parents
+    if not inside or path.is_symlink():
+        real = os.path.realpath(path)
+        raise PatcherError(ExitCode.ENVIRONMENT,
+                           f"refusing {path}: it resolves to {real}, outside package {package.module}",
+                           hint="a symlink inside the package points elsewhere; the tool only writes inside it")
+    return path
+
+
+class Assessor:
+    """Assesses patches in series order, chaining changes to a file through a working copy."""
+
+    def __init__(self, env: Environment, manifest: Manifest | None, allow_untested: bool = False) -> None:
+        self.env = env
+        self.manifest = manifest
+        self.allow_untested = allow_untested
+        self.working: dict[Path, bytes | None] = {}
+        self._records: dict[str, dict[str, str | None]] = {}
+
+    def current(self, path: Path) -> bytes | None:
+        if path not in self.working:
+            self.working[path] = read_bytes(path)
+        return self.working[path]
+
+    def record_digest(self, package: InstalledPackage, relpath: str) -> str | None:
+        if package.name not in self._records:
+            self._records[package.name] = package.record()
+        return self._records[package.name].get(relpath)
+
+    def assess(self, spec: PatchSpec) -> PatchState:
+        package = self.env.package(spec.package)
+        if package is None:
+            return PatchState(spec, None, MISSING, f"{spec.package} is not installed in {self.env.python}")
+        parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
+        result = PatchState(spec, package, NOT_APPLIED, strip=parsed.strip, strip_inferred=parsed.strip_inferred)
+        if not spec.versions.contains(package.version, prereleases=True):
+            result.untested = True
+            if not self.allow_untested:
+                result.state = UNSUPPORTED
+                result.reason = (f"{spec.package} {package.version} is outside the tested range "
+                                 f"{spec.versions} of patch {spec.id}")
+        recorded = self.manifest.patches.get(spec.id) if self.manifest else None
+        files = [self._file(package, fp, spec, recorded is not None) for fp in parsed.files]
+        result.files = files
+        if result.state != UNSUPPORTED:
+            result.state, reason = _combine(files)
+            result.reason = result.reason or reason
+        if recorded is not None and result.state != APPLIED:
+            result.stale = True
+        if recorded is not None and recorded.version != package.version:
+            result.stale = True
+            if result.state == APPLIED:
+                result.state = NOT_APPLIED
+            result.reason = f"{spec.package} changed from {recorded.version} to {package.version} since apply"
+        result.probes = [run_probe(p, self._probe_source(package, p.file)) for p in spec.probes]
+        return result
+
+    def _probe_source(self, package: InstalledPackage, relpath: str) -> bytes | None:
+        return read_bytes(package.import_root / relpath)
+
+    def _file(self, package: InstalledPackage, fp: FilePatch, spec: PatchSpec, managed: bool) -> FileState:
+        relpath = str(fp.path)
+        path = target_path(package, relpath)
+        current = self.current(path)
+        state = FileState(relpath=relpath, path=path, state=NOT_APPLIED, creates=fp.creates, current=current)
+        entry = self.manifest.files.get(str(path)) if self.manifest else None
+        if managed and entry is not None and spec.id in entry.patches:
+            digest = sha256(current) if current is not None else None
+            if digest == entry.after:
+                state.state = APPLIED
+                return state
+            if digest != entry.before:
+                state.state = DRIFTED
+                state.detail = f"{path} was changed after apply (sha256 {_short(digest)}, expected {_short(entry.after)})"
+                return state
+        return self._try_apply(package, fp, state)
+
+    def _try_apply(self, package: InstalledPackage, fp: FilePatch, state: FileState) -> FileState:
+        current = state.current
+        if fp.creates:
+            if current is not None:
+                state.state = DRIFTED
+                state.detail = f"{state.path} already exists; the patch creates it"
+                return state
+            if not state.path.parent.is_dir():
+                state.state = CONFLICT
+                state.detail = f"directory {state.path.parent} does not exist in this release"
+                return state
+        elif current is None:
+            state.state = MISSING
+            state.detail = f"{state.path} does not exist"
+            return state
+        try:
+            text, placements = apply_hunks(decode(current or b""), fp.hunks)
+        except HunkConflict as conflict:
+            state.state, state.detail = self._explain_conflict(package, state, conflict)
+            return state
+        state.patched = None if fp.deletes else encode(text)
+        state.offsets = [p.offset for p in placements]
+        self.working[state.path] = state.patched
+        return state
+
+    def _explain_conflict(self, package: InstalledPackage, state: FileState, conflict: HunkConflict) -> tuple[str, str]:
+        where = f"{state.path}: {conflict.failure.reason}"
+        recorded = self.record_digest(package, state.relpath)
+        if recorded is not None and recorded != record_digest(state.current or b""):
+            return DRIFTED, f"{where}; the file differs from the {package.name} {package.version} release (RECORD)"
+        return CONFLICT, where
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "absent"
+
+
+_PRECEDENCE = (MISSING, DRIFTED, CONFLICT, NOT_APPLIED, APPLIED)
+
+
+def _combine(files: list[FileState]) -> tuple[str, str]:
+    states = {f.state for f in files}
+    if states == {APPLIED}:
+        return APPLIED, ""
+    if APPLIED in states and states <= {APPLIED, NOT_APPLIED}:
+        first = next(f for f in files if f.state == NOT_APPLIED)
+        return DRIFTED, f"partly applied: {first.path} is not patched"
+    for state in _PRECEDENCE:
+        for f in files:
+            if f.state == state:
+                return state, f.detail
+    return NOT_APPLIED, ""

@@ -1,0 +1,126 @@
+"""The `ernie-patch` command: parse options, call the engine, render the report, set the exit code."""
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from . import __version__
+from .errors import ExitCode, PatcherError
+
+EXIT_CODES = """\b
+Exit codes:
+  0  ok, or nothing to do
+  1  verify: patches missing or wrong
+  2  usage error, or an invalid patch set / series file
+  3  a target package or file is missing
+  4  installed version outside a patch's tested range
+  5  a hunk does not apply (conflict)
+  6  files changed since apply, or changed by someone else
+  7  environment problem (permissions, disk, lock held, corrupt state)
+"""
+
+
+def _target_options(func: Callable) -> Callable:
+    options = [
+        click.option("--python", "python", metavar="PATH",
+                     help="Patch the environment of this interpreter (default: the one running ernie-patch)."),
+        click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Patch packages installed in DIR (e.g. by pip install --target DIR)."),
+        click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Use the patch set in DIR (a series.toml and .patch files) instead of the built-in one."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(command: str, as_json: bool, call: Callable) -> None:
+    from .render import emit_json, render, render_error, to_json
+
+    try:
+        report = call()
+    except PatcherError as error:
+        if as_json:
+            emit_json(to_json(None, command, error))
+        else:
+            render_error(error)
+        sys.exit(int(error.code))
+    render(report, as_json)
+    sys.exit(int(report.exit_code))
+
+
+def _target(python: str | None, site: Path | None, patches: Path | None):
+    from .engine import Target
+
+    return Target(python=python, site=site, patches=patches)
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(int(ExitCode.USAGE))
+        except click.exceptions.Abort:
+            sys.exit(int(ExitCode.ENVIRONMENT))
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ernie-patch")
+def main() -> None:
+    """Apply, verify and revert the ERNIE-Image Ascend NPU patches to diffusers and vllm-omni."""
+
+
+@main.command(epilog=EXIT_CODES)
+@_target_options
+@click.option("--only", multiple=True, metavar="ID", help="Only these patches (repeatable).")
+def status(python, site, patches, as_json, only) -> None:
+    """Show what is installed where and the state of each patch."""
+    from .engine import status as run
+
+    _run("status", as_json, lambda: run(_target(python, site, patches), tuple(only)))
+
+
+@main.command(epilog=EXIT_CODES)
+@_target_options
+@click.option("--only", multiple=True, metavar="ID", help="Only these patches (and the ones they require).")
+@click.option("--dry-run", is_flag=True, help="Plan every hunk and report; write nothing.")
+@click.option("--allow-untested", is_flag=True, help="Try patches outside their tested version range (conflicts are still refused).")
+def apply(python, site, patches, as_json, only, dry_run, allow_untested) -> None:
+    """Apply the patches: all or nothing, idempotent."""
+    from .engine import apply as run
+
+    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested))
+
+
+@main.command(epilog=EXIT_CODES)
+@_target_options
+@click.option("--only", multiple=True, metavar="ID", help="Only these patches.")
+def verify(python, site, patches, as_json, only) -> None:
+    """Prove the patches are in place: versions, file digests and AST probes."""
+    from .engine import verify as run
+
+    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only)))
+
+
+@main.command(epilog=EXIT_CODES)
+@_target_options
+@click.option("--dry-run", is_flag=True, help="Report what would be restored; write nothing.")
+@click.option("--force", is_flag=True, help="Restore originals even over files edited since apply (a copy is kept).")
+def revert(python, site, patches, as_json, dry_run, force) -> None:
+    """Put every changed byte back exactly as it was before apply."""
+    from .engine import revert as run
+
+    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force))
+
+
+if __name__ == "__main__":
+    main()

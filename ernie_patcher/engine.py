@@ -1,0 +1,379 @@
+"""The four operations — status, apply, verify, revert — returning reports; nothing here prints."""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, FileState,
+                     PatchState, decode)
+from .discovery import Environment, discover, record_digest
+from .errors import ExitCode, PatcherError
+from .fsops import Lock, read_bytes, sha256
+from .probes import run_probe
+from .series import PatchSpec, Series, load_series
+from .state import FileRecord, Manifest, PatchRecord, StateDir, now
+from .transaction import Recovery, Write, commit, recover
+
+REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
+            (DRIFTED, ExitCode.DRIFTED), (CONFLICT, ExitCode.CONFLICT))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which environment and which patch set a command works on."""
+
+    python: str | None = None
+    site: Path | None = None
+    patches: Path | None = None
+
+
+@dataclass
+class Action:
+    """A file the command changed (or, with --dry-run, would change)."""
+
+    path: str
+    what: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "action": self.what, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    command: str
+    env: Environment
+    series: Series | None
+    patches: list[PatchState] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    exit_code: ExitCode = ExitCode.OK
+    error: PatcherError | None = None
+    dry_run: bool = False
+    manifest_patches: list[str] = field(default_factory=list)
+
+
+def _packages(specs: list[PatchSpec]) -> list[tuple[str, str]]:
+    return [(s.package, s.module) for s in specs]
+
+
+@contextmanager
+def _state_access(state: StateDir, write: bool, report: Report) -> Iterator[None]:
+    """Lock the state directory; any pending journal is recovered first (needs write access)."""
+    if not write and not state.exists():
+        yield
+        return
+    needs_recovery = state.journal_path.exists()
+    exclusive = write or needs_recovery
+    with Lock(state.lock_path, exclusive=exclusive):
+        if needs_recovery:
+            _note_recovery(report, recover(state))
+        yield
+
+
+def _note_recovery(report: Report, recovery: Recovery | None) -> None:
+    if recovery is not None:
+        report.notes.append(f"recovered an interrupted {recovery.operation} started {recovery.started}: "
+                            f"{len(recovery.restored)} file(s) put back as they were before it")
+
+
+def _assess(series: Series, selected: list[PatchSpec], target: Target, manifest: Manifest | None,
+            env: Environment, allow_untested: bool = False) -> list[PatchState]:
+    assessor = Assessor(env, manifest, allow_untested)
+    states = [assessor.assess(spec) for spec in selected]
+    for patch in states:
+        recorded = manifest.patches.get(patch.spec.id) if manifest else None
+        if patch.state == APPLIED and recorded and recorded.patch_sha256 != patch.spec.digest():
+            patch.state = DRIFTED
+            patch.reason = (f"patch file {patch.spec.file} changed since it was applied; "
+                            "run `ernie-patch revert`, then `ernie-patch apply`")
+    return states
+
+
+def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[PatchSpec], Environment]:
+    series = load_series(target.patches)
+    selected = series.select(only)
+    env = discover(_packages(list(series.patches)), target.python, target.site)
+    return series, selected, env
+
+
+def status(target: Target, only: tuple[str, ...] = ()) -> Report:
+    series, selected, env = _prepare("status", target, only)
+    report = Report("status", env, series)
+    state = StateDir(env.state_dir)
+    with _state_access(state, write=False, report=report):
+        manifest = state.manifest()
+        report.patches = _assess(series, selected, target, manifest, env)
+        report.manifest_patches = sorted(manifest.patches) if manifest else []
+    foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
+    if foreign:
+        report.notes.append(f"the manifest also records patches not in this patch set: {', '.join(foreign)}")
+    return report
+
+
+def verify(target: Target, only: tuple[str, ...] = ()) -> Report:
+    report = status(target, only)
+    report.command = "verify"
+    codes = set()
+    for patch in report.patches:
+        if patch.state == MISSING:
+            codes.add(ExitCode.MISSING)
+        elif patch.state == DRIFTED:
+            codes.add(ExitCode.DRIFTED)
+        elif patch.state != APPLIED or not all(p.passed for p in patch.probes):
+            codes.add(ExitCode.NOT_VERIFIED)
+    for code in (ExitCode.MISSING, ExitCode.DRIFTED, ExitCode.NOT_VERIFIED):
+        if code in codes:
+            report.exit_code = code
+            break
+    return report
+
+
+def _refusal(states: list[PatchState]) -> PatcherError | None:
+    for state_name, code in REFUSALS:
+        failing = [p for p in states if p.state == state_name]
+        if failing:
+            first = failing[0]
+            details = [f"{p.spec.id}: {p.reason}" for p in failing]
+            hints = {
+                ExitCode.MISSING: "install the package (or point --python/--site at the environment that has it)",
+                ExitCode.UNSUPPORTED_VERSION: "install a version in range, bring a patch set for yours "
+                                              "(--patches DIR), or try anyway with --allow-untested",
+                ExitCode.DRIFTED: "the file was changed by something else; reinstall the package to get "
+                                  "pristine files, or revert --force if ernie-patch applied it",
+                ExitCode.CONFLICT: "this patch set does not fit the installed release; use a patch set "
+                                   "written for it (--patches DIR)",
+            }
+            return PatcherError(code, f"{first.spec.id}: {first.reason}", details=details[1:] if len(details) > 1 else [],
+                                hint=hints[code])
+    return None
+
+
+@dataclass
+class _Change:
+    path: Path
+    relpath: str
+    package: str
+    version: str
+    action: str
+    before: bytes | None
+    after: bytes | None
+    mode: int
+    patches: list[str] = field(default_factory=list)
+
+
+def _collect_changes(todo: list[PatchState]) -> dict[Path, _Change]:
+    changes: dict[Path, _Change] = {}
+    for patch in todo:
+        for file in patch.files:
+            if file.state != NOT_APPLIED:
+                continue
+            change = changes.get(file.path)
+            if change is None:
+                mode = file.path.stat().st_mode & 0o7777 if file.current is not None else _new_file_mode(file.path)
+                change = _Change(file.path, file.relpath, patch.spec.package, patch.package.version,
+                                 "create" if file.creates else "modify", file.current, file.patched, mode)
+                changes[file.path] = change
+            change.after = file.patched
+            change.patches.append(patch.spec.id)
+    return changes
+
+
+def _new_file_mode(path: Path) -> int:
+    siblings = [p for p in path.parent.glob("*.py") if p.is_file()]
+    return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
+
+
+def _check_results(changes: dict[Path, _Change], todo: list[PatchState]) -> None:
+    """Refuse before writing when a patched file would not compile or a probe would not pass."""
+    for change in changes.values():
+        if change.after is not None and change.path.suffix == ".py":
+            try:
+                compile(change.after, str(change.path), "exec", dont_inherit=True)
+            except (SyntaxError, ValueError) as exc:
+                raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: {exc}",
+                                   hint="the patch set is broken for this release; nothing was written")
+    planned = {c.relpath: c.after for c in changes.values()}
+    for patch in todo:
+        for probe in patch.spec.probes:
+            source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
+            result = run_probe(probe, source)
+            if not result.passed:
+                raise PatcherError(ExitCode.CONFLICT,
+                                   f"{patch.spec.id}: probe '{probe.describe()}' would fail after applying "
+                                   f"({result.detail})", hint="the patch and its probes disagree; nothing was written")
+
+
+def _record_line(relpath: str, data: bytes) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow([relpath, record_digest(data), len(data)])
+    return out.getvalue()
+
+
+def _registrations(changes: dict[Path, _Change], todo: list[PatchState]) -> list[_Change]:
+    """RECORD edits so `pip uninstall` also removes the files the patches create."""
+    packages = {p.spec.package: p.package for p in todo}
+    extra: list[_Change] = []
+    for package_name, package in packages.items():
+        created = [c for c in changes.values() if c.action == "create" and c.package == package_name]
+        if not created or package.dist_info is None or package.editable:
+            continue
+        record = package.dist_info / "RECORD"
+        before = read_bytes(record)
+        if before is None:
+            continue
+        text = decode(before)
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += "".join(_record_line(c.relpath, c.after or b"") for c in created)
+        extra.append(_Change(record, f"{package.dist_info.name}/RECORD", package_name, package.version,
+                             "register", before, text.encode("utf-8", "surrogateescape"),
+                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches})))
+    return extra
+
+
+def _updated_manifest(previous: Manifest | None, series: Series, states: list[PatchState],
+                      todo: list[PatchState], changes: list[_Change]) -> Manifest:
+    manifest = copy.deepcopy(previous) if previous else Manifest(series=series.name, patch_dir=str(series.directory))
+    for stale in [p.spec.id for p in states if p.stale]:
+        manifest.patches.pop(stale, None)
+        for key, entry in list(manifest.files.items()):
+            if stale in entry.patches:
+                entry.patches.remove(stale)
+            if not entry.patches:
+                del manifest.files[key]
+    for change in changes:
+        entry = manifest.files.get(str(change.path))
+        before = sha256(change.before) if change.before is not None else None
+        if entry is None:
+            entry = FileRecord(path=str(change.path), package=change.package, version=change.version,
+                               relpath=change.relpath, action=change.action, before=before, after=None,
+                               mode=change.mode)
+            manifest.files[str(change.path)] = entry
+        entry.after = sha256(change.after) if change.after is not None else None
+        entry.patches = sorted(set(entry.patches) | set(change.patches))
+    for patch in todo:
+        manifest.patches[patch.spec.id] = PatchRecord(
+            package=patch.spec.package, version=patch.package.version, patch_sha256=patch.spec.digest(),
+            files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
+            applied_at=now())
+    manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
+    return manifest
+
+
+def _describe_change(change: _Change, states: list[PatchState]) -> Action:
+    if change.action == "register":
+        return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
+    offsets = [o for p in states for f in p.files if f.path == change.path for o in f.offsets]
+    moved = [o for o in offsets if o]
+    detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
+    return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
+
+
+def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
+    series, selected, env = _prepare("apply", target, only)
+    report = Report("apply", env, series, dry_run=dry_run)
+    implied = sorted({p.id for p in selected} - set(only)) if only else []
+    if implied:
+        report.notes.append(f"also selected, as required: {', '.join(implied)}")
+    state = StateDir(env.state_dir)
+    with _state_access(state, write=not dry_run, report=report):
+        previous = state.manifest()
+        report.patches = states = _assess(series, selected, target, previous, env, allow_untested)
+        for patch in states:
+            if patch.untested and allow_untested:
+                report.notes.append(f"{patch.spec.id}: {patch.spec.package} {patch.package.version} is outside "
+                                    f"{patch.spec.versions}; trying anyway (--allow-untested)")
+        refusal = _refusal(states)
+        if refusal:
+            report.error, report.exit_code = refusal, refusal.code
+        todo = [p for p in states if p.state == NOT_APPLIED]
+        if not todo and not refusal:
+            report.notes.append("nothing to do: every selected patch is already applied")
+        if refusal or not todo:
+            if not dry_run:
+                state.remove_if_empty()
+            return report
+        changes = _collect_changes(todo)
+        _check_results(changes, todo)
+        all_changes = list(changes.values()) + _registrations(changes, todo)
+        report.actions = [_describe_change(c, states) for c in all_changes]
+        if dry_run:
+            return report
+        manifest = _updated_manifest(previous, series, states, todo, all_changes)
+        writes = [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
+                  for c in all_changes]
+        commit(state, "apply", writes, manifest, previous)
+        for patch in todo:
+            patch.state, patch.stale = APPLIED, False
+            patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
+            if patch.strip_inferred:
+                report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
+    return report
+
+
+def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Report) -> tuple[list[Write], list[str]]:
+    writes: list[Write] = []
+    drifted: list[str] = []
+    for entry in manifest.files.values():
+        path = Path(entry.path)
+        current = read_bytes(path)
+        digest = sha256(current) if current is not None else None
+        if digest == entry.before:
+            report.notes.append(f"{path} already holds its original bytes")
+            continue
+        original = state.fetch(entry.before) if entry.before is not None else None
+        if digest != entry.after:
+            if entry.action == "register":
+                report.notes.append(f"{path} was rewritten since apply (package reinstalled?); left as is")
+                continue
+            if not force:
+                drifted.append(f"{path} (sha256 {digest[:12] if digest else 'absent'}, "
+                               f"ernie-patch wrote {entry.after[:12] if entry.after else 'nothing'})")
+                continue
+            if current is not None:
+                saved = state.save_overwritten(path, current)
+                report.notes.append(f"--force: {path} had been edited after apply; its bytes were saved to {saved}")
+        restore = state.store(current) if current is not None else None
+        writes.append(Write(path, original, entry.mode, restore))
+        what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
+        report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
+                                     "created by apply"))
+    return writes, drifted
+
+
+def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report:
+    env = discover([], target.python, target.site)
+    report = Report("revert", env, None, dry_run=dry_run)
+    state = StateDir(env.state_dir)
+    if not state.exists():
+        report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
+        return report
+    with _state_access(state, write=not dry_run, report=report):
+        manifest = state.manifest()
+        if manifest is None:
+            report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
+            if not dry_run:
+                state.remove_if_empty()
+            return report
+        report.manifest_patches = sorted(manifest.patches)
+        writes, drifted = _revert_writes(state, manifest, force, report)
+        if drifted:
+            report.actions = []
+            report.error = PatcherError(ExitCode.DRIFTED, f"{len(drifted)} file(s) changed since apply; not reverting",
+                                        details=drifted, hint="revert --force restores the originals and keeps "
+                                        "a copy of the edited files")
+            report.exit_code = ExitCode.DRIFTED
+            return report
+        if dry_run:
+            return report
+        commit(state, "revert", writes, None, manifest)
+    if not dry_run:
+        state.remove_if_empty()
+    return report

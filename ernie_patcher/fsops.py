@@ -1,0 +1,151 @@
+"""File-system primitives: atomic replace keeping mode and owner, stale bytecode removal, locking."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ExitCode, PatcherError
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bytes(path: Path) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is a directory, expected a file") from None
+    except OSError as exc:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"cannot read {path}: {exc.strerror}") from None
+
+
+def environment_error(action: str, path: Path, exc: OSError) -> PatcherError:
+    reason = exc.strerror or str(exc)
+    hint = None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the target is read-only: run as the owner of the environment, or remount it writable"
+    elif exc.errno == errno.ENOSPC:
+        hint = "free disk space and run the command again"
+    return PatcherError(ExitCode.ENVIRONMENT, f"cannot {action} {path}: {reason}", hint=hint)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None) -> None:
+    """Replace PATH with DATA via a temp file in the same directory and rename, fsynced.
+
+    MODE and OWNER default to those of the file being replaced, so a patched file keeps them.
+    """
+    try:
+        current = path.stat()
+        mode = current.st_mode & 0o7777 if mode is None else mode
+        owner = (current.st_uid, current.st_gid) if owner is None else owner
+    except FileNotFoundError:
+        mode = 0o644 if mode is None else mode
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ernie-tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        if owner is not None and hasattr(os, "chown"):
+            try:
+                os.chown(tmp_name, *owner)
+            except PermissionError:
+                pass
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise environment_error("write", path, exc) from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def remove_file(path: Path) -> None:
+    try:
+        path.unlink()
+        _fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise environment_error("remove", path, exc) from None
+
+
+def stale_bytecode(path: Path) -> list[Path]:
+    """Every __pycache__ entry of PATH (all interpreter tags and optimisation levels)."""
+    if path.suffix != ".py":
+        return []
+    cache = path.parent / "__pycache__"
+    try:
+        return sorted(p for p in cache.iterdir() if p.name.startswith(path.stem + ".") and p.suffix == ".pyc")
+    except OSError:
+        return []
+
+
+def remove_bytecode(path: Path) -> list[Path]:
+    """Delete PATH's cached bytecode so no interpreter runs the old code (unchecked-hash .pyc too)."""
+    removed = stale_bytecode(path)
+    for pyc in removed:
+        remove_file(pyc)
+    return removed
+
+
+@dataclass
+class Lock:
+    """An exclusive (or shared) flock on STATE_DIR/lock; a second writer is refused, never queued."""
+
+    path: Path
+    exclusive: bool = True
+    _fd: int | None = None
+
+    def __enter__(self) -> "Lock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise environment_error("create lock file", self.path, exc) from None
+        flag = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._fd, flag | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise PatcherError(ExitCode.ENVIRONMENT, f"another ernie-patch run holds the lock {self.path} ({holder})",
+                               hint="wait for it to finish, then run the command again") from None
+        if self.exclusive:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,143 @@
+"""Declarative AST probes: facts a patched file must show, checked without running its code."""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Iterator
+
+from .series import ProbeSpec
+
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probe: ProbeSpec
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.probe.file, "kind": self.probe.kind, "check": self.probe.describe(),
+                "passed": self.passed, "detail": self.detail}
+
+
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Statements of a block, looking inside if/try/with (guarded definitions) but not into defs."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            for block in ("body", "orelse", "finalbody"):
+                yield from _statements(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                yield from _statements(handler.body)
+
+
+def _child(scope: ast.AST, name: str) -> ast.AST | None:
+    for node in _statements(getattr(scope, "body", [])):
+        if isinstance(node, (*_FUNCTIONS, ast.ClassDef)) and node.name == name:
+            return node
+    return None
+
+
+def _resolve(tree: ast.Module, dotted: str) -> ast.AST | None:
+    """Find a def or class by dotted name (`Class.method`) among module-level statements."""
+    scope: ast.AST | None = tree
+    for part in dotted.split("."):
+        scope = _child(scope, part) if scope is not None else None
+    return scope
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else node.attr
+    return None
+
+
+def _suffix_match(full: str | None, wanted: str) -> bool:
+    return full is not None and (full == wanted or full.endswith("." + wanted))
+
+
+def _positional(node: ast.AST) -> tuple[str, ...]:
+    args = node.args  # type: ignore[attr-defined]
+    return tuple(a.arg for a in [*args.posonlyargs, *args.args])
+
+
+def _check_def(tree: ast.Module, probe: ProbeSpec, kinds: tuple[type, ...]) -> tuple[bool, str]:
+    node = _resolve(tree, probe.name or "")
+    if node is None or not isinstance(node, kinds):
+        return False, f"{probe.name} not defined"
+    if probe.params is not None and _positional(node) != probe.params:
+        return False, f"{probe.name} has parameters ({', '.join(_positional(node))})"
+    return True, f"{probe.name} defined at line {node.lineno}"
+
+
+def _scope(tree: ast.Module, probe: ProbeSpec) -> tuple[ast.AST | None, str]:
+    if not probe.within:
+        return tree, "module"
+    return _resolve(tree, probe.within), probe.within
+
+
+def _check_call(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+    scope, label = _scope(tree, probe)
+    if scope is None:
+        return False, f"{label} not defined"
+    for node in ast.walk(scope):
+        if isinstance(node, ast.Call) and _suffix_match(_dotted(node.func), probe.name or ""):
+            return True, f"call at line {node.lineno}"
+    return False, f"no call to {probe.name} in {label}"
+
+
+def _check_string(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+    scope, label = _scope(tree, probe)
+    if scope is None:
+        return False, f"{label} not defined"
+    for node in ast.walk(scope):
+        if isinstance(node, ast.Constant) and node.value == probe.value:
+            return True, f"string at line {node.lineno}"
+    return False, f"no string {probe.value!r} in {label}"
+
+
+def _check_import(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+    scope, label = _scope(tree, probe)
+    if scope is None:
+        return False, f"{label} not defined"
+    for node in ast.walk(scope):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names] + [f"{node.module}.{a.name}" for a in node.names]
+            names.append(node.module or "")
+        else:
+            continue
+        if any(_suffix_match(n, probe.name or "") for n in names):
+            return True, f"import at line {node.lineno}"
+    return False, f"no import of {probe.name} in {label}"
+
+
+def _evaluate(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+    if probe.kind == "function":
+        return _check_def(tree, probe, _FUNCTIONS)
+    if probe.kind == "class":
+        return _check_def(tree, probe, (ast.ClassDef,))
+    if probe.kind == "method":
+        return _check_def(tree, probe, _FUNCTIONS)
+    if probe.kind == "call":
+        return _check_call(tree, probe)
+    if probe.kind == "string":
+        return _check_string(tree, probe)
+    return _check_import(tree, probe)
+
+
+def run_probe(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
+    """Evaluate PROBE against SOURCE (None: the file does not exist)."""
+    if source is None:
+        return ProbeResult(probe, probe.absent, "file does not exist")
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as exc:
+        return ProbeResult(probe, False, f"file does not parse: {exc}")
+    found, detail = _evaluate(tree, probe)
+    return ProbeResult(probe, found != probe.absent, detail)

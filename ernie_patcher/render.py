@@ -1,0 +1,132 @@
+"""Turn reports into output: JSON for machines, rich tables on a terminal, plain text otherwise."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from . import __version__
+from .engine import Report
+from .errors import ExitCode, PatcherError
+
+JSON_SCHEMA = 1
+_STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
+           "unsupported": "magenta", "missing": "red"}
+
+
+def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
+    error = error or (report.error if report else None)
+    code = error.code if error else (report.exit_code if report else ExitCode.OK)
+    document = {
+        "schema": JSON_SCHEMA, "tool": "ernie-patcher", "version": __version__, "command": command,
+        "ok": code == ExitCode.OK, "exit_code": int(code), "error": error.to_dict() if error else None,
+        "python": None, "state_dir": None, "dry_run": False, "patches": [], "actions": [], "notes": [],
+    }
+    if report is not None:
+        document.update({
+            "python": report.env.python, "state_dir": str(report.env.state_dir), "dry_run": report.dry_run,
+            "patch_set": str(report.series.directory) if report.series else None,
+            "patches": [p.to_dict() for p in report.patches], "actions": [a.to_dict() for a in report.actions],
+            "notes": report.notes, "manifest_patches": report.manifest_patches,
+        })
+    return document
+
+
+def emit_json(document: dict, out: TextIO = sys.stdout) -> None:
+    out.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def _heading(report: Report) -> str:
+    verb = f"{report.command} (dry run)" if report.dry_run else report.command
+    return f"ernie-patch {verb}: {report.env.python}"
+
+
+def _patch_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for patch in report.patches:
+        version = patch.package.version if patch.package else "-"
+        probes = f"{sum(p.passed for p in patch.probes)}/{len(patch.probes)}" if patch.probes else "-"
+        rows.append([patch.spec.id, patch.spec.package, version, str(patch.spec.versions), patch.state,
+                     patch.fit or "", probes, patch.reason])
+    return rows
+
+
+HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "probes", "reason"]
+
+
+def _error_lines(error: PatcherError) -> list[str]:
+    lines = [f"error: {error.reason}"]
+    lines += [f"  {d}" for d in error.details]
+    if error.hint:
+        lines.append(f"  try: {error.hint}")
+    return lines
+
+
+def render_plain(report: Report, out: TextIO) -> None:
+    print(_heading(report), file=out)
+    rows = _patch_rows(report)
+    if rows:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS[:-1])]
+        print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)).rstrip(), file=out)
+        for row in rows:
+            line = "  ".join(c.ljust(w) for c, w in zip(row, widths))
+            print((line + ("  " + row[-1] if row[-1] else "")).rstrip(), file=out)
+    if report.command == "verify":
+        _verify_details_plain(report, out)
+    for action in report.actions:
+        print(f"{action.what:>10}  {action.path}  ({action.detail})", file=out)
+    for note in report.notes:
+        print(f"note: {note}", file=out)
+
+
+def _verify_details_plain(report: Report, out: TextIO) -> None:
+    for patch in report.patches:
+        for probe in patch.probes:
+            mark = "ok  " if probe.passed else "FAIL"
+            print(f"  {mark} {patch.spec.id}: {probe.probe.describe()} [{probe.probe.file}] - {probe.detail}", file=out)
+
+
+def render_rich(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=_heading(report), title_justify="left", show_lines=False)
+    for header in HEADERS:
+        table.add_column(header, overflow="fold")
+    for row in _patch_rows(report):
+        style = _STYLES.get(row[4], "")
+        row[4] = f"[{style}]{row[4]}[/]" if style else row[4]
+        table.add_row(*row)
+    if report.patches:
+        console.print(table)
+    else:
+        console.print(_heading(report))
+    if report.command == "verify":
+        for patch in report.patches:
+            for probe in patch.probes:
+                mark = "[green]ok[/]  " if probe.passed else "[red]FAIL[/]"
+                console.print(f"  {mark} {patch.spec.id}: {probe.probe.describe()} "
+                              f"[dim]{probe.probe.file}[/] - {probe.detail}", highlight=False)
+    for action in report.actions:
+        console.print(f"[bold]{action.what:>10}[/]  {action.path}  [dim]({action.detail})[/]", highlight=False)
+    for note in report.notes:
+        console.print(f"[cyan]note:[/] {note}", highlight=False)
+
+
+def render_error(error: PatcherError, out: TextIO = sys.stderr) -> None:
+    """The reason on one line first, then details and what to try (on stderr)."""
+    for line in _error_lines(error):
+        print(line, file=out)
+
+
+def render(report: Report, as_json: bool) -> None:
+    if as_json:
+        emit_json(to_json(report, report.command))
+        return
+    if sys.stdout.isatty():
+        render_rich(report)
+    else:
+        render_plain(report, sys.stdout)
+    if report.error:
+        render_error(report.error)

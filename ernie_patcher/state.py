@@ -1,0 +1,201 @@
+"""What the tool keeps beside the environment: manifest, journal and the stored original bytes."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .errors import ExitCode, PatcherError
+from .fsops import atomic_write, read_bytes, remove_file, sha256
+
+MANIFEST_SCHEMA = 1
+JOURNAL_SCHEMA = 1
+TOOL = "ernie-patcher"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class FileRecord:
+    """One file the tool changed. `before`/`after` are sha256 hex digests, None = absent."""
+
+    path: str
+    package: str
+    version: str
+    relpath: str
+    action: str
+    before: str | None
+    after: str | None
+    mode: int
+    patches: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PatchRecord:
+    package: str
+    version: str
+    patch_sha256: str
+    files: list[str]
+    offsets: list[int]
+    applied_at: str
+
+
+@dataclass
+class Manifest:
+    series: str
+    patch_dir: str
+    patches: dict[str, PatchRecord] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    tool_version: str = __version__
+    updated: str = field(default_factory=now)
+
+    def to_json(self) -> dict:
+        return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
+                "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
+                "patches": {k: asdict(v) for k, v in self.patches.items()},
+                "files": {k: asdict(v) for k, v in self.files.items()}}
+
+    @classmethod
+    def from_json(cls, data: object, where: Path) -> "Manifest":
+        if not isinstance(data, dict) or data.get("tool") != TOOL:
+            raise corrupt(where, "not an ernie-patcher manifest")
+        if data.get("schema") != MANIFEST_SCHEMA:
+            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not {MANIFEST_SCHEMA}")
+        try:
+            return cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
+                       patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
+                       files={k: FileRecord(**v) for k, v in data["files"].items()},
+                       tool_version=str(data["tool_version"]), updated=str(data["updated"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise corrupt(where, f"missing or malformed field ({exc})") from None
+
+
+@dataclass
+class RestoreEntry:
+    """Recovery puts DIGEST's stored bytes at PATH (or removes PATH when DIGEST is None)."""
+
+    path: str
+    digest: str | None
+    mode: int
+
+
+@dataclass
+class Journal:
+    operation: str
+    restore: list[RestoreEntry]
+    manifest: dict | None
+    started: str = field(default_factory=now)
+
+    def to_json(self) -> dict:
+        return {"schema": JOURNAL_SCHEMA, "tool": TOOL, "operation": self.operation,
+                "started": self.started, "restore": [asdict(e) for e in self.restore],
+                "manifest": self.manifest}
+
+    @classmethod
+    def from_json(cls, data: object, where: Path) -> "Journal":
+        if not isinstance(data, dict) or data.get("tool") != TOOL or data.get("schema") != JOURNAL_SCHEMA:
+            raise corrupt(where, "not an ernie-patcher journal of a known schema")
+        try:
+            return cls(operation=str(data["operation"]), started=str(data["started"]),
+                       restore=[RestoreEntry(**e) for e in data["restore"]], manifest=data["manifest"])
+        except (KeyError, TypeError) as exc:
+            raise corrupt(where, f"missing or malformed field ({exc})") from None
+
+
+def corrupt(where: Path, reason: str) -> PatcherError:
+    return PatcherError(ExitCode.ENVIRONMENT, f"corrupt state file {where}: {reason}",
+                        hint=f"inspect it; if the environment is pristine (`ernie-patch status`), remove {where.parent}")
+
+
+class StateDir:
+    """STATE_DIR layout: manifest.json, journal.json, objects/<sha256>, overwritten/, lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest_path = root / "manifest.json"
+        self.journal_path = root / "journal.json"
+        self.objects = root / "objects"
+        self.lock_path = root / "lock"
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def _load(self, path: Path) -> object | None:
+        data = read_bytes(path)
+        if data is None:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise corrupt(path, f"not valid JSON ({exc})") from None
+
+    def manifest(self) -> Manifest | None:
+        data = self._load(self.manifest_path)
+        return None if data is None else Manifest.from_json(data, self.manifest_path)
+
+    def journal(self) -> Journal | None:
+        data = self._load(self.journal_path)
+        return None if data is None else Journal.from_json(data, self.journal_path)
+
+    def write_json(self, path: Path, document: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
+
+    def write_manifest(self, manifest: Manifest | None) -> None:
+        if manifest is None or not manifest.patches:
+            remove_file(self.manifest_path)
+        else:
+            manifest.updated = now()
+            self.write_json(self.manifest_path, manifest.to_json())
+
+    def store(self, data: bytes) -> str:
+        """Keep DATA under its digest (once); return the digest."""
+        digest = sha256(data)
+        target = self.objects / digest
+        if read_bytes(target) is None or sha256(target.read_bytes()) != digest:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data, mode=0o444)
+        return digest
+
+    def fetch(self, digest: str) -> bytes:
+        """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
+        path = self.objects / digest
+        data = read_bytes(path)
+        if data is None or sha256(data) != digest:
+            raise corrupt(path, "stored original is missing or damaged")
+        return data
+
+    def drop_objects(self, keep: set[str]) -> None:
+        if not self.objects.is_dir():
+            return
+        for path in self.objects.iterdir():
+            if path.name not in keep:
+                remove_file(path)
+
+    def save_overwritten(self, path: Path, data: bytes) -> Path:
+        """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
+        target = self.root / "overwritten" / f"{sha256(data)[:16]}-{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, data, mode=0o644)
+        return target
+
+    def remove_if_empty(self) -> None:
+        """Remove the state directory once nothing is applied (lock file and empty dirs only)."""
+        if not self.root.is_dir() or self.manifest_path.exists() or self.journal_path.exists():
+            return
+        if (self.root / "overwritten").exists():
+            return
+        self.drop_objects(set())
+        for path in (self.objects, self.lock_path):
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:
+                pass
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
