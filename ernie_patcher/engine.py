@@ -75,6 +75,8 @@ def _state_access(state: StateDir, write: bool, report: Report) -> Iterator[None
         if needs_recovery:
             _note_recovery(report, recover(state))
         yield
+    if needs_recovery:
+        state.remove_if_empty()
 
 
 def _note_recovery(report: Report, recovery: Recovery | None) -> None:
@@ -276,6 +278,25 @@ def _describe_change(change: _Change, states: list[PatchState]) -> Action:
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
 
 
+def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
+                   todo: list[PatchState], previous: Manifest | None) -> None:
+    changes = _collect_changes(todo)
+    _check_results(changes, todo)
+    all_changes = list(changes.values()) + _registrations(changes, todo)
+    report.actions = [_describe_change(c, states) for c in all_changes]
+    if report.dry_run:
+        return
+    manifest = _updated_manifest(previous, series, states, todo, all_changes)
+    writes = [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
+              for c in all_changes]
+    commit(state, "apply", writes, manifest, previous)
+    for patch in todo:
+        patch.state, patch.stale = APPLIED, False
+        patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
+        if patch.strip_inferred:
+            report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
+
+
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
     series, selected, env = _prepare("apply", target, only)
     report = Report("apply", env, series, dry_run=dry_run)
@@ -300,25 +321,15 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
             if not dry_run:
                 state.remove_if_empty()
             return report
-        changes = _collect_changes(todo)
-        _check_results(changes, todo)
-        all_changes = list(changes.values()) + _registrations(changes, todo)
-        report.actions = [_describe_change(c, states) for c in all_changes]
-        if dry_run:
-            return report
-        manifest = _updated_manifest(previous, series, states, todo, all_changes)
-        writes = [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
-                  for c in all_changes]
-        commit(state, "apply", writes, manifest, previous)
-        for patch in todo:
-            patch.state, patch.stale = APPLIED, False
-            patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
-            if patch.strip_inferred:
-                report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
+        try:
+            _apply_changes(state, report, series, states, todo, previous)
+        except PatcherError as error:
+            report.error, report.exit_code = error, error.code
     return report
 
 
 def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Report) -> tuple[list[Write], list[str]]:
+    """What revert would write; with --dry-run nothing is stored or saved on the way."""
     writes: list[Write] = []
     drifted: list[str] = []
     for entry in manifest.files.values():
@@ -337,10 +348,12 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
                 drifted.append(f"{path} (sha256 {digest[:12] if digest else 'absent'}, "
                                f"ernie-patch wrote {entry.after[:12] if entry.after else 'nothing'})")
                 continue
-            if current is not None:
+            if current is not None and not report.dry_run:
                 saved = state.save_overwritten(path, current)
                 report.notes.append(f"--force: {path} had been edited after apply; its bytes were saved to {saved}")
-        restore = state.store(current) if current is not None else None
+            elif current is not None:
+                report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
+        restore = state.store(current) if current is not None and not report.dry_run else None
         writes.append(Write(path, original, entry.mode, restore))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else

@@ -32,8 +32,8 @@ def to_json(report: Report | None, command: str, error: PatcherError | None = No
     return document
 
 
-def emit_json(document: dict, out: TextIO = sys.stdout) -> None:
-    out.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+def emit_json(document: dict, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
 def _heading(report: Report) -> str:
@@ -114,10 +114,10 @@ def render_rich(report: Report) -> None:
         console.print(f"[cyan]note:[/] {note}", highlight=False)
 
 
-def render_error(error: PatcherError, out: TextIO = sys.stderr) -> None:
+def render_error(error: PatcherError, out: TextIO | None = None) -> None:
     """The reason on one line first, then details and what to try (on stderr)."""
     for line in _error_lines(error):
-        print(line, file=out)
+        print(line, file=out or sys.stderr)
 
 
 def render(report: Report, as_json: bool) -> None:
