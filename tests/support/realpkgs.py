@@ -67,3 +67,30 @@ def install_target(dest: Path, *specs: tuple[str, str]) -> Path:
     specs = specs or (DIFFUSERS, VLLM_OMNI)
     shutil.copytree(_template(tuple(specs)), dest, symlinks=True, ignore=shutil.ignore_patterns(".complete"))
     return dest
+
+
+def sdist(name: str, version: str) -> Path:
+    """Path of the real source distribution NAME==VERSION (for editable installs), cached."""
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    pattern = f"{_normalized(name)}-{version}.tar.gz"
+    found = sorted(WHEELS.glob(pattern))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+             "-q", "-d", str(WHEELS), f"{name}=={version}"],
+            check=True,
+        )
+        found = sorted(WHEELS.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"pip download of the sdist {name}=={version} produced nothing in {WHEELS}")
+    return found[0]
+
+
+def make_venv(dest: Path, *specs: tuple[str, str]) -> Path:
+    """A new virtual environment at DEST with SPECS' real wheels installed (--no-deps); its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True)
+    python = dest / "bin" / "python"
+    if specs:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                        "--disable-pip-version-check", *[str(wheel(n, v)) for n, v in specs]], check=True)
+    return python
