@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 from .series import ProbeSpec
@@ -131,12 +132,18 @@ def _evaluate(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
     return _check_import(tree, probe)
 
 
+@lru_cache(maxsize=16)
+def _parse(source: bytes) -> ast.Module:
+    """Parse once per distinct file content: several probes usually look at the same file."""
+    return ast.parse(source)
+
+
 def run_probe(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
     """Evaluate PROBE against SOURCE (None: the file does not exist)."""
     if source is None:
         return ProbeResult(probe, probe.absent, "file does not exist")
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except (SyntaxError, ValueError) as exc:
         return ProbeResult(probe, False, f"file does not parse: {exc}")
     found, detail = _evaluate(tree, probe)
