@@ -58,7 +58,15 @@ class PatchState:
 
     @property
     def fit(self) -> str | None:
-        """For a patch not applied yet: 'exact', 'offset' or 'conflict'."""
+        """For a patch not applied yet: 'exact', 'offset' or 'conflict'.
+
+        Also given for a patch outside its tested range, so status shows whether it would fit.
+        """
+        states = {f.state for f in self.files}
+        if self.state == UNSUPPORTED and self.files:
+            if states == {NOT_APPLIED}:
+                return "offset" if any(o for f in self.files for o in f.offsets) else "exact"
+            return "conflict" if CONFLICT in states else None
         if self.state == NOT_APPLIED:
             return "offset" if any(o for f in self.files for o in f.offsets) else "exact"
         if self.state == CONFLICT:

@@ -122,5 +122,80 @@ def revert(python, site, patches, as_json, dry_run, force) -> None:
     _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force))
 
 
+
+def _fail(command: str, error: PatcherError, as_json: bool = False) -> None:
+    from .render import emit_json, render_error, to_json
+
+    if as_json:
+        emit_json(to_json(None, command, error))
+    else:
+        render_error(error)
+    sys.exit(int(error.code))
+
+
+@main.command("diff", epilog=EXIT_CODES)
+@click.argument("patch_id", metavar="ID")
+@click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Read the patch set in DIR instead of the built-in one.")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Highlight the diff: on a terminal (auto), always, or never.")
+def diff_command(patch_id: str, patches: Path | None, color: str) -> None:
+    """Show one patch of the set.
+
+    On a terminal the diff is highlighted under a header line (id, package range, strip level);
+    otherwise the exact text of the patch file is written, so it can be piped.
+    """
+    from .patchview import show_patch
+
+    try:
+        view = show_patch(patch_id, patches)
+    except PatcherError as error:
+        _fail("diff", error)
+    from .render_authoring import render_diff
+
+    render_diff(view, color == "always" or (color == "auto" and sys.stdout.isatty()))
+    if view.problem is not None:
+        _fail("diff", view.problem)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("package")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--name", required=True, metavar="NAME", help="Patch id; the diff is written to NAME.patch.")
+@click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Patch set to add to (created if missing) [default: ./patches].")
+@click.option("--python", "python", metavar="PATH", help="The edited files are in this interpreter's environment.")
+@click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="The edited files are in DIR (e.g. made by pip install --target DIR).")
+@click.option("--module", metavar="NAME", help="Import name, when it is not PACKAGE with '-' as '_'.")
+@click.option("--wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
+              help="Take the pristine files from this wheel of the installed release instead of pip download.")
+@click.option("--summary", default="", metavar="TEXT", help="One line for the series entry.")
+@click.option("--force", is_flag=True, help="Replace the diff of an existing patch NAME.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None, python: str | None,
+           site: Path | None, module: str | None, wheel: Path | None, summary: str, force: bool,
+           as_json: bool) -> None:
+    """Write a patch from your edits of installed files.
+
+    PACKAGE is the distribution (e.g. diffusers); each PATH is an edited file, absolute or
+    relative to site-packages (diffusers/models/attention_dispatch.py).
+    The pristine side is the file of the same release, from `pip download --no-deps
+    PACKAGE==VERSION`, checked against the installed RECORD digest. The patch is added to
+    DIR/series.toml with versions "==VERSION" and strip 1.
+    """
+    from .authoring import AuthoringRequest, create_patch
+
+    request = AuthoringRequest(package=package, paths=paths, name=name, patches=patches, python=python,
+                               site=site, module=module, wheel=wheel, summary=summary, force=force)
+    try:
+        created = create_patch(request)
+    except PatcherError as error:
+        _fail("create", error, as_json)
+    from .render_authoring import render_created
+
+    render_created(created, as_json)
+
+
 if __name__ == "__main__":
     main()

@@ -74,7 +74,12 @@ def _state_access(state: StateDir, write: bool, report: Report) -> Iterator[None
     with Lock(state.lock_path, exclusive=exclusive):
         if needs_recovery:
             _note_recovery(report, recover(state))
-        yield
+        try:
+            yield
+        except PatcherError:
+            if write:
+                state.remove_if_empty()  # a refused run (e.g. a malformed patch) leaves no state dir behind
+            raise
     if needs_recovery:
         state.remove_if_empty()
 

@@ -47,11 +47,18 @@ def _patch_rows(report: Report) -> list[list[str]]:
         version = patch.package.version if patch.package else "-"
         probes = f"{sum(p.passed for p in patch.probes)}/{len(patch.probes)}" if patch.probes else "-"
         rows.append([patch.spec.id, patch.spec.package, version, str(patch.spec.versions), patch.state,
-                     patch.fit or "", probes, patch.reason])
+                     patch.fit or "", _strip_text(patch), probes, patch.reason])
     return rows
 
 
-HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "probes", "reason"]
+def _strip_text(patch) -> str:
+    """The strip level used for a patch's paths: '1' when declared, '0 (inferred)' when inferred."""
+    if patch.strip is None:
+        return ""
+    return f"{patch.strip} (inferred)" if patch.strip_inferred else str(patch.strip)
+
+
+HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "strip", "probes", "reason"]
 
 
 def _error_lines(error: PatcherError) -> list[str]:
