@@ -130,6 +130,9 @@ class Assessor:
         package = self.env.package(spec.package)
         if package is None:
             return PatchState(spec, None, MISSING, f"{spec.package} is not installed in {self.env.python}")
+        applied = self._applied_as_recorded(spec, package)
+        if applied is not None:
+            return applied
         parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
         result = PatchState(spec, package, NOT_APPLIED, strip=parsed.strip, strip_inferred=parsed.strip_inferred)
         if not spec.versions.contains(package.version, prereleases=True):
@@ -151,6 +154,30 @@ class Assessor:
             if result.state == APPLIED:
                 result.state = NOT_APPLIED
             result.reason = f"{spec.package} changed from {recorded.version} to {package.version} since apply"
+        result.probes = [run_probe(p, self._probe_source(package, p.file)) for p in spec.probes]
+        return result
+
+    def _applied_as_recorded(self, spec: PatchSpec, package: InstalledPackage) -> PatchState | None:
+        """APPLIED without parsing the diff when the manifest says so and every digest agrees.
+
+        Holds only for the same patch bytes, the same package version and every file holding
+        exactly what ernie-patch wrote; anything else takes the full path.
+        """
+        recorded = self.manifest.patches.get(spec.id) if self.manifest else None
+        if recorded is None or recorded.version != package.version or recorded.patch_sha256 != spec.digest():
+            return None
+        files = []
+        for relpath in recorded.files:
+            path = target_path(package, relpath)
+            entry = self.manifest.files.get(str(path))
+            current = self.current(path)
+            digest = sha256(current) if current is not None else None
+            if entry is None or spec.id not in entry.patches or digest != entry.after:
+                return None
+            files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
+                                   current=current))
+        result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
+                            untested=not spec.versions.contains(package.version, prereleases=True))
         result.probes = [run_probe(p, self._probe_source(package, p.file)) for p in spec.probes]
         return result
 

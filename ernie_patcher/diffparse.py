@@ -4,9 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from unidiff import PatchSet
-from unidiff.errors import UnidiffParseError
-
 from .errors import ExitCode, PatcherError
 from .series import safe_relative
 
@@ -89,6 +86,9 @@ def _infer_strip(names: list[str], module: str) -> int | None:
 
 def parse_patch(text: str, module: str, strip: int | None, where: str) -> ParsedPatch:
     """Parse TEXT; every path must stay inside MODULE. STRIP None means infer it and say so."""
+    from unidiff import PatchSet  # imported here: verify of applied patches never needs it
+    from unidiff.errors import UnidiffParseError
+
     try:
         patch_set = PatchSet(text)
     except (UnidiffParseError, ValueError, IndexError, TypeError) as exc:
