@@ -1,0 +1,150 @@
+"""Fixtures of the sequence-parallel tier: real vllm-omni 0.20.0 trees and multi-process gloo runs.
+
+vllm-omni is never imported by the test process itself. Each tree is a fresh
+`pip install --no-deps --target` of the real wheel (tests/support/realpkgs.py), pristine or
+patched, and each run starts WORLD_SIZE worker processes (tests/sp/sp_worker.py) over gloo on
+127.0.0.1 with that tree first on PYTHONPATH, ahead of the environment's own vllm-omni.
+Runs are session fixtures: several tests read the same run.
+
+ERNIE_SP_PATCHES (comma-separated patch file names) applies only those patches to the
+"patched" tree, to show which tests depend on which patch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+from tests.support.realpkgs import VLLM_OMNI, install_target
+
+REPO = Path(__file__).resolve().parents[2]
+PATCHES = REPO / "patches"
+WORKER = Path(__file__).resolve().parent / "sp_worker.py"
+OMNI_PATCHES = (
+    "vllm_omni_pipeline_ernie_image.patch",
+    "vllm_omni_ulysses_attention.patch",
+    "vllm_omni_ernie_image_transformer.patch",
+)
+LAUNCH_TIMEOUT_S = 420
+TAIL_CHARS = 4000
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip this tier, saying why, in an environment without vllm / vllm-omni / torch."""
+    missing = [name for name in ("torch", "vllm", "vllm_omni") if find_spec(name) is None]
+    if not missing:
+        return
+    marker = pytest.mark.skip(reason=f"SP tier needs tests/requirements-sp.txt (missing: {', '.join(missing)})")
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(marker)
+
+
+def apply_patches(site: Path, patch_files: Sequence[Path]) -> None:
+    """Apply PATCH_FILES, in order, to the install tree SITE (paths inside are relative to it)."""
+    for patch_file in patch_files:
+        subprocess.run(
+            ["patch", "-p1", "--batch", "--forward", "--quiet", "-d", str(site), "-i", str(patch_file)],
+            check=True,
+        )
+
+
+def selected_patches() -> list[Path]:
+    names = os.environ.get("ERNIE_SP_PATCHES")
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names is not None else list(OMNI_PATCHES)
+    return [PATCHES / name for name in chosen]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-TAIL_CHARS:] if path.exists() else "(no log)"
+
+
+def launch(site: Path, out: Path, world_size: int, *worker_args: str) -> list[dict[str, Any]]:
+    """Run WORLD_SIZE workers on the tree SITE; the per-rank results they saved, by rank."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world_size),
+        PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        VLLM_LOGGING_LEVEL="WARNING",
+        OMP_NUM_THREADS="1",
+    )
+    procs = []
+    for rank in range(world_size):
+        log = (out / f"rank{rank}.log").open("w")
+        cmd = [sys.executable, str(WORKER), *worker_args, "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            codes.append("timeout")
+    if any(code != 0 for code in codes):
+        logs = "\n".join(f"--- rank {r} (exit {c}) ---\n{_tail(out / f'rank{r}.log')}" for r, c in enumerate(codes))
+        raise AssertionError(f"SP workers failed: {' '.join(worker_args)}\n{logs}")
+    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    for result in results:
+        assert Path(result["vllm_omni_file"]).resolve().is_relative_to(site.resolve()), (
+            f"worker imported vllm-omni from {result['vllm_omni_file']}, not from the tree under test {site}"
+        )
+    return results
+
+
+@pytest.fixture(scope="session")
+def pristine_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_target(tmp_path_factory.mktemp("omni") / "pristine", VLLM_OMNI)
+
+
+@pytest.fixture(scope="session")
+def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    site = install_target(tmp_path_factory.mktemp("omni") / "patched", VLLM_OMNI)
+    apply_patches(site, selected_patches())
+    return site
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory, pristine_site: Path, patched_site: Path):
+    """runs(name) -> per-rank results of one named multi-process run, started on first use."""
+    plans: dict[str, tuple[Path, int, tuple[str, ...]]] = {
+        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", "npu,cuda", "--latents")),
+        "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", "npu,cuda", "--latents", "--pipeline")),
+        "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", "npu,cuda")),
+        "patched-cfg2-sp2": (patched_site, 4, ("--sp", "2", "--cfg", "2", "--modes", "npu", "--latents", "--pipeline")),
+        "pristine-sp1": (pristine_site, 1, ("--sp", "1", "--modes", "cuda")),
+        "pristine-sp2": (pristine_site, 2, ("--sp", "2", "--modes", "cuda")),
+    }
+    done: dict[str, list[dict[str, Any]] | Exception] = {}
+
+    def run(name: str) -> list[dict[str, Any]]:
+        if name not in done:
+            site, world_size, args = plans[name]
+            try:
+                done[name] = launch(site, tmp_path_factory.mktemp(name), world_size, *args)
+            except Exception as failure:
+                done[name] = failure
+        outcome = done[name]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return run

@@ -1,0 +1,279 @@
+"""One process of a sequence-parallel run of vllm-omni's ERNIE-Image code on CPU (gloo).
+
+conftest.launch() starts WORLD_SIZE copies with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+set and the vllm-omni tree under test first on PYTHONPATH. Each copy sets vllm-omni up the
+way its diffusion worker does (vllm config, forward context, init_distributed_environment,
+initialize_model_parallel), runs the requested checks and saves what it saw to
+OUT/rank<RANK>.pt; the tests compare those files.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import torch
+
+import cpu_platform
+from tiny import GRID, TEXT_LENS, TINY_CONFIG
+
+PLATFORM = cpu_platform.install()
+
+from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config  # noqa: E402
+
+import vllm_omni  # noqa: E402
+from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig  # noqa: E402
+from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
+from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E402
+from vllm_omni.diffusion.hooks import enable_sequence_parallel_for_model  # noqa: E402
+from vllm_omni.diffusion.models.ernie_image import pipeline_ernie_image  # noqa: E402
+from vllm_omni.diffusion.models.ernie_image.ernie_image_transformer import (  # noqa: E402
+    ErnieImageTransformer2DModel,
+)
+
+ULYSSES_MODULE = "vllm_omni.diffusion.models.ernie_image.ulysses_attention"
+SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sp", type=int, required=True, help="sequence_parallel_size (= ulysses_degree)")
+    parser.add_argument("--cfg", type=int, default=1, help="cfg_parallel_size")
+    parser.add_argument("--modes", default="", help="comma list of platforms to run the transformer on: npu,cuda")
+    parser.add_argument("--latents", action="store_true", help="check the SP latent broadcast")
+    parser.add_argument("--pipeline", action="store_true", help="run one ErnieImagePipeline step (NPU)")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args()
+
+
+def make_configs(sp: int, cfg: int) -> tuple[VllmConfig, OmniDiffusionConfig]:
+    vllm_config = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    parallel = DiffusionParallelConfig(sequence_parallel_size=sp, ulysses_degree=sp, cfg_parallel_size=cfg)
+    return vllm_config, OmniDiffusionConfig(parallel_config=parallel, dtype=torch.float32)
+
+
+@contextmanager
+def omni_context(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> Iterator[None]:
+    """The contexts vllm-omni's diffusion worker wraps around loading and each request."""
+    with set_current_vllm_config(vllm_config), set_forward_context(
+        vllm_config=vllm_config, omni_diffusion_config=od_config
+    ):
+        yield
+
+
+def init_parallel(rank: int, world_size: int, sp: int, cfg: int) -> None:
+    parallel_state.init_distributed_environment(
+        world_size=world_size,
+        rank=rank,
+        distributed_init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+        local_rank=rank,
+        backend="gloo",
+    )
+    parallel_state.initialize_model_parallel(
+        cfg_parallel_size=cfg, sequence_parallel_size=sp, ulysses_degree=sp, backend="gloo"
+    )
+
+
+def fixed_weights(model: torch.nn.Module) -> None:
+    """The same weights on every rank, none zero (upstream zero-initialises adaLN and final_linear)."""
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * noise)
+            elif param.dim() >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            else:
+                param.copy_(0.1 * noise)
+
+
+def tiny_text() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    lens = torch.tensor(TEXT_LENS)
+    text = torch.zeros(len(TEXT_LENS), max(TEXT_LENS), TINY_CONFIG["text_in_dim"])
+    for row, length in enumerate(TEXT_LENS):
+        text[row, :length] = torch.randn(length, TINY_CONFIG["text_in_dim"], generator=generator)
+    return text, lens
+
+
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(42)
+    latents = torch.randn(len(TEXT_LENS), TINY_CONFIG["in_channels"], *GRID, generator=generator)
+    text, lens = tiny_text()
+    return {
+        "hidden_states": latents,
+        "timestep": torch.full((len(TEXT_LENS),), 500.0),
+        "text_bth": text,
+        "text_lens": lens,
+    }
+
+
+def sp_hooks(model: torch.nn.Module) -> list[str]:
+    """'<module path>:<hook name>' of every _sp_plan split/gather hook registered on the model."""
+    found = []
+    for path, module in model.named_modules():
+        registry = getattr(module, "_hook_registry", None)
+        for name in getattr(registry, "_hooks", {}):
+            if name.startswith(SP_HOOK_PREFIXES):
+                found.append(f"{path}:{name}")
+    return found
+
+
+def optional_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        return None
+
+
+@contextmanager
+def patched_attr(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
+def recording(trace: dict[str, Any]) -> Iterator[None]:
+    """Count Ulysses processor calls (per attention module) and all-to-all collectives."""
+    trace.update(processor_calls=[], all_to_all=0)
+    ulysses = optional_module(ULYSSES_MODULE)
+
+    def count_all_to_all(original: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            trace["all_to_all"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def record_call(original: Callable) -> Callable:
+        def wrapper(self: Any, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            trace["processor_calls"].append((id(attn), hidden_states.shape[1]))
+            return original(self, attn, hidden_states, *args, **kwargs)
+
+        return wrapper
+
+    with patched_attr(torch.distributed, "all_to_all_single", count_all_to_all):
+        if ulysses is None:
+            yield
+            return
+        with patched_attr(ulysses.ErnieImageUlyssesAttnProcessor, "__call__", record_call):
+            yield
+
+
+def build_transformer(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> ErnieImageTransformer2DModel:
+    """Construct and enable SP the way the model loader does, inside a loading context."""
+    with omni_context(vllm_config, od_config):
+        model = ErnieImageTransformer2DModel(od_config=od_config, **TINY_CONFIG)
+        fixed_weights(model)
+        if od_config.parallel_config.sequence_parallel_size > 1:
+            enable_sequence_parallel_for_model(model)
+    return model.eval()
+
+
+def run_transformer(npu: bool, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
+    cpu_platform.set_npu(PLATFORM, npu)
+    model = build_transformer(vllm_config, od_config)
+    layer_of = {id(layer.self_attention): index for index, layer in enumerate(model.layers)}
+    trace: dict[str, Any] = {}
+    with omni_context(vllm_config, od_config), recording(trace), torch.no_grad():
+        output = model(**tiny_inputs(), return_dict=False)[0]
+    calls = [(layer_of.get(attn, -1), seq_len) for attn, seq_len in trace["processor_calls"]]
+    return {
+        "output": output,
+        "sp_hooks": sp_hooks(model),
+        "processor_calls": calls,
+        "all_to_all": trace["all_to_all"],
+        "attention_skips_sp": [layer.self_attention.attn.skip_sequence_parallel for layer in model.layers],
+    }
+
+
+def latent_sync(rank: int) -> dict[str, Any]:
+    """Rank-specific latents through the pipeline's broadcast; what came out."""
+    broadcast = getattr(pipeline_ernie_image, "broadcast_latents_in_sp_group", None)
+    if broadcast is None:
+        return {"missing": True}
+    generator = torch.Generator().manual_seed(100 + rank)
+    latents = torch.randn(1, 4, 3, 5, generator=generator)
+    before = latents.clone()
+    synced = broadcast(latents)
+    return {"missing": False, "input": before, "output": synced, "input_untouched": torch.equal(latents, before)}
+
+
+def latent_noop_without_distributed() -> dict[str, Any]:
+    broadcast = getattr(pipeline_ernie_image, "broadcast_latents_in_sp_group", None)
+    if broadcast is None:
+        return {"missing": True}
+    latents = torch.randn(1, 4, 3, 5)
+    return {"missing": False, "same_object": broadcast(latents) is latents}
+
+
+def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> torch.Tensor:
+    """Latents after one ErnieImagePipeline.forward step, with no seed: each rank draws its own noise.
+
+    The pipeline is assembled around the tiny transformer (no text encoder or VAE to load);
+    encode_prompt returns fixed embeddings: "" (negative) 3 tokens, "tiny" 6 tokens.
+    """
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+
+    cpu_platform.set_npu(PLATFORM, True)
+    pipeline = pipeline_ernie_image.ErnieImagePipeline.__new__(pipeline_ernie_image.ErnieImagePipeline)
+    torch.nn.Module.__init__(pipeline)
+    pipeline.transformer = build_transformer(vllm_config, od_config)
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipeline.vae_scale_factor = 16
+    pipeline.is_distilled = False
+    pipeline._execution_device = torch.device("cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    sampling = SimpleNamespace(
+        height=GRID[0] * 16,
+        width=GRID[1] * 16,
+        num_inference_steps=1,
+        guidance_scale=4.0,
+        generator=None,
+        num_outputs_per_prompt=1,
+        extra_args={},
+    )
+    text, lens = tiny_text()
+    embeddings = {"": text[0, : int(lens[0])], "tiny": text[1, : int(lens[1])]}
+    pipeline.encode_prompt = lambda prompts, *args, **kwargs: [embeddings[p] for p in prompts]
+    torch.manual_seed(1000 + rank)
+    with omni_context(vllm_config, od_config), torch.no_grad():
+        result = pipeline.forward(
+            SimpleNamespace(prompts=["tiny"], sampling_params=sampling), negative_prompt="", output_type="latent"
+        )
+    return result.output
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    vllm_config, od_config = make_configs(args.sp, args.cfg)
+    result: dict[str, Any] = {"rank": rank, "vllm_omni_file": vllm_omni.__file__}
+    if args.latents:
+        result["latents_without_distributed"] = latent_noop_without_distributed()
+    with omni_context(vllm_config, od_config):
+        init_parallel(rank, world_size, args.sp, args.cfg)
+    result["sp_ranks"] = list(parallel_state.get_sp_group().ranks)
+    if args.latents:
+        result["latents"] = latent_sync(rank)
+    for mode in filter(None, args.modes.split(",")):
+        result[mode] = run_transformer(mode == "npu", vllm_config, od_config)
+    if args.pipeline:
+        result["pipeline_latents"] = pipeline_step(rank, vllm_config, od_config)
+    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_distributed_environment()
+
+
+if __name__ == "__main__":
+    main()
