@@ -1,0 +1,294 @@
+"""diffusers_attention_dispatch.patch, on the real patched attention_dispatch.py imported in this process.
+
+_native_npu_attention is called directly with CPU tensors; its kernels are the CPU references
+(tests/numerics/reference/) supplied the way diffusers itself supplies them: `npu_fusion_attention` as
+the module global that diffusers' guarded `from torch_npu import npu_fusion_attention` sets, and
+mindiesd through sys.modules, where the patch's lazy `from mindiesd import attention_forward` finds it.
+The references' device check is off here (these are routing and numerics tests on CPU tensors); the
+device check itself is exercised by test_model_numerics.py.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import logging
+import sys
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.numerics.reference import mindiesd_ref, torch_npu_ref
+
+FP32_TOLERANCE = 1e-6
+
+
+@pytest.fixture
+def kernels(patched_dispatch: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, ModuleType]]:
+    """Reference torch_npu and mindiesd in place; mindiesd's import cache cleared before and after."""
+    torch_npu = torch_npu_ref.build_module(strict_device=False)
+    mindiesd = mindiesd_ref.build_module(strict_device=False)
+    monkeypatch.setattr(patched_dispatch, "npu_fusion_attention", torch_npu.npu_fusion_attention)
+    monkeypatch.setitem(sys.modules, "mindiesd", mindiesd)
+    patched_dispatch._mindiesd_attention_forward.cache_clear()
+    yield torch_npu, mindiesd
+    patched_dispatch._mindiesd_attention_forward.cache_clear()
+
+
+def _qkv(seq_q: int, seq_kv: int, heads: int = 2, head_dim: int = 8, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seq_q * 7 + seq_kv + head_dim)
+    query = torch.randn(batch, seq_q, heads, head_dim, generator=generator)
+    key = torch.randn(batch, seq_kv, heads, head_dim, generator=generator)
+    value = torch.randn(batch, seq_kv, heads, head_dim, generator=generator)
+    return query, key, value
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's SDPA on [B, S, N, D] tensors; a boolean mask is True where attended."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+def _padding_mask(batch: int, seq_kv: int, valid: list[int]) -> torch.Tensor:
+    """[B, 1, 1, Skv] boolean, True for the first valid[b] keys (the ERNIE-Image transformer's mask)."""
+    return (torch.arange(seq_kv).view(1, -1) < torch.tensor(valid).view(-1, 1))[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# is_supported_laser_attention
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "q_seqlen", "kv_seqlen", "supported"),
+    [
+        (128, 4000, 4000, True),
+        (128, 3999, 3999, False),
+        (128, 4001, 4001, True),
+        (129, 4000, 4000, False),
+        (129, 118404, 119056, False),
+        (64, 1_000_000, 1_000_000, True),
+        (128, 118404, 119056, True),
+        (128, 119056, 118404, True),
+        (128, 118500, 118900, True),
+        (128, 118403, 118404, False),
+        (128, 118404, 118403, False),
+        (128, 119056, 119057, False),
+        (128, 119057, 119056, False),
+        (128, 4000, 8000, False),
+        (128, 8000, 4000, False),
+        (128, 118404, 4000, False),
+        (1, 118403, 118403, True),
+    ],
+)
+def test_is_supported_laser_attention(
+    patched_dispatch: ModuleType, head_dim: int, q_seqlen: int, kv_seqlen: int, supported: bool
+) -> None:
+    assert patched_dispatch.is_supported_laser_attention(head_dim, q_seqlen, kv_seqlen) is supported
+
+
+# ---------------------------------------------------------------------------------------------------------
+# _broadcast_attn_mask_npu
+
+
+@pytest.mark.parametrize(("seq_q", "seq_kv"), [(5, 5), (3, 7)])
+def test_broadcast_batch_by_keys_mask(patched_dispatch: ModuleType, seq_q: int, seq_kv: int) -> None:
+    query, key, _ = _qkv(seq_q, seq_kv, batch=2)
+    mask = torch.tensor([[True] * seq_kv, [True] * 2 + [False] * (seq_kv - 2)])
+    out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
+    assert out.shape == (2, 1, seq_q, seq_kv)
+    assert out.is_contiguous()
+    assert torch.equal(out, mask[:, None, None, :].expand(2, 1, seq_q, seq_kv))
+
+
+@pytest.mark.parametrize(("seq_q", "seq_kv"), [(5, 5), (3, 7)])
+def test_broadcast_four_dim_key_mask(patched_dispatch: ModuleType, seq_q: int, seq_kv: int) -> None:
+    query, key, _ = _qkv(seq_q, seq_kv, batch=2)
+    mask = _padding_mask(2, seq_kv, [seq_kv, 2])
+    out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
+    assert out.shape == (2, 1, seq_q, seq_kv)
+    assert out.is_contiguous()
+    for row in range(seq_q):
+        assert torch.equal(out[:, :, row, :], mask[:, :, 0, :])
+
+
+def test_broadcast_keeps_dtype_and_values_of_float_masks(patched_dispatch: ModuleType) -> None:
+    query, key, _ = _qkv(4, 6, batch=2)
+    mask = torch.randn(2, 1, 1, 6)
+    out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, mask.expand(2, 1, 4, 6))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 1, 4, 6), (2, 2, 4, 6), (1, 1, 4, 6), (4, 6)],
+    ids=["B1SS", "BNSS", "11SS", "SS"],
+)
+def test_broadcast_leaves_full_masks_untouched(patched_dispatch: ModuleType, shape: tuple[int, ...]) -> None:
+    query, key, _ = _qkv(4, 6, batch=2)
+    mask = torch.rand(shape) > 0.5
+    assert patched_dispatch._broadcast_attn_mask_npu(query, key, mask) is mask
+
+
+def test_broadcast_none_is_none(patched_dispatch: ModuleType) -> None:
+    query, key, _ = _qkv(4, 6)
+    assert patched_dispatch._broadcast_attn_mask_npu(query, key, None) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq_q=st.integers(1, 9),
+    seq_kv=st.integers(1, 9),
+    four_dim=st.booleans(),
+    data=st.data(),
+)
+def test_broadcast_property(
+    patched_dispatch: ModuleType, batch: int, seq_q: int, seq_kv: int, four_dim: bool, data: st.DataObject
+) -> None:
+    query, key, _ = _qkv(seq_q, seq_kv, batch=batch)
+    bits = data.draw(st.lists(st.booleans(), min_size=batch * seq_kv, max_size=batch * seq_kv))
+    keys_mask = torch.tensor(bits, dtype=torch.bool).view(batch, seq_kv)
+    mask = keys_mask[:, None, None, :] if four_dim else keys_mask
+    out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
+    assert out.shape == (batch, 1, seq_q, seq_kv) and out.is_contiguous()
+    assert torch.equal(out, keys_mask[:, None, None, :].expand(batch, 1, seq_q, seq_kv))
+
+
+def test_npu_mask_is_broadcast_and_inverted(patched_dispatch: ModuleType) -> None:
+    """What npu_fusion_attention receives: [B, 1, Sq, Skv] with True meaning masked out; an all-valid mask is dropped."""
+    query, key, _ = _qkv(3, 5, batch=2)
+    mask = _padding_mask(2, 5, [5, 2])
+    out = patched_dispatch._maybe_modify_attn_mask_npu(query, key, mask)
+    assert out.shape == (2, 1, 3, 5) and out.dtype == torch.bool
+    assert torch.equal(out, ~mask.expand(2, 1, 3, 5))
+    assert patched_dispatch._maybe_modify_attn_mask_npu(query, key, _padding_mask(2, 5, [5, 5])) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# _native_npu_attention routing
+
+
+def test_laser_attention_for_supported_unmasked_self_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(4000, 4000)
+    out = patched_dispatch._native_npu_attention(query, key, value)
+    assert mindiesd.calls == {"ascend_laser_attention": 1}
+    assert torch_npu.calls == {}
+    assert out.shape == query.shape
+    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_laser_attention_passes_the_scale(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    _, mindiesd = kernels
+    query, key, value = _qkv(4000, 4000)
+    out = patched_dispatch._native_npu_attention(query, key, value, scale=0.05)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (query, key, value)), scale=0.05
+    ).transpose(1, 2)
+    assert mindiesd.calls == {"ascend_laser_attention": 1}
+    assert (out - expected).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_all_valid_mask_still_gets_laser_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(4000, 4000)
+    out = patched_dispatch._native_npu_attention(query, key, value, attn_mask=_padding_mask(1, 4000, [4000]))
+    assert mindiesd.calls == {"ascend_laser_attention": 1} and torch_npu.calls == {}
+    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_padding_mask_uses_fusion_attention_with_broadcast_mask(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(4000, 4000)
+    mask = _padding_mask(1, 4000, [3900])
+    out = patched_dispatch._native_npu_attention(query, key, value, attn_mask=mask)
+    assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
+    assert (out - _sdpa(query, key, value, mask)).abs().max().item() <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("seq_q", "seq_kv", "head_dim"),
+    [(3999, 3999, 8), (4000, 4000, 129), (64, 64, 8), (40, 77, 8)],
+    ids=["too-short", "head-dim-129", "short", "cross"],
+)
+def test_unsupported_shapes_use_fusion_attention(
+    patched_dispatch: ModuleType, kernels: tuple, seq_q: int, seq_kv: int, head_dim: int
+) -> None:
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(seq_q, seq_kv, head_dim=head_dim)
+    out = patched_dispatch._native_npu_attention(query, key, value)
+    assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
+    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_masked_batch_matches_sdpa(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    """A CFG-like batch of two prompts of different text lengths ([B, 1, 1, Skv] mask, as ERNIE-Image passes)."""
+    torch_npu, _ = kernels
+    query, key, value = _qkv(24, 24, batch=2)
+    mask = _padding_mask(2, 24, [24, 17])
+    out = patched_dispatch._native_npu_attention(query, key, value, attn_mask=mask)
+    assert torch_npu.calls == {"npu_fusion_attention": 1}
+    assert (out - _sdpa(query, key, value, mask)).abs().max().item() <= FP32_TOLERANCE
+
+
+def test_supported_cross_attention_routes_to_laser(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    """Cross-attention in [118404, 119056]: routed on meta tensors (shapes only, nothing computed)."""
+    torch_npu, mindiesd = kernels
+    query = torch.empty(1, 118404, 2, 128, device="meta")
+    key = value = torch.empty(1, 119056, 2, 128, device="meta")
+    out = patched_dispatch._native_npu_attention(query, key, value)
+    assert mindiesd.calls == {"ascend_laser_attention": 1} and torch_npu.calls == {}
+    assert out.shape == query.shape
+
+
+def test_dropout_never_goes_to_laser_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(4000, 4000)
+    with pytest.raises(NotImplementedError):  # the reference fusion attention has no dropout
+        patched_dispatch._native_npu_attention(query, key, value, dropout_p=0.1)
+    assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
+
+
+def test_mindiesd_absent_falls_back(patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch_npu, _ = kernels
+    monkeypatch.setitem(sys.modules, "mindiesd", None)  # `import mindiesd` now raises ModuleNotFoundError
+    query, key, value = _qkv(4000, 4000)
+    out = patched_dispatch._native_npu_attention(query, key, value)
+    assert torch_npu.calls == {"npu_fusion_attention": 1}
+    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+
+
+class _BrokenMindiesdFinder(importlib.abc.MetaPathFinder):
+    """Makes `import mindiesd` fail the way a broken install does (a missing shared library)."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "mindiesd":
+            raise OSError("libascend_laser.so: cannot open shared object file")
+        return None
+
+
+def test_mindiesd_broken_falls_back_with_one_warning(
+    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch_npu, _ = kernels
+    monkeypatch.delitem(sys.modules, "mindiesd")
+    monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
+    query, key, value = _qkv(4000, 4000)
+    with caplog.at_level(logging.WARNING):
+        patched_dispatch._native_npu_attention(query, key, value)
+        patched_dispatch._native_npu_attention(query, key, value)
+    assert torch_npu.calls == {"npu_fusion_attention": 2}
+    assert len([r for r in caplog.records if "mindiesd failed to import" in r.getMessage()]) == 1
+
+
+def test_mindiesd_is_not_imported_for_unsupported_shapes(
+    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(sys.modules, "mindiesd")
+    monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
+    query, key, value = _qkv(64, 64)
+    patched_dispatch._native_npu_attention(query, key, value)
+    assert patched_dispatch._mindiesd_attention_forward.cache_info().currsize == 0
