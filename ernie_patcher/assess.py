@@ -12,7 +12,7 @@ from .fsops import read_bytes, sha256
 from .hunks import HunkConflict, apply_hunks
 from .probes import ProbeResult, run_probe
 from .series import PatchSpec
-from .state import Manifest
+from .state import FileRecord, Manifest
 
 APPLIED = "applied"
 NOT_APPLIED = "not-applied"
@@ -106,6 +106,16 @@ def target_path(package: InstalledPackage, relpath: str) -> Path:
     return path
 
 
+def recorded_path(env: Environment, entry: FileRecord) -> Path | None:
+    """Where a manifest entry's file is in ENV now; None when its package is gone."""
+    package = env.package(entry.package)
+    if package is None:
+        return None
+    if entry.action == "register":
+        return package.dist_info.parent / entry.relpath if package.dist_info else None
+    return target_path(package, entry.relpath)
+
+
 class Assessor:
     """Assesses patches in series order, chaining changes to a file through a working copy."""
 
@@ -169,7 +179,7 @@ class Assessor:
         files = []
         for relpath in recorded.files:
             path = target_path(package, relpath)
-            entry = self.manifest.files.get(str(path))
+            entry = self.manifest.files.get(relpath)
             current = self.current(path)
             digest = sha256(current) if current is not None else None
             if entry is None or spec.id not in entry.patches or digest != entry.after:
@@ -189,7 +199,7 @@ class Assessor:
         path = target_path(package, relpath)
         current = self.current(path)
         state = FileState(relpath=relpath, path=path, state=NOT_APPLIED, creates=fp.creates, current=current)
-        entry = self.manifest.files.get(str(path)) if self.manifest else None
+        entry = self.manifest.files.get(relpath) if self.manifest else None
         if managed and entry is not None and spec.id in entry.patches:
             digest = sha256(current) if current is not None else None
             if digest == entry.after:

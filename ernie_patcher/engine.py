@@ -11,7 +11,7 @@ from typing import Iterator
 
 from . import __version__
 from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, FileState,
-                     PatchState, decode)
+                     PatchState, decode, recorded_path)
 from .discovery import Environment, discover, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
@@ -80,8 +80,8 @@ def _state_access(state: StateDir, write: bool, report: Report) -> Iterator[None
             if write:
                 state.remove_if_empty()  # a refused run (e.g. a malformed patch) leaves no state dir behind
             raise
-    if needs_recovery:
-        state.remove_if_empty()
+        if needs_recovery:
+            state.remove_if_empty()  # under the lock: a waiting run must never lock a removed lock file
 
 
 def _note_recovery(report: Report, recovery: Recovery | None) -> None:
@@ -173,6 +173,7 @@ class _Change:
     after: bytes | None
     mode: int
     patches: list[str] = field(default_factory=list)
+    module: str = ""
 
 
 def _collect_changes(todo: list[PatchState]) -> dict[Path, _Change]:
@@ -185,7 +186,8 @@ def _collect_changes(todo: list[PatchState]) -> dict[Path, _Change]:
             if change is None:
                 mode = file.path.stat().st_mode & 0o7777 if file.current is not None else _new_file_mode(file.path)
                 change = _Change(file.path, file.relpath, patch.spec.package, patch.package.version,
-                                 "create" if file.creates else "modify", file.current, file.patched, mode)
+                                 "create" if file.creates else "modify", file.current, file.patched, mode,
+                                 module=patch.spec.module)
                 changes[file.path] = change
             change.after = file.patched
             change.patches.append(patch.spec.id)
@@ -241,7 +243,8 @@ def _registrations(changes: dict[Path, _Change], todo: list[PatchState]) -> list
         text += "".join(_record_line(c.relpath, c.after or b"") for c in created)
         extra.append(_Change(record, f"{package.dist_info.name}/RECORD", package_name, package.version,
                              "register", before, text.encode("utf-8", "surrogateescape"),
-                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches})))
+                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches}),
+                             module=package.module))
     return extra
 
 
@@ -256,13 +259,13 @@ def _updated_manifest(previous: Manifest | None, series: Series, states: list[Pa
             if not entry.patches:
                 del manifest.files[key]
     for change in changes:
-        entry = manifest.files.get(str(change.path))
+        entry = manifest.files.get(change.relpath)
         before = sha256(change.before) if change.before is not None else None
         if entry is None:
             entry = FileRecord(path=str(change.path), package=change.package, version=change.version,
                                relpath=change.relpath, action=change.action, before=before, after=None,
-                               mode=change.mode)
-            manifest.files[str(change.path)] = entry
+                               mode=change.mode, module=change.module)
+            manifest.files[change.relpath] = entry
         entry.after = sha256(change.after) if change.after is not None else None
         entry.patches = sorted(set(entry.patches) | set(change.patches))
     for patch in todo:
@@ -330,6 +333,8 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
             _apply_changes(state, report, series, states, todo, previous)
         except PatcherError as error:
             report.error, report.exit_code = error, error.code
+            if not dry_run:
+                state.remove_if_empty()  # rolled back: no lock file or empty objects dir left behind
     return report
 
 
@@ -338,7 +343,10 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
     writes: list[Write] = []
     drifted: list[str] = []
     for entry in manifest.files.values():
-        path = Path(entry.path)
+        path = recorded_path(report.env, entry)
+        if path is None:
+            report.notes.append(f"{entry.package} is no longer installed: nothing to restore for {entry.relpath}")
+            continue
         current = read_bytes(path)
         digest = sha256(current) if current is not None else None
         if digest == entry.before:
@@ -381,17 +389,19 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
                 state.remove_if_empty()
             return report
         report.manifest_patches = sorted(manifest.patches)
+        packages = sorted({(e.package, e.module or e.package.replace("-", "_")) for e in manifest.files.values()})
+        report.env = discover(packages, target.python, target.site)
         writes, drifted = _revert_writes(state, manifest, force, report)
         if drifted:
             report.actions = []
-            report.error = PatcherError(ExitCode.DRIFTED, f"{len(drifted)} file(s) changed since apply; not reverting",
-                                        details=drifted, hint="revert --force restores the originals and keeps "
+            others = f" and {len(drifted) - 1} other file(s)" if len(drifted) > 1 else ""
+            report.error = PatcherError(ExitCode.DRIFTED, f"{drifted[0]}{others} changed since apply; not reverting",
+                                        details=drifted[1:], hint="revert --force restores the originals and keeps "
                                         "a copy of the edited files")
             report.exit_code = ExitCode.DRIFTED
             return report
         if dry_run:
             return report
         commit(state, "revert", writes, None, manifest)
-    if not dry_run:
         state.remove_if_empty()
     return report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import tempfile
@@ -10,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExitCode, PatcherError
+
+TEMP_SUFFIX = ".ernie-tmp"
+LOCK_ATTEMPTS = 5
 
 
 def sha256(data: bytes) -> str:
@@ -64,7 +68,7 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
         mode = 0o644 if mode is None else mode
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ernie-tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -86,6 +90,17 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
                 os.unlink(tmp_name)
             except OSError:
                 pass
+
+
+def remove_temp_files(path: Path) -> list[Path]:
+    """Delete temp files a killed atomic_write(PATH) left beside PATH; return them."""
+    try:
+        left = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
+    except OSError:
+        return []
+    for temp in left:
+        remove_file(temp)
+    return left
 
 
 def remove_file(path: Path) -> None:
@@ -126,6 +141,14 @@ class Lock:
     _fd: int | None = None
 
     def __enter__(self) -> "Lock":
+        for _ in range(LOCK_ATTEMPTS):
+            if self._acquire():
+                return self
+        raise PatcherError(ExitCode.ENVIRONMENT, f"the lock file {self.path} keeps being removed by another run",
+                           hint="wait for the other ernie-patch run to finish, then run the command again")
+
+    def _acquire(self) -> bool:
+        """Lock the file at PATH; False when another run removed it meanwhile (then try again)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -136,16 +159,33 @@ class Lock:
             fcntl.flock(self._fd, flag | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(self._fd)
-            self._fd = None
+            self._close()
             raise PatcherError(ExitCode.ENVIRONMENT, f"another ernie-patch run holds the lock {self.path} ({holder})",
                                hint="wait for it to finish, then run the command again") from None
+        if not self._still_linked():
+            self._close()
+            return False
         if self.exclusive:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
-        return self
+            try:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass  # the pid is only for the message of a refused run; a full disk must not stop the lock
+        return True
 
-    def __exit__(self, *exc_info: object) -> None:
+    def _still_linked(self) -> bool:
+        """Whether PATH is still the file we locked (a finishing run may have removed it)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close()

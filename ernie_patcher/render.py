@@ -41,6 +41,25 @@ def _heading(report: Report) -> str:
     return f"ernie-patch {verb}: {report.env.python}"
 
 
+def _short(path: str, report: Report) -> str:
+    """PATH relative to the site directory holding the state, when it is inside it."""
+    root = str(report.env.state_dir.parent).rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else path
+
+
+def _verify_summary(report: Report) -> str:
+    applied = sum(p.state == "applied" for p in report.patches)
+    probes = [r for p in report.patches for r in p.probes]
+    files = sum(len(p.files) for p in report.patches if p.state == "applied")
+    verdict = "verified" if report.exit_code == ExitCode.OK else "NOT verified"
+    return (f"{verdict}: {applied}/{len(report.patches)} patches applied, {files} files as recorded, "
+            f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
+
+
+def _failed_probes(report: Report) -> list[tuple[str, object]]:
+    return [(p.spec.id, r) for p in report.patches for r in p.probes if not r.passed]
+
+
 def _patch_rows(report: Report) -> list[list[str]]:
     rows = []
     for patch in report.patches:
@@ -78,19 +97,14 @@ def render_plain(report: Report, out: TextIO) -> None:
         for row in rows:
             line = "  ".join(c.ljust(w) for c, w in zip(row, widths))
             print((line + ("  " + row[-1] if row[-1] else "")).rstrip(), file=out)
-    if report.command == "verify":
-        _verify_details_plain(report, out)
+    for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
+        print(f"  probe failed: {patch_id}: {probe.probe.describe()} [{probe.probe.file}] - {probe.detail}", file=out)
     for action in report.actions:
-        print(f"{action.what:>10}  {action.path}  ({action.detail})", file=out)
+        print(f"{action.what:>10}  {_short(action.path, report)}  ({action.detail})", file=out)
     for note in report.notes:
         print(f"note: {note}", file=out)
-
-
-def _verify_details_plain(report: Report, out: TextIO) -> None:
-    for patch in report.patches:
-        for probe in patch.probes:
-            mark = "ok  " if probe.passed else "FAIL"
-            print(f"  {mark} {patch.spec.id}: {probe.probe.describe()} [{probe.probe.file}] - {probe.detail}", file=out)
+    if report.command == "verify":
+        print(_verify_summary(report), file=out)
 
 
 def render_rich(report: Report) -> None:
@@ -109,16 +123,17 @@ def render_rich(report: Report) -> None:
         console.print(table)
     else:
         console.print(_heading(report))
-    if report.command == "verify":
-        for patch in report.patches:
-            for probe in patch.probes:
-                mark = "[green]ok[/]  " if probe.passed else "[red]FAIL[/]"
-                console.print(f"  {mark} {patch.spec.id}: {probe.probe.describe()} "
-                              f"[dim]{probe.probe.file}[/] - {probe.detail}", highlight=False)
+    for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
+        console.print(f"  [red]probe failed:[/] {patch_id}: {probe.probe.describe()} "
+                      f"[dim]{probe.probe.file}[/] - {probe.detail}", highlight=False)
     for action in report.actions:
-        console.print(f"[bold]{action.what:>10}[/]  {action.path}  [dim]({action.detail})[/]", highlight=False)
+        console.print(f"[bold]{action.what:>10}[/]  {_short(action.path, report)}  [dim]({action.detail})[/]",
+                      highlight=False)
     for note in report.notes:
         console.print(f"[cyan]note:[/] {note}", highlight=False)
+    if report.command == "verify":
+        style = "green" if report.exit_code == ExitCode.OK else "red"
+        console.print(f"[{style}]{_verify_summary(report)}[/]", highlight=False)
 
 
 def render_error(error: PatcherError, out: TextIO | None = None) -> None:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
 from .errors import ExitCode, PatcherError
-from .fsops import atomic_write, read_bytes, remove_file, sha256
+from .fsops import atomic_write, read_bytes, remove_file, remove_temp_files, sha256
 
 MANIFEST_SCHEMA = 1
 JOURNAL_SCHEMA = 1
@@ -21,7 +22,12 @@ def now() -> str:
 
 @dataclass
 class FileRecord:
-    """One file the tool changed. `before`/`after` are sha256 hex digests, None = absent."""
+    """One file the tool changed. `before`/`after` are sha256 hex digests, None = absent.
+
+    The file is found again through its package (`relpath` under the import root, or under the
+    dist-info's parent for RECORD), never through `path`, which only says where it was at apply:
+    an environment copied or moved elsewhere must never make revert write to the old place.
+    """
 
     path: str
     package: str
@@ -32,6 +38,7 @@ class FileRecord:
     after: str | None
     mode: int
     patches: list[str] = field(default_factory=list)
+    module: str = ""
 
 
 @dataclass
@@ -66,12 +73,15 @@ class Manifest:
         if data.get("schema") != MANIFEST_SCHEMA:
             raise corrupt(where, f"manifest schema {data.get('schema')!r} is not {MANIFEST_SCHEMA}")
         try:
-            return cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
-                       patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
-                       files={k: FileRecord(**v) for k, v in data["files"].items()},
-                       tool_version=str(data["tool_version"]), updated=str(data["updated"]))
+            manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
+                           patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
+                           files={k: FileRecord(**v) for k, v in data["files"].items()},
+                           tool_version=str(data["tool_version"]), updated=str(data["updated"]))
         except (KeyError, TypeError, AttributeError) as exc:
             raise corrupt(where, f"missing or malformed field ({exc})") from None
+        for record in [*manifest.patches.values(), *manifest.files.values()]:
+            _check_fields(record, where)
+        return manifest
 
 
 @dataclass
@@ -100,10 +110,41 @@ class Journal:
         if not isinstance(data, dict) or data.get("tool") != TOOL or data.get("schema") != JOURNAL_SCHEMA:
             raise corrupt(where, "not an ernie-patcher journal of a known schema")
         try:
-            return cls(operation=str(data["operation"]), started=str(data["started"]),
-                       restore=[RestoreEntry(**e) for e in data["restore"]], manifest=data["manifest"])
+            journal = cls(operation=str(data["operation"]), started=str(data["started"]),
+                          restore=[RestoreEntry(**e) for e in data["restore"]], manifest=data["manifest"])
         except (KeyError, TypeError) as exc:
             raise corrupt(where, f"missing or malformed field ({exc})") from None
+        if journal.manifest is not None and not isinstance(journal.manifest, dict):
+            raise corrupt(where, "field 'manifest' is not an object")
+        for entry in journal.restore:
+            _check_fields(entry, where)
+        return journal
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _field_ok(name: str, kind: object, value: object) -> bool:
+    """Whether VALUE fits the annotation KIND; digests must be sha256 hex (they name files)."""
+    kind = str(kind)
+    if name in ("before", "after", "digest"):
+        return value is None or (isinstance(value, str) and bool(_DIGEST.match(value)))
+    if name == "path":
+        return isinstance(value, str) and value.startswith("/") and "\x00" not in value
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind.startswith("list["):
+        item = int if kind == "list[int]" else str
+        return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    return isinstance(value, str)
+
+
+def _check_fields(record: object, where: Path) -> None:
+    """Refuse a record whose fields have the wrong types, so a damaged file cannot steer a write."""
+    for item in fields(record):
+        value = getattr(record, item.name)
+        if not _field_ok(item.name, item.type, value):
+            raise corrupt(where, f"field {item.name!r} of {type(record).__name__} has a bad value {value!r:.60}")
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:
@@ -190,6 +231,8 @@ class StateDir:
         if (self.root / "overwritten").exists():
             return
         self.drop_objects(set())
+        for path in (self.manifest_path, self.journal_path):
+            remove_temp_files(path)
         for path in (self.objects, self.lock_path):
             try:
                 path.rmdir() if path.is_dir() else path.unlink()

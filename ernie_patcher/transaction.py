@@ -13,16 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PatcherError
-from .fsops import atomic_write, read_bytes, remove_bytecode, remove_file, sha256
+from .fsops import atomic_write, read_bytes, remove_bytecode, remove_file, remove_temp_files, sha256
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
 KILL_ENV = "ERNIE_PATCHER_TEST_KILL_AT"
+PAUSE_ENV = "ERNIE_PATCHER_TEST_PAUSE_AT"
 
 
 def checkpoint(name: str) -> None:
-    """Test hook: SIGKILL this process at checkpoint NAME when the environment asks for it."""
+    """Test hooks, used only by the test suite, at checkpoint NAME (journal-written,
+    file-N-written, manifest-written, journal-removed; restore-N inside a recovery):
+    ERNIE_PATCHER_TEST_KILL_AT=NAME SIGKILLs this process there, ERNIE_PATCHER_TEST_PAUSE_AT=NAME
+    SIGSTOPs it there (holding the lock) until the test sends SIGCONT.
+    """
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(PAUSE_ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,14 @@ def recover(state: StateDir) -> Recovery | None:
     if journal is None:
         return None
     report = Recovery(operation=journal.operation, started=journal.started)
-    for entry in journal.restore:
+    manifest = Manifest.from_json(journal.manifest, state.journal_path) if journal.manifest else None
+    for number, entry in enumerate(journal.restore, start=1):
         path = Path(entry.path)
         if _put(state, path, entry.digest, entry.mode):
             report.restored.append(entry.path)
         remove_bytecode(path)
-    manifest = Manifest.from_json(journal.manifest, state.journal_path) if journal.manifest else None
+        remove_temp_files(path)
+        checkpoint(f"restore-{number}")
     state.write_manifest(manifest)
     remove_file(state.journal_path)
     state.drop_objects(_referenced(manifest))

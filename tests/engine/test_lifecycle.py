@@ -196,3 +196,17 @@ def test_json_is_one_schema_versioned_document(site: Path, tmp_path: Path, comma
     for patch in document["patches"]:
         assert {"id", "package", "installed_version", "state", "files", "probes"} <= set(patch)
         assert patch["state"] in {"applied", "not-applied", "drifted", "conflict", "unsupported", "missing"}
+
+
+def test_a_copied_environment_is_reverted_in_place_never_at_the_old_path(site: Path, tmp_path: Path):
+    import shutil
+
+    patches = own_set(site, tmp_path / "set")
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    copy = tmp_path / "copied-site"
+    shutil.copytree(site, copy, symlinks=True)
+    original_applied = snapshot(site)
+    assert cli("verify", "--site", copy, "--patches", patches).code == 0
+    assert cli("revert", "--site", copy).code == 0
+    assert b"rope-mark" not in (copy / TRANSFORMER).read_bytes()
+    assert snapshot(site) == original_applied, "revert of the copy wrote to the original environment"
