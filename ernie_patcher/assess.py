@@ -77,7 +77,7 @@ class PatchState:
         pkg = self.package
         return {
             "id": self.spec.id, "package": self.spec.package,
-            "installed_version": pkg.version if pkg else None, "versions": str(self.spec.versions),
+            "installed_version": pkg.version if pkg else None, "versions": self.spec.tested,
             "state": self.state, "reason": self.reason, "fit": self.fit, "untested": self.untested,
             "manifest_stale": self.stale, "strip": self.strip, "strip_inferred": self.strip_inferred,
             "files": [f.to_dict() for f in self.files], "probes": [p.to_dict() for p in self.probes],
@@ -150,7 +150,7 @@ class Assessor:
             if not self.allow_untested:
                 result.state = UNSUPPORTED
                 result.reason = (f"{spec.package} {package.version} is outside the tested range "
-                                 f"{spec.versions} of patch {spec.id}")
+                                 f"{spec.tested} of patch {spec.id}")
         recorded = self.manifest.patches.get(spec.id) if self.manifest else None
         files = [self._file(package, fp, spec, recorded is not None) for fp in parsed.files]
         result.files = files

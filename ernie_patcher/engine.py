@@ -318,7 +318,7 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
         for patch in states:
             if patch.untested and allow_untested:
                 report.notes.append(f"{patch.spec.id}: {patch.spec.package} {patch.package.version} is outside "
-                                    f"{patch.spec.versions}; trying anyway (--allow-untested)")
+                                    f"{patch.spec.tested}; trying anyway (--allow-untested)")
         refusal = _refusal(states)
         if refusal:
             report.error, report.exit_code = refusal, refusal.code

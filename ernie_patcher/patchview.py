@@ -42,8 +42,8 @@ def show_patch(patch_id: str, patches: Path | None = None) -> PatchView:
     try:
         parsed = parse_patch(text, spec.module, spec.strip, where)
     except PatcherError as problem:
-        return PatchView(spec.id, spec.path, spec.package, str(spec.versions), spec.summary, text,
+        return PatchView(spec.id, spec.path, spec.package, spec.tested, spec.summary, text,
                          spec.strip, False, (), problem)
     paths = tuple(str(f.path) for f in parsed.files)
-    return PatchView(spec.id, spec.path, spec.package, str(spec.versions), spec.summary, text,
+    return PatchView(spec.id, spec.path, spec.package, spec.tested, spec.summary, text,
                      parsed.strip, parsed.strip_inferred, paths)

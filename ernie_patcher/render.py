@@ -65,9 +65,13 @@ def _patch_rows(report: Report) -> list[list[str]]:
     for patch in report.patches:
         version = patch.package.version if patch.package else "-"
         probes = f"{sum(p.passed for p in patch.probes)}/{len(patch.probes)}" if patch.probes else "-"
-        rows.append([patch.spec.id, patch.spec.package, version, str(patch.spec.versions), patch.state,
-                     patch.fit or "", _strip_text(patch), probes, patch.reason])
+        rows.append([patch.spec.id, patch.spec.package, version, patch.spec.tested, patch.state,
+                     patch.fit or "", _strip_text(patch), probes])
     return rows
+
+
+def _reasons(report: Report) -> list[str]:
+    return [f"{p.spec.id}: {p.reason}" for p in report.patches if p.reason]
 
 
 def _strip_text(patch) -> str:
@@ -77,7 +81,7 @@ def _strip_text(patch) -> str:
     return f"{patch.strip} (inferred)" if patch.strip_inferred else str(patch.strip)
 
 
-HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "strip", "probes", "reason"]
+HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "strip", "probes"]
 
 
 def _error_lines(error: PatcherError) -> list[str]:
@@ -92,11 +96,12 @@ def render_plain(report: Report, out: TextIO) -> None:
     print(_heading(report), file=out)
     rows = _patch_rows(report)
     if rows:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS[:-1])]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
         print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)).rstrip(), file=out)
         for row in rows:
-            line = "  ".join(c.ljust(w) for c, w in zip(row, widths))
-            print((line + ("  " + row[-1] if row[-1] else "")).rstrip(), file=out)
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    for reason in _reasons(report):
+        print(f"  {reason}", file=out)
     for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
         print(f"  probe failed: {patch_id}: {probe.probe.describe()} [{probe.probe.file}] - {probe.detail}", file=out)
     for action in report.actions:
@@ -123,6 +128,8 @@ def render_rich(report: Report) -> None:
         console.print(table)
     else:
         console.print(_heading(report))
+    for reason in _reasons(report):
+        console.print(f"  {reason}", highlight=False)
     for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
         console.print(f"  [red]probe failed:[/] {patch_id}: {probe.probe.describe()} "
                       f"[dim]{probe.probe.file}[/] - {probe.detail}", highlight=False)

@@ -59,6 +59,12 @@ class PatchSpec:
     summary: str = ""
     requires: tuple[str, ...] = ()
     probes: tuple[ProbeSpec, ...] = ()
+    versions_text: str = ""
+
+    @property
+    def tested(self) -> str:
+        """The version range as written in the series file (packaging reorders its own str())."""
+        return self.versions_text or str(self.versions)
 
     @property
     def text(self) -> str:
@@ -177,8 +183,9 @@ def _patch(table: object, directory: Path, index: int) -> PatchSpec:
         raise PatcherError(ExitCode.USAGE, f"patch file {file!r} of {where} not found in {directory}")
     package = _string(table, "package", where)
     module = _string(table, "module", where, required=False) or package.replace("-", "_")
+    versions_text = _string(table, "versions", where)
     try:
-        versions = SpecifierSet(_string(table, "versions", where))
+        versions = SpecifierSet(versions_text)
     except InvalidSpecifier as exc:
         raise _fail(where, f"'versions' is not a PEP 440 specifier: {exc}") from None
     strip = table.get("strip")
@@ -193,6 +200,7 @@ def _patch(table: object, directory: Path, index: int) -> PatchSpec:
     return PatchSpec(
         id=patch_id, file=file, package=package, module=module, versions=versions, path=path,
         strip=strip, summary=_string(table, "summary", where, False) or "", requires=tuple(requires),
+        versions_text=versions_text,
         probes=tuple(_probe(p, module, f"{where} probe #{i + 1}") for i, p in enumerate(probes)),
     )
 
