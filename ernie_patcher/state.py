@@ -131,6 +131,9 @@ def _field_ok(name: str, kind: object, value: object) -> bool:
         return value is None or (isinstance(value, str) and bool(_DIGEST.match(value)))
     if name == "path":
         return isinstance(value, str) and value.startswith("/") and "\x00" not in value
+    if name == "relpath":
+        return (isinstance(value, str) and bool(value) and not value.startswith("/") and "\x00" not in value
+                and ".." not in value.split("/"))
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind.startswith("list["):

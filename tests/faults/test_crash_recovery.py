@@ -1,0 +1,164 @@
+"""SIGKILL during apply, revert and recovery: the next run leaves every file pristine or patched.
+
+Two ways of killing: the test-only checkpoint hook (every checkpoint of apply and revert, and
+inside recovery), and a seeded loop of kills after random delays.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from faultkit import (KILL_ENV, STATE, WRITTEN, changed, cli, debris, fault_set, run, spawn, states, tree)
+from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
+from support.tree import snapshot
+
+APPLY_CHECKPOINTS = ["journal-written", *[f"file-{n}-written" for n in range(1, len(WRITTEN) + 1)],
+                     "manifest-written", "journal-removed"]
+SEED = int(os.environ.get("ERNIE_PATCHER_FAULT_SEED", "20240917"))
+KILLS = int(os.environ.get("ERNIE_PATCHER_FAULT_KILLS", "12"))
+
+
+@dataclass
+class World:
+    """One real site shared by this module's tests, with its pristine and patched trees."""
+
+    site: Path
+    patches: Path
+    empty: dict
+    pristine: dict
+    patched: dict
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("crash")
+    site = install_target(root / "site", DIFFUSERS, VLLM_OMNI)
+    patches = fault_set(site, root / "set")
+    empty, pristine = snapshot(site), tree(site)
+    durations = {}
+    for op in ("apply", "revert"):
+        started = time.monotonic()
+        process = spawn(*_args(op, site, patches))
+        _wait_for(site / STATE / "journal.json", process)
+        journaled = time.monotonic()
+        assert process.wait() == 0, process.communicate()[1]
+        durations[op] = time.monotonic() - started
+        durations[op + "-writes"] = time.monotonic() - journaled
+        if op == "apply":
+            patched = tree(site)
+    assert snapshot(site) == empty
+    return World(site, patches, empty, pristine, patched, durations)
+
+
+def _args(op: str, site: Path, patches: Path) -> list:
+    return [op, "--site", site] + (["--patches", patches] if op == "apply" else [])
+
+
+def consistent(world: World) -> str:
+    """Run the next ernie-patch (status, which recovers) and check files, status and verify agree."""
+    found = states(world.site, world.patches)
+    assert debris(world.site) == [], "an interrupted write left temporary files behind"
+    current = tree(world.site)
+    state = world.site / STATE
+    assert not (state / "journal.json").exists(), "the next run did not finish the recovery"
+    if current == world.pristine:
+        assert found == ["not-applied"] * 3
+        assert cli("verify", "--site", world.site, "--patches", world.patches).code == 1
+        assert not (state / "manifest.json").exists()
+        return "pristine"
+    assert current == world.patched, f"half-patched: {changed(world.pristine, current)}"
+    assert found == ["applied"] * 3
+    assert cli("verify", "--site", world.site, "--patches", world.patches).code == 0
+    assert (state / "manifest.json").exists()
+    return "patched"
+
+
+def bring_to(world: World, wanted: str) -> None:
+    if consistent(world) != wanted:
+        op = "apply" if wanted == "patched" else "revert"
+        assert cli(*_args(op, world.site, world.patches)).code == 0
+    assert consistent(world) == wanted
+
+
+@pytest.mark.parametrize("point", APPLY_CHECKPOINTS)
+def test_apply_killed_at_checkpoint(world: World, point: str):
+    bring_to(world, "pristine")
+    killed = run(*_args("apply", world.site, world.patches), env={KILL_ENV: point})
+    assert killed.code == -9, f"the hook did not fire at {point}: {killed.stderr}"
+    written = int(point.split("-")[1]) if point.startswith("file-") else 0
+    if written:
+        now = tree(world.site)
+        assert changed(world.pristine, now), "the kill came before any file was written"
+    expected = "patched" if point == "journal-removed" else "pristine"
+    assert consistent(world) == expected
+
+
+@pytest.mark.parametrize("point", APPLY_CHECKPOINTS)
+def test_revert_killed_at_checkpoint(world: World, point: str):
+    bring_to(world, "patched")
+    killed = run("revert", "--site", world.site, env={KILL_ENV: point})
+    assert killed.code == -9, f"the hook did not fire at {point}: {killed.stderr}"
+    expected = "pristine" if point == "journal-removed" else "patched"
+    assert consistent(world) == expected
+    if expected == "pristine":
+        assert cli("revert", "--site", world.site).code == 0
+        assert snapshot(world.site) == world.empty
+
+
+@pytest.mark.parametrize("restored", [1, 3])
+def test_recovery_killed_midway_is_finished_by_the_run_after(world: World, restored: int):
+    bring_to(world, "pristine")
+    assert run(*_args("apply", world.site, world.patches), env={KILL_ENV: "file-4-written"}).code == -9
+    again = run("status", "--site", world.site, "--patches", world.patches, env={KILL_ENV: f"restore-{restored}"})
+    assert again.code == -9, "the recovery checkpoint did not fire"
+    assert (world.site / STATE / "journal.json").exists()
+    assert consistent(world) == "pristine"
+
+
+def test_random_kills_during_apply_and_revert(world: World):
+    """A third of the kills land at a random moment of the whole run, the rest at a random moment
+    after the journal appears (the write phase is a small part of a run); each is followed by a check."""
+    rng = random.Random(SEED)
+    bring_to(world, "pristine")
+    outcome = {"pristine": 0, "patched": 0}
+    interrupted = finished = 0
+    for number in range(KILLS):
+        op = "apply" if outcome_of(world) == "pristine" else "revert"
+        process = spawn(*_args(op, world.site, world.patches))
+        if number % 3:
+            _wait_for(world.site / STATE / "journal.json", process)
+            time.sleep(rng.uniform(0.0, world.durations[op + "-writes"]))
+        else:
+            time.sleep(rng.uniform(0.0, 1.1 * world.durations[op]))
+        process.kill()
+        process.communicate()
+        finished += process.returncode == 0
+        interrupted += (world.site / STATE / "journal.json").exists()
+        if rng.random() < 0.25:
+            follow = spawn("status", "--site", world.site, "--patches", world.patches)
+            time.sleep(rng.uniform(0.0, world.durations["revert"]))
+            follow.kill()
+            follow.communicate()
+        outcome[consistent(world)] += 1
+    print(f"random kills (seed {SEED}): {KILLS} runs, {interrupted} left a journal, "
+          f"{finished} finished before the kill; the next run found {outcome}")
+    assert interrupted >= 2, "too few kills landed inside a transaction to prove anything"
+    bring_to(world, "pristine")
+    assert cli("revert", "--site", world.site).code == 0
+    assert snapshot(world.site) == world.empty
+
+
+def _wait_for(path: Path, process, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+def outcome_of(world: World) -> str:
+    return "patched" if tree(world.site) == world.patched else "pristine"
