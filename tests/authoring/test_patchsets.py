@@ -17,7 +17,7 @@ def status_rows(stdout: str) -> dict[str, dict[str, str]]:
     starts = [header.index(" " + n + " ") + 1 if i else 0 for i, n in enumerate(names[:-1])] + [header.rindex(names[-1])]
     rows = {}
     for line in lines[header_at + 1:]:
-        if not line.strip() or line.startswith("note:"):
+        if not line.strip() or line.startswith(("note:", " ")):
             break
         cells = [line[s:e].strip() for s, e in zip(starts, starts[1:] + [None])]
         rows[cells[0]] = dict(zip(names, cells))
