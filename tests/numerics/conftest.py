@@ -30,14 +30,18 @@ WORKER_TIMEOUT_S = 300
 
 
 def apply_patches(site: Path, patch_files: Sequence[Path]) -> None:
-    """Apply PATCH_FILES, in order, to the install tree SITE (the one place the tests apply patches)."""
-    for patch_file in patch_files:
-        subprocess.run(
-            ["patch", "-p1", "--batch", "--forward", "-d", str(site), "-i", str(patch_file)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+    """Apply PATCH_FILES to the install tree SITE with the project's own engine (the one place
+    the tests apply patches), all or nothing, and check that it applied every one of them."""
+    from ernie_patcher.engine import Target, apply
+    from ernie_patcher.series import load_series
+
+    series = load_series()
+    by_file = {spec.path.resolve(): spec.id for spec in series.patches}
+    ids = tuple(by_file[Path(p).resolve()] for p in patch_files)
+    report = apply(Target(site=site), only=ids)
+    if report.error is not None:
+        raise RuntimeError(f"ernie-patch apply failed: {report.error.reason}")
+    assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(ids)
 
 
 def record_digest(site: Path, relative: str) -> str:
