@@ -10,8 +10,8 @@ from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
 from .hunks import HunkConflict, apply_hunks
-from .probes import ProbeResult, run_probe
-from .series import PatchSpec
+from .probes import ProbeResult, recall, run_probe
+from .series import PatchSpec, ProbeSpec
 from .state import FileRecord, Manifest
 
 APPLIED = "applied"
@@ -119,11 +119,14 @@ def recorded_path(env: Environment, entry: FileRecord) -> Path | None:
 class Assessor:
     """Assesses patches in series order, chaining changes to a file through a working copy."""
 
-    def __init__(self, env: Environment, manifest: Manifest | None, allow_untested: bool = False) -> None:
+    def __init__(self, env: Environment, manifest: Manifest | None, allow_untested: bool = False,
+                 reparse: bool = False) -> None:
         self.env = env
         self.manifest = manifest
         self.allow_untested = allow_untested
+        self.reparse = reparse
         self.working: dict[Path, bytes | None] = {}
+        self._planned: set[Path] = set()
         self._records: dict[str, dict[str, str | None]] = {}
 
     def current(self, path: Path) -> bytes | None:
@@ -188,8 +191,13 @@ class Assessor:
                                    current=current))
         result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
                             untested=not spec.versions.contains(package.version, prereleases=True))
-        result.probes = [run_probe(p, self._probe_source(package, p.file)) for p in spec.probes]
+        memos = {} if self.reparse else recorded.probes
+        result.probes = [self._probe(package, p, memos) for p in spec.probes]
         return result
+
+    def _probe(self, package: InstalledPackage, probe: ProbeSpec, memos: dict[str, dict]) -> ProbeResult:
+        source = self._probe_source(package, probe.file)
+        return recall(probe, source, memos) or run_probe(probe, source)
 
     def _probe_source(self, package: InstalledPackage, relpath: str) -> bytes | None:
         return read_bytes(package.import_root / relpath)
@@ -205,7 +213,7 @@ class Assessor:
             if digest == entry.after:
                 state.state = APPLIED
                 return state
-            if digest != entry.before:
+            if digest != entry.before and self._differs_from_release(package, relpath, current):
                 state.state = DRIFTED
                 state.detail = f"{path} was changed after apply (sha256 {_short(digest)}, expected {_short(entry.after)})"
                 return state
@@ -226,6 +234,11 @@ class Assessor:
             state.state = MISSING
             state.detail = f"{state.path} does not exist"
             return state
+        elif self._edited_by_someone_else(package, state):
+            state.state = DRIFTED
+            state.detail = (f"{state.path} differs from the {package.name} {package.version} release (RECORD) "
+                            "and ernie-patch did not change it")
+            return state
         try:
             text, placements = apply_hunks(decode(current or b""), fp.hunks)
         except HunkConflict as conflict:
@@ -234,7 +247,22 @@ class Assessor:
         state.patched = None if fp.deletes else encode(text)
         state.offsets = [p.offset for p in placements]
         self.working[state.path] = state.patched
+        self._planned.add(state.path)
         return state
+
+    def _differs_from_release(self, package: InstalledPackage, relpath: str, data: bytes | None) -> bool:
+        """Whether DATA is not what the installed release shipped (unknown without a RECORD entry)."""
+        recorded = self.record_digest(package, relpath)
+        return recorded is not None and data is not None and recorded != record_digest(data)
+
+    def _edited_by_someone_else(self, package: InstalledPackage, state: FileState) -> bool:
+        """Neither as released nor as ernie-patch left it: patching it would bake in unknown edits."""
+        if state.path in self._planned:
+            return False  # holds an earlier patch of this run
+        entry = self.manifest.files.get(state.relpath) if self.manifest else None
+        if entry is not None and state.current is not None and sha256(state.current) == entry.after:
+            return False
+        return self._differs_from_release(package, state.relpath, state.current)
 
     def _explain_conflict(self, package: InstalledPackage, state: FileState, conflict: HunkConflict) -> tuple[str, str]:
         where = f"{state.path}: {conflict.failure.reason}"

@@ -104,11 +104,13 @@ def apply(python, site, patches, as_json, only, dry_run, allow_untested) -> None
 @main.command(epilog=EXIT_CODES)
 @_target_options
 @click.option("--only", multiple=True, metavar="ID", help="Only these patches.")
-def verify(python, site, patches, as_json, only) -> None:
+@click.option("--reparse", is_flag=True,
+              help="Parse every probed file again instead of reusing results recorded at apply for identical bytes.")
+def verify(python, site, patches, as_json, only, reparse) -> None:
     """Prove the patches are in place: versions, file digests and AST probes."""
     from .engine import verify as run
 
-    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only)))
+    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only), reparse))
 
 
 @main.command(epilog=EXIT_CODES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import tokenize
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORT
 from .discovery import Environment, discover, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
-from .probes import run_probe
+from .probes import memo, probe_key, run_probe
 from .series import PatchSpec, Series, load_series
 from .state import FileRecord, Manifest, PatchRecord, StateDir, now
 from .transaction import Recovery, Write, commit, recover
@@ -91,8 +92,8 @@ def _note_recovery(report: Report, recovery: Recovery | None) -> None:
 
 
 def _assess(series: Series, selected: list[PatchSpec], target: Target, manifest: Manifest | None,
-            env: Environment, allow_untested: bool = False) -> list[PatchState]:
-    assessor = Assessor(env, manifest, allow_untested)
+            env: Environment, allow_untested: bool = False, reparse: bool = False) -> list[PatchState]:
+    assessor = Assessor(env, manifest, allow_untested, reparse)
     states = [assessor.assess(spec) for spec in selected]
     for patch in states:
         recorded = manifest.patches.get(patch.spec.id) if manifest else None
@@ -110,13 +111,13 @@ def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[
     return series, selected, env
 
 
-def status(target: Target, only: tuple[str, ...] = ()) -> Report:
+def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
     series, selected, env = _prepare("status", target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
     with _state_access(state, write=False, report=report):
         manifest = state.manifest()
-        report.patches = _assess(series, selected, target, manifest, env)
+        report.patches = _assess(series, selected, target, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
@@ -124,8 +125,10 @@ def status(target: Target, only: tuple[str, ...] = ()) -> Report:
     return report
 
 
-def verify(target: Target, only: tuple[str, ...] = ()) -> Report:
-    report = status(target, only)
+def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
+    """Versions, digests and probes. A probe result computed at apply is reused only while the file
+    has the very bytes it was computed on; REPARSE evaluates every probe again from source."""
+    report = status(target, only, reparse)
     report.command = "verify"
     codes = set()
     for patch in report.patches:
@@ -199,17 +202,33 @@ def _new_file_mode(path: Path) -> int:
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
-def _check_results(changes: dict[Path, _Change], todo: list[PatchState]) -> None:
-    """Refuse before writing when a patched file would not compile or a probe would not pass."""
+def _check_source(data: bytes, path: Path) -> None:
+    """Raise SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts
+    bytes the import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    try:
+        data.decode(encoding)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ValueError(f"not valid {encoding} ({exc})") from None
+    compile(data, str(path), "exec", dont_inherit=True)
+
+
+def _check_results(changes: dict[Path, _Change], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
+    """Refuse before writing when a patched file would not compile or a probe would not pass.
+
+    Returns each patch's probe results on the planned bytes, kept in the manifest for verify.
+    """
     for change in changes.values():
         if change.after is not None and change.path.suffix == ".py":
             try:
-                compile(change.after, str(change.path), "exec", dont_inherit=True)
+                _check_source(change.after, change.path)
             except (SyntaxError, ValueError) as exc:
                 raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: {exc}",
                                    hint="the patch set is broken for this release; nothing was written")
     planned = {c.relpath: c.after for c in changes.values()}
+    memos: dict[str, dict[str, dict]] = {}
     for patch in todo:
+        memos[patch.spec.id] = {}
         for probe in patch.spec.probes:
             source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
             result = run_probe(probe, source)
@@ -217,6 +236,8 @@ def _check_results(changes: dict[Path, _Change], todo: list[PatchState]) -> None
                 raise PatcherError(ExitCode.CONFLICT,
                                    f"{patch.spec.id}: probe '{probe.describe()}' would fail after applying "
                                    f"({result.detail})", hint="the patch and its probes disagree; nothing was written")
+            memos[patch.spec.id][probe_key(probe)] = memo(result, source)
+    return memos
 
 
 def _record_line(relpath: str, data: bytes) -> str:
@@ -249,7 +270,7 @@ def _registrations(changes: dict[Path, _Change], todo: list[PatchState]) -> list
 
 
 def _updated_manifest(previous: Manifest | None, series: Series, states: list[PatchState],
-                      todo: list[PatchState], changes: list[_Change]) -> Manifest:
+                      todo: list[PatchState], changes: list[_Change], probe_memos: dict[str, dict[str, dict]]) -> Manifest:
     manifest = copy.deepcopy(previous) if previous else Manifest(series=series.name, patch_dir=str(series.directory))
     for stale in [p.spec.id for p in states if p.stale]:
         manifest.patches.pop(stale, None)
@@ -272,7 +293,7 @@ def _updated_manifest(previous: Manifest | None, series: Series, states: list[Pa
         manifest.patches[patch.spec.id] = PatchRecord(
             package=patch.spec.package, version=patch.package.version, patch_sha256=patch.spec.digest(),
             files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
-            applied_at=now())
+            applied_at=now(), probes=probe_memos.get(patch.spec.id, {}))
     manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
     return manifest
 
@@ -289,12 +310,12 @@ def _describe_change(change: _Change, states: list[PatchState]) -> Action:
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
                    todo: list[PatchState], previous: Manifest | None) -> None:
     changes = _collect_changes(todo)
-    _check_results(changes, todo)
+    probe_memos = _check_results(changes, todo)
     all_changes = list(changes.values()) + _registrations(changes, todo)
     report.actions = [_describe_change(c, states) for c in all_changes]
     if report.dry_run:
         return
-    manifest = _updated_manifest(previous, series, states, todo, all_changes)
+    manifest = _updated_manifest(previous, series, states, todo, all_changes, probe_memos)
     writes = [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
               for c in all_changes]
     commit(state, "apply", writes, manifest, previous)
@@ -393,6 +414,7 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
         report.env = discover(packages, target.python, target.site)
         writes, drifted = _revert_writes(state, manifest, force, report)
         if drifted:
+            state.drop_objects({e.before for e in manifest.files.values() if e.before})  # refused: keep none
             report.actions = []
             others = f" and {len(drifted) - 1} other file(s)" if len(drifted) > 1 else ""
             report.error = PatcherError(ExitCode.DRIFTED, f"{drifted[0]}{others} changed since apply; not reverting",

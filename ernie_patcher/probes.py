@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Iterator
 
@@ -130,6 +132,30 @@ def _evaluate(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
     if probe.kind == "string":
         return _check_string(tree, probe)
     return _check_import(tree, probe)
+
+
+def probe_key(probe: ProbeSpec) -> str:
+    """A digest naming the probe's definition: a memoized result is reused only for the same probe."""
+    return hashlib.sha256(json.dumps(asdict(probe), sort_keys=True).encode()).hexdigest()
+
+
+def memo(result: ProbeResult, source: bytes | None) -> dict:
+    """RESULT as kept in the manifest: it holds for exactly these file bytes."""
+    return {"file_sha256": hashlib.sha256(source).hexdigest() if source is not None else None,
+            "passed": result.passed, "detail": result.detail}
+
+
+def recall(probe: ProbeSpec, source: bytes | None, memos: dict[str, dict]) -> ProbeResult | None:
+    """The result computed at apply, when the file still has exactly the bytes it was computed on.
+
+    A probe is a pure function of its definition and the file's bytes, so an identical sha256
+    gives the identical result without parsing the file again.
+    """
+    kept = memos.get(probe_key(probe))
+    digest = hashlib.sha256(source).hexdigest() if source is not None else None
+    if kept is None or kept["file_sha256"] != digest:
+        return None
+    return ProbeResult(probe, kept["passed"], kept["detail"] + " (file unchanged since apply)")
 
 
 @lru_cache(maxsize=16)

@@ -49,6 +49,7 @@ class PatchRecord:
     files: list[str]
     offsets: list[int]
     applied_at: str
+    probes: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,12 +135,21 @@ def _field_ok(name: str, kind: object, value: object) -> bool:
     if name == "relpath":
         return (isinstance(value, str) and bool(value) and not value.startswith("/") and "\x00" not in value
                 and ".." not in value.split("/"))
+    if name == "probes":
+        return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind.startswith("list["):
         item = int if kind == "list[int]" else str
         return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     return isinstance(value, str)
+
+
+def _probe_memo_ok(key: object, memo: object) -> bool:
+    return (isinstance(key, str) and bool(_DIGEST.match(key)) and isinstance(memo, dict)
+            and set(memo) == {"file_sha256", "passed", "detail"}
+            and (memo["file_sha256"] is None or bool(_DIGEST.match(str(memo["file_sha256"]))))
+            and isinstance(memo["passed"], bool) and isinstance(memo["detail"], str))
 
 
 def _check_fields(record: object, where: Path) -> None:

@@ -210,3 +210,23 @@ def test_a_copied_environment_is_reverted_in_place_never_at_the_old_path(site: P
     assert cli("revert", "--site", copy).code == 0
     assert b"rope-mark" not in (copy / TRANSFORMER).read_bytes()
     assert snapshot(site) == original_applied, "revert of the copy wrote to the original environment"
+
+
+def test_verify_reuses_a_probe_result_only_for_identical_bytes(site: Path, tmp_path: Path):
+    import json
+
+    patches = own_set(site, tmp_path / "set")
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    document = cli("verify", "--site", site, "--patches", patches, "--json").json()
+    rope = next(p for p in document["patches"] if p["id"] == "rope")
+    assert rope["probes"][0]["detail"].endswith("(file unchanged since apply)")
+    fresh = cli("verify", "--site", site, "--patches", patches, "--json", "--reparse").json()
+    assert not next(p for p in fresh["patches"] if p["id"] == "rope")["probes"][0]["detail"].endswith("apply)")
+    manifest_path = site / ".ernie-patcher" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for memo in manifest["patches"]["rope"]["probes"].values():
+        memo["file_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    again = cli("verify", "--site", site, "--patches", patches, "--json").json()
+    assert not next(p for p in again["patches"] if p["id"] == "rope")["probes"][0]["detail"].endswith("apply)"), \
+        "a result recorded for other bytes must not be reused"
