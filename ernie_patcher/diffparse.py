@@ -89,6 +89,10 @@ def parse_patch(text: str, module: str, strip: int | None, where: str) -> Parsed
     from unidiff import PatchSet  # imported here: verify of applied patches never needs it
     from unidiff.errors import UnidiffParseError
 
+    if any(line.startswith("@@ ") and line.endswith("\r")
+           for line in text.split("\n")):
+        raise PatcherError(ExitCode.USAGE, f"{where} has CRLF line ends on its header lines",
+                           hint="the patch file was converted to CRLF; convert it back (dos2unix) or regenerate it")
     try:
         patch_set = PatchSet(text)
     except (UnidiffParseError, ValueError, IndexError, TypeError) as exc:

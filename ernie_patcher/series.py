@@ -68,7 +68,9 @@ class PatchSpec:
 
     @property
     def text(self) -> str:
-        return self.path.read_text(encoding="utf-8")
+        """The diff; bytes that are not UTF-8 are kept as they are (surrogateescape), as for targets,
+        so a patch to a latin-1 file matches and writes the same bytes."""
+        return self.path.read_bytes().decode("utf-8", "surrogateescape")
 
     def digest(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
