@@ -22,21 +22,23 @@ def _normalized(name: str) -> str:
     return name.replace("-", "_").lower()
 
 
-def wheel(name: str, version: str) -> Path:
-    """Path of the real wheel NAME==VERSION, downloaded (no dependencies) on first use."""
+def _download(name: str, version: str, pattern: str, kind: str) -> Path:
+    """The cached file matching PATTERN, fetched with `pip download --no-deps` (KIND: binary or sdist)."""
     WHEELS.mkdir(parents=True, exist_ok=True)
-    pattern = f"{_normalized(name)}-{version}-*.whl"
     found = sorted(WHEELS.glob(pattern))
     if not found:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "-q", "-d", str(WHEELS), f"{name}=={version}"],
-            check=True,
-        )
+        only = "--only-binary=:all:" if kind == "binary" else "--no-binary=:all:"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", only, "-q", "-d", str(WHEELS),
+                        f"{name}=={version}"], check=True)
         found = sorted(WHEELS.glob(pattern))
     if not found:
-        raise FileNotFoundError(f"pip download {name}=={version} produced no wheel in {WHEELS}")
+        raise FileNotFoundError(f"pip download ({kind}) of {name}=={version} produced nothing in {WHEELS}")
     return found[0]
+
+
+def wheel(name: str, version: str) -> Path:
+    """Path of the real wheel NAME==VERSION, downloaded (no dependencies) on first use."""
+    return _download(name, version, f"{_normalized(name)}-{version}-*.whl", "binary")
 
 
 def _template(specs: tuple[tuple[str, str], ...]) -> Path:
@@ -71,19 +73,7 @@ def install_target(dest: Path, *specs: tuple[str, str]) -> Path:
 
 def sdist(name: str, version: str) -> Path:
     """Path of the real source distribution NAME==VERSION (for editable installs), cached."""
-    WHEELS.mkdir(parents=True, exist_ok=True)
-    pattern = f"{_normalized(name)}-{version}.tar.gz"
-    found = sorted(WHEELS.glob(pattern))
-    if not found:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-             "-q", "-d", str(WHEELS), f"{name}=={version}"],
-            check=True,
-        )
-        found = sorted(WHEELS.glob(pattern))
-    if not found:
-        raise FileNotFoundError(f"pip download of the sdist {name}=={version} produced nothing in {WHEELS}")
-    return found[0]
+    return _download(name, version, f"{_normalized(name)}-{version}.tar.gz", "sdist")
 
 
 def make_venv(dest: Path, *specs: tuple[str, str]) -> Path:
