@@ -149,6 +149,8 @@ class Lock:
 
     def _acquire(self) -> bool:
         """Lock the file at PATH; False when another run removed it meanwhile (then try again)."""
+        if not self.exclusive and self._read_only():
+            return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -172,6 +174,11 @@ class Lock:
             except OSError:
                 pass  # the pid is only for the message of a refused run; a full disk must not stop the lock
         return True
+
+    def _read_only(self) -> bool:
+        """A reader of a state directory it cannot write (a read-only image) needs no lock: no
+        ernie-patch run can write there either."""
+        return self.path.parent.is_dir() and not os.access(self.path.parent, os.W_OK)
 
     def _still_linked(self) -> bool:
         """Whether PATH is still the file we locked (a finishing run may have removed it)."""
