@@ -57,7 +57,8 @@ def _verify_summary(report: Report) -> str:
 
 
 def _failed_probes(report: Report) -> list[tuple[str, object]]:
-    return [(p.spec.id, r) for p in report.patches for r in p.probes if not r.passed]
+    """Probes failing on a patch that is otherwise in place (on one not applied they all fail)."""
+    return [(p.spec.id, r) for p in report.patches if p.state == "applied" for r in p.probes if not r.passed]
 
 
 def _patch_rows(report: Report) -> list[list[str]]:
