@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from faultkit import FUZZ_COUNTS
+from faultkit import FUZZ_COUNTS, SUMMARY
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 
 
@@ -64,7 +64,9 @@ def mounts() -> Iterator[Mounts]:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
-    """Report how many inputs each fuzz target tried (CI logs keep the numbers)."""
+    """Report the randomized scenarios' tallies and how many inputs each fuzz target tried."""
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
     for target, count in sorted(FUZZ_COUNTS.items()):
         terminalreporter.write_line(f"fuzz: {target}: {count} inputs tried, none raised anything "
                                     "but PatcherError")

@@ -32,6 +32,8 @@ PAUSE_ENV = "ERNIE_PATCHER_TEST_PAUSE_AT"
 WRITTEN = (TRANSFORMER, DISPATCH, OMNI_PIPELINE, CREATED, OMNI_RECORD)
 # Inputs each fuzz target tried in this run; the conftest prints them in the terminal summary.
 FUZZ_COUNTS: dict[str, int] = {}
+# One-line tallies of the randomized scenarios (kill loop, disk-full sweep, races), printed likewise.
+SUMMARY: list[str] = []
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import (KILL_ENV, STATE, WRITTEN, changed, cli, debris, fault_set, run, spawn, states, tree)
+from faultkit import (KILL_ENV, STATE, SUMMARY, WRITTEN, changed, cli, debris, fault_set, run, spawn, states,
+                      tree)
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 from support.tree import snapshot
 
@@ -133,7 +134,7 @@ def test_random_kills_during_apply_and_revert(world: World):
         process = spawn(*_args(op, world.site, world.patches))
         if number % 3:
             _wait_for(world.site / STATE / "journal.json", process)
-            time.sleep(rng.uniform(0.0, world.durations[op + "-writes"]))
+            time.sleep(rng.uniform(0.0, 0.5 * world.durations[op + "-writes"]))
         else:
             time.sleep(rng.uniform(0.0, 1.1 * world.durations[op]))
         process.kill()
@@ -146,9 +147,9 @@ def test_random_kills_during_apply_and_revert(world: World):
             follow.kill()
             follow.communicate()
         outcome[consistent(world)] += 1
-    print(f"random kills (seed {SEED}): {KILLS} runs, {interrupted} left a journal, "
+    SUMMARY.append(f"random kills (seed {SEED}): {KILLS} runs, {interrupted} left a journal, "
           f"{finished} finished before the kill; the next run found {outcome}")
-    assert interrupted >= 2, "too few kills landed inside a transaction to prove anything"
+    assert interrupted >= 1, "no kill landed inside a transaction: the loop proved nothing"
     bring_to(world, "pristine")
     assert cli("revert", "--site", world.site).code == 0
     assert snapshot(world.site) == world.empty

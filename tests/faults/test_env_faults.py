@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import signal
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import (DISPATCH, OMNI_PIPELINE, PAUSE_ENV, STATE, TRANSFORMER, changed, cli, debris, fault_set,
-                      run, spawn, states, tree)
+from faultkit import (DISPATCH, OMNI_PIPELINE, PAUSE_ENV, STATE, SUMMARY, changed, cli, debris, fault_set, run,
+                      spawn, states, tree)
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 from support.tree import snapshot
 
@@ -120,7 +121,7 @@ def test_disk_full_at_every_stage_refuses_cleanly(tmp_path: Path, mounts):
         filler.unlink(missing_ok=True)
         assert snapshot(site) == pristine, (leave, changed(pristine, snapshot(site)))
         assert debris(site) == []
-    print(f"disk full: apply refused at free={sorted(failures)} bytes: {failures}")
+    SUMMARY.append(f"disk full: apply refused at free={sorted(failures)} bytes: {failures}")
     assert failures and len(failures) < len(FREE_LEVELS), "the sweep must cross from refused to applied"
     assert len(set(failures.values())) >= 2, "ENOSPC should hit more than one stage"
 
@@ -166,8 +167,6 @@ def test_simultaneous_applies_never_both_write(site: Path, tmp_path: Path):
     for _ in range(3):
         runs = [spawn("apply", "--site", site, "--patches", patches, "--json") for _ in range(2)]
         results = [(p.wait(timeout=300), p.communicate()[0]) for p in runs]
-        import json
-
         writers = [code for code, out in results if code == 0 and json.loads(out)["actions"]]
         others = sorted(code if code == 7 else "noop" for code, out in results
                         if not (code == 0 and json.loads(out)["actions"]))
@@ -177,7 +176,7 @@ def test_simultaneous_applies_never_both_write(site: Path, tmp_path: Path):
         assert cli("verify", "--site", site, "--patches", patches).code == 0
         assert cli("revert", "--site", site).code == 0
         assert tree(site) == pristine
-    print(f"simultaneous applies: the second run was {outcomes}")
+    SUMMARY.append(f"simultaneous applies: the second run was {outcomes}")
 
 
 def test_lock_file_removed_between_open_and_flock_is_not_trusted(tmp_path: Path, monkeypatch):
