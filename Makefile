@@ -43,7 +43,7 @@ test-numerics: $(TORCH_VENV)/.ready
 	$(call pytest,PYTHONPATH=$(CURDIR) $(TORCH_VENV)/bin/python,tests/numerics)
 
 test-sp: $(SP_VENV)/.ready
-	$(call pytest,PYTHONPATH=$(CURDIR) $(SP_VENV)/bin/python,tests/sp)
+	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $(SP_VENV)/bin/python,tests/sp)
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/python bench/startup.py

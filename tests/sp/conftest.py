@@ -40,6 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     missing = [name for name in ("torch", "vllm", "vllm_omni") if find_spec(name) is None]
     if not missing:
         return
+    if os.environ.get("ERNIE_PATCHER_TIER") == "sp":
+        raise pytest.UsageError(f"the SP tier's environment is broken (missing: {', '.join(missing)})")
     marker = pytest.mark.skip(reason=f"SP tier needs tests/requirements-sp.txt (missing: {', '.join(missing)})")
     here = Path(__file__).resolve().parent
     for item in items:
@@ -48,12 +50,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def apply_patches(site: Path, patch_files: Sequence[Path]) -> None:
-    """Apply PATCH_FILES, in order, to the install tree SITE (paths inside are relative to it)."""
-    for patch_file in patch_files:
-        subprocess.run(
-            ["patch", "-p1", "--batch", "--forward", "--quiet", "-d", str(site), "-i", str(patch_file)],
-            check=True,
-        )
+    """Apply PATCH_FILES to the install tree SITE with the project's own engine, all or nothing
+    (the one place this tier applies patches), and check that every one of them is applied."""
+    from ernie_patcher.engine import Target, apply
+    from ernie_patcher.series import load_series
+
+    by_file = {spec.path.resolve(): spec.id for spec in load_series().patches}
+    ids = tuple(by_file[Path(p).resolve()] for p in patch_files)
+    report = apply(Target(site=site), only=ids)
+    if report.error is not None:
+        raise RuntimeError(f"ernie-patch apply failed: {report.error.reason}")
+    assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(ids)
 
 
 def selected_patches() -> list[Path]:
