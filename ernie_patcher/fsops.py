@@ -114,10 +114,15 @@ def remove_file(path: Path) -> None:
 
 
 def stale_bytecode(path: Path) -> list[Path]:
-    """Every __pycache__ entry of PATH (all interpreter tags and optimisation levels)."""
+    """Every __pycache__ entry of PATH (all interpreter tags and optimisation levels).
+
+    A __pycache__ that is a symlink leads out of the package: it is never followed.
+    """
     if path.suffix != ".py":
         return []
     cache = path.parent / "__pycache__"
+    if cache.is_symlink():
+        return []
     try:
         return sorted(p for p in cache.iterdir() if p.name.startswith(path.stem + ".") and p.suffix == ".pyc")
     except OSError:

@@ -56,6 +56,17 @@ def _verify_summary(report: Report) -> str:
             f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
 
 
+def _verify_failure(report: Report) -> str:
+    """The first patch not in place, in one line, for the log of a failed build step."""
+    for patch in report.patches:
+        failed = [r for r in patch.probes if not r.passed]
+        if patch.state != "applied" or failed:
+            why = patch.reason or (f"probe '{failed[0].probe.describe()}' fails" if failed and patch.state == "applied"
+                                   else f"patch is {patch.state}")
+            return f"verify failed: {patch.spec.id}: {why}"
+    return "verify failed"
+
+
 def _failed_probes(report: Report) -> list[tuple[str, object]]:
     """Probes failing on a patch that is otherwise in place (on one not applied they all fail)."""
     return [(p.spec.id, r) for p in report.patches if p.state == "applied" for r in p.probes if not r.passed]
@@ -160,3 +171,5 @@ def render(report: Report, as_json: bool) -> None:
         render_plain(report, sys.stdout)
     if report.error:
         render_error(report.error)
+    elif report.command == "verify" and report.exit_code != ExitCode.OK:
+        print(f"error: {_verify_failure(report)}", file=sys.stderr)

@@ -127,3 +127,17 @@ def test_missing_package_is_exit_3(tmp_path: Path):
     result = cli("apply", "--site", only_diffusers, "--patches", patches)
     assert result.code == 3 and "vllm-omni is not installed" in result.stderr
     assert snapshot(only_diffusers) == before
+
+
+def test_a_symlinked_pycache_is_never_followed_out_of_the_package(site: Path, tmp_path: Path):
+    patches = omni_set(site, tmp_path / "set")
+    target = site / OMNI_PIPELINE
+    cache = target.parent / "__pycache__"
+    shutil.rmtree(cache, ignore_errors=True)
+    outside = tmp_path / "outside-cache"
+    outside.mkdir()
+    bait = outside / "pipeline_ernie_image.cpython-311.pyc"
+    bait.write_bytes(b"not ours")
+    cache.symlink_to(outside, target_is_directory=True)
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    assert bait.read_bytes() == b"not ours", "apply deleted a file outside the package"

@@ -148,7 +148,9 @@ def test_crash_between_files_is_recovered(site: Path, tmp_path: Path):
 
 def test_verify_fails_when_not_applied_and_when_a_probe_fails(site: Path, tmp_path: Path):
     patches = own_set(site, tmp_path / "set")
-    assert cli("verify", "--site", site, "--patches", patches).code == 1
+    missing = cli("verify", "--site", site, "--patches", patches)
+    assert missing.code == 1
+    assert missing.stderr.startswith("error: verify failed: rope: "), "a failed build step must say why on stderr"
     assert cli("apply", "--site", site, "--patches", patches).code == 0
     series = (patches / "series.toml").read_text()
     (patches / "series.toml").write_text(series.replace('value = "rope-mark"', 'value = "NOT_THERE"'))
