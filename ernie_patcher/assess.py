@@ -55,6 +55,7 @@ class PatchState:
     strip_inferred: bool = False
     stale: bool = False
     untested: bool = False
+    variants: tuple[PatchSpec, ...] = ()
 
     @property
     def fit(self) -> str | None:
@@ -78,6 +79,8 @@ class PatchState:
         return {
             "id": self.spec.id, "package": self.spec.package,
             "installed_version": pkg.version if pkg else None, "versions": self.spec.tested,
+            "file": self.spec.file,
+            "variants": [{"file": v.file, "versions": v.tested} for v in self.variants or (self.spec,)],
             "state": self.state, "reason": self.reason, "fit": self.fit, "untested": self.untested,
             "manifest_stale": self.stale, "strip": self.strip, "strip_inferred": self.strip_inferred,
             "files": [f.to_dict() for f in self.files], "probes": [p.to_dict() for p in self.probes],
@@ -128,6 +131,13 @@ class Assessor:
         self.working: dict[Path, bytes | None] = {}
         self._planned: set[Path] = set()
         self._records: dict[str, dict[str, str | None]] = {}
+
+    def checkpoint(self) -> tuple[dict[Path, bytes | None], set[Path]]:
+        """The planned working copies, to try a patch and take it back (rollback) if it is not used."""
+        return dict(self.working), set(self._planned)
+
+    def rollback(self, saved: tuple[dict[Path, bytes | None], set[Path]]) -> None:
+        self.working, self._planned = dict(saved[0]), set(saved[1])
 
     def current(self, path: Path) -> bytes | None:
         if path not in self.working:

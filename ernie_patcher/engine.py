@@ -17,7 +17,7 @@ from .discovery import Environment, discover, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
 from .probes import memo, probe_key, run_probe
-from .series import PatchSpec, Series, load_series
+from .series import Choice, PatchSpec, Series, load_series, ranges_text
 from .state import FileRecord, Manifest, PatchRecord, StateDir, now
 from .transaction import Recovery, Write, commit, recover
 
@@ -91,10 +91,10 @@ def _note_recovery(report: Report, recovery: Recovery | None) -> None:
                             f"{len(recovery.restored)} file(s) put back as they were before it")
 
 
-def _assess(series: Series, selected: list[PatchSpec], target: Target, manifest: Manifest | None,
+def _assess(series: Series, choices: list[Choice], target: Target, manifest: Manifest | None,
             env: Environment, allow_untested: bool = False, reparse: bool = False) -> list[PatchState]:
     assessor = Assessor(env, manifest, allow_untested, reparse)
-    states = [assessor.assess(spec) for spec in selected]
+    states = [_assess_choice(assessor, choice) for choice in choices]
     for patch in states:
         recorded = manifest.patches.get(patch.spec.id) if manifest else None
         if patch.state == APPLIED and recorded and recorded.patch_sha256 != patch.spec.digest():
@@ -104,20 +104,50 @@ def _assess(series: Series, selected: list[PatchSpec], target: Target, manifest:
     return states
 
 
-def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[PatchSpec], Environment]:
+def _assess_choice(assessor: Assessor, choice: Choice) -> PatchState:
+    """The state of one patch id: the variant whose range covers the installed version; else (several
+    variants, none covering it) the first in series order that is in place or would fit -- the one
+    --allow-untested applies -- else the first. A variant tried and not used leaves no planned bytes."""
+    if choice.chosen is not None or len(choice.variants) == 1:
+        state = assessor.assess(choice.chosen or choice.variants[0])
+        state.variants = choice.variants
+        return state
+    saved = assessor.checkpoint()
+    for variant in choice.variants:
+        state = assessor.assess(variant)
+        if state.state in (APPLIED, NOT_APPLIED) or state.fit in ("exact", "offset"):
+            break
+        assessor.rollback(saved)
+    else:
+        state = assessor.assess(choice.variants[0])
+    if state.state == UNSUPPORTED:
+        state.reason = (f"{state.spec.package} {state.package.version} is outside the tested range of every "
+                        f"variant of patch {choice.id}: {choice.ranges()}")
+    state.variants = choice.variants
+    return state
+
+
+def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[Choice], Environment]:
+    """The patch set, one variant choice per selected id, and the environment.
+
+    The whole set is resolved against the installed versions, so a set with two variants covering
+    one installed version is refused (exit 2) whatever --only selects.
+    """
     series = load_series(target.patches)
-    selected = series.select(only)
+    wanted = {p.id for p in series.select(only)}
     env = discover(_packages(list(series.patches)), target.python, target.site)
-    return series, selected, env
+    versions = {p.package: (env.package(p.package).version if env.package(p.package) else None)
+                for p in series.patches}
+    return series, [c for c in series.resolve(list(series.patches), versions) if c.id in wanted], env
 
 
 def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
-    series, selected, env = _prepare("status", target, only)
+    series, choices, env = _prepare("status", target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
     with _state_access(state, write=False, report=report):
         manifest = state.manifest()
-        report.patches = _assess(series, selected, target, manifest, env, reparse=reparse)
+        report.patches = _assess(series, choices, target, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
@@ -143,6 +173,14 @@ def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
             report.exit_code = code
             break
     return report
+
+
+def _untested_note(patch: PatchState) -> str:
+    where = f"{patch.spec.id}: {patch.spec.package} {patch.package.version} is outside"
+    if len(patch.variants) < 2:
+        return f"{where} {patch.spec.tested}; trying anyway (--allow-untested)"
+    return (f"{where} the tested range of every variant ({ranges_text(patch.variants)}); trying variant "
+            f"{patch.spec.file} ({patch.spec.tested}), the first that fits (--allow-untested)")
 
 
 def _refusal(states: list[PatchState]) -> PatcherError | None:
@@ -327,19 +365,18 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
 
 
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
-    series, selected, env = _prepare("apply", target, only)
+    series, choices, env = _prepare("apply", target, only)
     report = Report("apply", env, series, dry_run=dry_run)
-    implied = sorted({p.id for p in selected} - set(only)) if only else []
+    implied = sorted({c.id for c in choices} - set(only)) if only else []
     if implied:
         report.notes.append(f"also selected, as required: {', '.join(implied)}")
     state = StateDir(env.state_dir)
     with _state_access(state, write=not dry_run, report=report):
         previous = state.manifest()
-        report.patches = states = _assess(series, selected, target, previous, env, allow_untested)
+        report.patches = states = _assess(series, choices, target, previous, env, allow_untested)
         for patch in states:
             if patch.untested and allow_untested:
-                report.notes.append(f"{patch.spec.id}: {patch.spec.package} {patch.package.version} is outside "
-                                    f"{patch.spec.tested}; trying anyway (--allow-untested)")
+                report.notes.append(_untested_note(patch))
         refusal = _refusal(states)
         if refusal:
             report.error, report.exit_code = refusal, refusal.code

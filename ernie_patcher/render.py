@@ -83,7 +83,14 @@ def _patch_rows(report: Report) -> list[list[str]]:
 
 
 def _reasons(report: Report) -> list[str]:
-    return [f"{p.spec.id}: {p.reason}" for p in report.patches if p.reason]
+    """Which variant a patch with several versioned variants uses, then the reasons for its state."""
+    return [_variant_line(p) for p in report.patches if len(p.variants) > 1] + \
+        [f"{p.spec.id}: {p.reason}" for p in report.patches if p.reason]
+
+
+def _variant_line(patch) -> str:
+    why = "none covers the installed version; the first that fits" if patch.untested else "covers the installed version"
+    return f"{patch.spec.id}: variant {patch.spec.file} ({patch.spec.tested}), {why} ({len(patch.variants)} variants)"
 
 
 def _strip_text(patch) -> str:

@@ -5,8 +5,10 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Mapping
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from .errors import ExitCode, PatcherError
 
@@ -77,30 +79,78 @@ class PatchSpec:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One patch id against one installed version: its variants (series order) and the one chosen.
+
+    CHOSEN is the variant whose tested range contains the installed version; None when none does
+    (or the package is not installed).
+    """
+
+    id: str
+    variants: tuple[PatchSpec, ...]
+    chosen: PatchSpec | None
+
+    def ranges(self) -> str:
+        return ranges_text(self.variants)
+
+
+def ranges_text(variants: tuple[PatchSpec, ...]) -> str:
+    """Every variant's tested range and file, e.g. `>=0.38.0,<=0.40.0 (a.patch), ==0.41.0 (b.patch)`."""
+    return ", ".join(f"{v.tested} ({v.file})" for v in variants)
+
+
+@dataclass(frozen=True)
 class Series:
     directory: Path
     name: str
     patches: tuple[PatchSpec, ...] = field(default_factory=tuple)
 
+    @property
+    def ids(self) -> list[str]:
+        """Patch ids in series order, each once (variants share an id)."""
+        return list(dict.fromkeys(p.id for p in self.patches))
+
+    def variants(self, patch_id: str) -> tuple[PatchSpec, ...]:
+        """Every entry of PATCH_ID in series order: one, or several versioned variants."""
+        found = tuple(p for p in self.patches if p.id == patch_id)
+        if not found:
+            raise PatcherError(ExitCode.USAGE, f"unknown patch id {patch_id!r}",
+                               hint=f"known ids: {', '.join(self.ids)}")
+        return found
+
     def get(self, patch_id: str) -> PatchSpec:
-        for patch in self.patches:
-            if patch.id == patch_id:
-                return patch
-        known = ", ".join(p.id for p in self.patches)
-        raise PatcherError(ExitCode.USAGE, f"unknown patch id {patch_id!r}", hint=f"known ids: {known}")
+        """The entry of PATCH_ID; for a patch with versioned variants, the first in series order."""
+        return self.variants(patch_id)[0]
 
     def select(self, only: tuple[str, ...] | list[str] = ()) -> list[PatchSpec]:
-        """The patches to act on, in series order: ONLY plus what they require, or all."""
+        """The entries to act on, in series order: ONLY plus what they require, or all (every variant)."""
         if not only:
             return list(self.patches)
         wanted: set[str] = set()
         pending = list(only)
         while pending:
-            patch = self.get(pending.pop())
-            if patch.id not in wanted:
-                wanted.add(patch.id)
-                pending.extend(patch.requires)
+            variants = self.variants(pending.pop())
+            if variants[0].id not in wanted:
+                wanted.add(variants[0].id)
+                pending.extend(r for v in variants for r in v.requires)
         return [p for p in self.patches if p.id in wanted]
+
+    def resolve(self, entries: list[PatchSpec], versions: Mapping[str, str | None]) -> list[Choice]:
+        """One Choice per id of ENTRIES, in series order, for the installed VERSIONS (package -> version,
+        None when not installed). Two variants whose ranges both contain the version: usage error."""
+        choices = []
+        for patch_id in dict.fromkeys(e.id for e in entries):
+            variants = tuple(e for e in entries if e.id == patch_id)
+            package = variants[0].package
+            version = versions.get(package)
+            covering = [v for v in variants if version is not None and v.versions.contains(version, prereleases=True)]
+            if len(covering) > 1:
+                raise PatcherError(
+                    ExitCode.USAGE, f"patch {patch_id!r} of {self.directory / SERIES_FILE} is ambiguous for "
+                    f"{package} {version}: variants {' and '.join(f'{v.file} ({v.tested})' for v in covering)} "
+                    "both cover it", hint="make the 'versions' ranges of the variants of one id disjoint")
+            choices.append(Choice(patch_id, variants, covering[0] if covering else None))
+        return choices
 
 
 def builtin_directory() -> Path:
@@ -207,6 +257,46 @@ def _patch(table: object, directory: Path, index: int) -> PatchSpec:
     )
 
 
+def _boundaries(specifiers: SpecifierSet) -> set[Version]:
+    versions = set()
+    for spec in specifiers:
+        try:
+            versions.add(Version(spec.version))
+        except InvalidVersion:  # e.g. a wildcard such as ==0.38.*
+            continue
+    return versions
+
+
+def _overlap(a: PatchSpec, b: PatchSpec) -> bool:
+    """Whether two ranges obviously overlap: identical, or a version either names is in both.
+
+    Not complete (`>0.5` and `<0.6` share 0.55 but no named version); selection refuses any
+    version that more than one variant covers.
+    """
+    if a.versions == b.versions:
+        return True
+    return any(a.versions.contains(v, prereleases=True) and b.versions.contains(v, prereleases=True)
+               for v in _boundaries(a.versions) | _boundaries(b.versions))
+
+
+def _check_variants(variants: list[PatchSpec]) -> None:
+    """Several entries of one id are versioned variants: same package and module, own file, disjoint ranges."""
+    first = variants[0]
+    where = f"patch {first.id!r}"
+    hint = ("entries sharing an id are versioned variants of one patch: same package and module, each "
+            "with its own file and a 'versions' range disjoint from the others; otherwise use another id")
+    for index, other in enumerate(variants[1:], start=2):
+        if (other.package, other.module) != (first.package, first.module):
+            raise _fail(where, f"variant #{index} is for {other.package} (module {other.module}), variant #1 for "
+                        f"{first.package} (module {first.module})", hint=hint)
+        for earlier in variants[:index - 1]:
+            if other.file == earlier.file:
+                raise _fail(where, f"two variants use the same file {other.file!r}", hint=hint)
+            if _overlap(earlier, other):
+                raise _fail(where, f"variants {earlier.file} ({earlier.tested}) and {other.file} ({other.tested}) "
+                            "have overlapping 'versions' ranges", hint=hint)
+
+
 def parse_series(text: str, directory: Path) -> Series:
     """Validate a series document; every problem is a PatcherError naming where it is."""
     try:
@@ -222,9 +312,8 @@ def parse_series(text: str, directory: Path) -> Series:
         raise _fail("(top level)", "no [[patch]] entries")
     patches = tuple(_patch(t, directory, i) for i, t in enumerate(tables))
     ids = [p.id for p in patches]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicated:
-        raise _fail("(top level)", f"duplicate patch id(s) {', '.join(duplicated)}")
+    for patch_id in dict.fromkeys(ids):
+        _check_variants([p for p in patches if p.id == patch_id])
     for patch in patches:
         for required in patch.requires:
             if required not in ids:

@@ -1,18 +1,26 @@
-"""The built-in patch set against the real diffusers 0.38.0 and vllm-omni 0.20.0 files."""
+"""The built-in patch set against the real diffusers 0.38.0 and vllm-omni 0.20.0 files, and its diffusers
+0.41+ variant against the real diffusers 0.41.0 and 0.42.1."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from conftest import cli
 from ernie_patcher.probes import run_probe
 from ernie_patcher.series import load_series
-from support.realpkgs import install_target
+from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 from support.tree import file_record_digest, record_sha256, snapshot
 
 SERIES = load_series()
-PROBES = [(patch.id, index) for patch in SERIES.patches for index in range(len(patch.probes))]
+VARIANT = "diffusers_attention_dispatch.v0_41.patch"
+NEWER_DIFFUSERS = ("diffusers", "0.42.1")
+# The release each entry is proven on: BRIEF section 2's targets, the 0.41+ variant the top of its range.
+RELEASES = {spec.file: ((NEWER_DIFFUSERS,) if spec.file == VARIANT else (DIFFUSERS, VLLM_OMNI))
+            for spec in SERIES.patches}
+PROBES = [(patch.file, index) for patch in SERIES.patches for index in range(len(patch.probes))]
 DIST_INFO = {"diffusers": "diffusers-0.38.0.dist-info", "vllm-omni": "vllm_omni-0.20.0.dist-info"}
 PRISTINE_RECORD = {  # BRIEF section 2, from the wheels' RECORD files
     "diffusers/models/transformers/transformer_ernie_image.py": "sha256=nlWYsseKaGFyGqAyAyVLEUZGxvPhPzyU96vINxH_PiU",
@@ -29,19 +37,40 @@ def pristine(tmp_path_factory) -> Path:
     return install_target(tmp_path_factory.mktemp("pristine") / "site")
 
 
+def _spec(file: str):
+    return next(p for p in SERIES.patches if p.file == file)
+
+
+def _only(releases: tuple[tuple[str, str], ...]) -> list[str]:
+    """--only options for every patch of the packages in RELEASES."""
+    packages = {name for name, _ in releases}
+    return [arg for patch_id in SERIES.ids if SERIES.get(patch_id).package in packages for arg in ("--only", patch_id)]
+
+
 @pytest.fixture(scope="module")
-def patched(tmp_path_factory) -> Path:
-    site = install_target(tmp_path_factory.mktemp("patched") / "site")
-    result = cli("apply", "--site", site)
-    assert result.code == 0, result.stdout + result.stderr
-    return site
+def trees(tmp_path_factory) -> Callable[[tuple[tuple[str, str], ...], bool], Path]:
+    """Install trees of the real wheels of RELEASES, pristine or with every patch of their packages applied."""
+    made: dict[tuple, Path] = {}
+
+    def tree(releases: tuple[tuple[str, str], ...], applied: bool) -> Path:
+        if (releases, applied) not in made:
+            site = install_target(tmp_path_factory.mktemp("patched" if applied else "pristine") / "site", *releases)
+            if applied:
+                result = cli("apply", "--site", site, *_only(releases))
+                assert result.code == 0, result.stdout + result.stderr
+            made[(releases, applied)] = site
+        return made[(releases, applied)]
+    return tree
 
 
 def test_the_set_has_the_five_patches_with_the_documents_file_names():
-    assert sorted(p.file for p in SERIES.patches) == sorted([
+    assert SERIES.ids == ["diffusers-rope", "diffusers-attention", "omni-latent-sync", "omni-ulysses",
+                          "omni-sp-transformer"]
+    assert sorted(SERIES.get(i).file for i in SERIES.ids) == sorted([
         "diffusers_transformer_ernie_image.patch", "diffusers_attention_dispatch.patch",
         "vllm_omni_pipeline_ernie_image.patch", "vllm_omni_ernie_image_transformer.patch",
         "vllm_omni_ulysses_attention.patch"])
+    assert [(p.id, p.tested) for p in SERIES.patches if p.file == VARIANT] == [("diffusers-attention", ">=0.41.0,<=0.42.1")]
 
 
 @pytest.mark.parametrize("relpath", sorted(PRISTINE_RECORD))
@@ -53,8 +82,18 @@ def test_targets_are_the_pristine_release_files(pristine: Path, relpath: str):
 
 def test_every_patch_applies_exactly_to_the_release(pristine: Path):
     status = cli("status", "--site", pristine, "--json").json()
-    assert {p["id"]: (p["state"], p["fit"]) for p in status["patches"]} == {
-        p.id: ("not-applied", "exact") for p in SERIES.patches}
+    assert {p["id"]: (p["state"], p["fit"], p["file"]) for p in status["patches"]} == {
+        i: ("not-applied", "exact", SERIES.get(i).file) for i in SERIES.ids}
+
+
+@pytest.mark.parametrize(("version", "fit"), [("0.41.0", "exact"), ("0.42.1", "offset")])
+def test_the_variant_is_chosen_on_newer_diffusers_and_fits(trees, version: str, fit: str):
+    site = trees((("diffusers", version),), False)
+    status = cli("status", "--site", site, "--only", "diffusers-attention", "--json").json()
+    (attention,) = status["patches"]
+    assert (attention["file"], attention["versions"], attention["state"], attention["fit"]) == (
+        VARIANT, ">=0.41.0,<=0.42.1", "not-applied", fit)
+    assert [v["file"] for v in attention["variants"]] == ["diffusers_attention_dispatch.patch", VARIANT]
 
 
 @pytest.mark.parametrize("patch", SERIES.patches, ids=lambda p: p.id)
@@ -64,19 +103,21 @@ def test_every_patch_declares_probes_and_explains_itself(patch):
     assert len(header.strip().splitlines()) >= 3, f"{patch.file} does not open with a comment saying what it does"
 
 
-@pytest.mark.parametrize("patch_id, index", PROBES)
-def test_probe_fails_on_pristine_and_passes_on_patched(pristine: Path, patched: Path, patch_id: str, index: int):
-    probe = SERIES.get(patch_id).probes[index]
+@pytest.mark.parametrize("file, index", PROBES)
+def test_probe_fails_on_pristine_and_passes_on_patched(trees, file: str, index: int):
+    probe = _spec(file).probes[index]
+    pristine, patched = trees(RELEASES[file], False), trees(RELEASES[file], True)
     before = (pristine / probe.file).read_bytes() if (pristine / probe.file).exists() else None
     after = (patched / probe.file).read_bytes()
     assert not run_probe(probe, before).passed, f"{probe.describe()} cannot fail: it passes on the pristine file"
     assert run_probe(probe, after).passed, f"{probe.describe()} fails on the patched file"
 
 
-def test_patched_files_compile(patched: Path):
-    for patch in SERIES.patches:
-        for relpath in {p.file for p in patch.probes}:
-            compile((patched / relpath).read_bytes(), relpath, "exec", dont_inherit=True)
+@pytest.mark.parametrize("file", sorted(RELEASES))
+def test_patched_files_compile(trees, file: str):
+    patched = trees(RELEASES[file], True)
+    for relpath in {p.file for p in _spec(file).probes}:
+        compile((patched / relpath).read_bytes(), relpath, "exec", dont_inherit=True)
 
 
 def test_builtin_lifecycle_is_byte_exact(tmp_path: Path):
@@ -88,4 +129,18 @@ def test_builtin_lifecycle_is_byte_exact(tmp_path: Path):
     assert cli("revert", "--site", site).code == 0
     for relpath, digest in PRISTINE_RECORD.items():
         assert file_record_digest(site / relpath) == digest
+    assert snapshot(site) == before
+
+
+def test_builtin_lifecycle_with_the_variant_is_byte_exact(tmp_path: Path):
+    site = install_target(tmp_path / "site", NEWER_DIFFUSERS)
+    before = snapshot(site)
+    only = _only((NEWER_DIFFUSERS,))
+    applied = cli("apply", "--site", site, *only, "--json")
+    assert applied.code == 0, applied.stdout
+    assert {p["id"]: p["file"] for p in applied.json()["patches"]}["diffusers-attention"] == VARIANT
+    manifest = json.loads((site / ".ernie-patcher" / "manifest.json").read_text())
+    assert manifest["patches"]["diffusers-attention"]["patch_sha256"] == _spec(VARIANT).digest()
+    assert cli("verify", "--site", site, *only).code == 0
+    assert cli("revert", "--site", site).code == 0
     assert snapshot(site) == before

@@ -18,6 +18,11 @@ class PatchDef:
     versions: str = "==0.38.0"
     extra: dict = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)
+    file: str = ""  # default ID.patch; versioned variants of one id need a file each
+
+    @property
+    def filename(self) -> str:
+        return self.file or f"{self.id}.patch"
 
 
 def file_diff(site: Path, relpath: str, edit: Edit, *, prefix: bool = True,
@@ -55,8 +60,8 @@ def write_patchset(directory: Path, patches: list[PatchDef], name: str = "test-s
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["schema = 1", f"name = {_toml_value(name)}", ""]
     for patch in patches:
-        (directory / f"{patch.id}.patch").write_text(patch.diff, encoding="utf-8")
-        lines += ["[[patch]]", f"id = {_toml_value(patch.id)}", f"file = {_toml_value(patch.id + '.patch')}",
+        (directory / patch.filename).write_text(patch.diff, encoding="utf-8")
+        lines += ["[[patch]]", f"id = {_toml_value(patch.id)}", f"file = {_toml_value(patch.filename)}",
                   f"package = {_toml_value(patch.package)}", f"module = {_toml_value(patch.module)}",
                   f"versions = {_toml_value(patch.versions)}"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in patch.extra.items()]
