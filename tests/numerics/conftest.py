@@ -1,4 +1,9 @@
-"""Fixtures of the torch tier: real diffusers 0.38.0 install trees, pristine and patched, and model runs.
+"""Fixtures of the torch tier: real diffusers install trees, pristine and patched, and model runs.
+
+Every fixture below is parametrized by the diffusers release (`diffusers_version`): 0.38.0, the release
+the patches are written for, and 0.42.1, the top of the tested ranges of diffusers-rope and of the
+0.41+ variant of diffusers-attention. The engine chooses each patch's variant for the installed
+version, exactly as `ernie-patch apply` does.
 
 diffusers is never imported from the test environment itself: each tree is a fresh
 `pip install --no-deps --target` of the real wheel (tests/support/realpkgs.py), and model forwards run in
@@ -20,28 +25,34 @@ from typing import Any, Iterator, Sequence
 import pytest
 import torch
 
-from tests.support.realpkgs import DIFFUSERS, install_target
+from tests.support.realpkgs import install_target
 
 REPO = Path(__file__).resolve().parents[2]
-PATCHES = REPO / "patches"
-DIFFUSERS_PATCHES = ("diffusers_transformer_ernie_image.patch", "diffusers_attention_dispatch.patch")
+DIFFUSERS_RELEASES = ("0.38.0", "0.42.1")
+DIFFUSERS_PATCHES = ("diffusers-rope", "diffusers-attention")
+# The file of each patch the engine must choose per release (diffusers-attention has a 0.41+ variant).
+EXPECTED_FILES = {
+    "0.38.0": {"diffusers-rope": "diffusers_transformer_ernie_image.patch",
+               "diffusers-attention": "diffusers_attention_dispatch.patch"},
+    "0.42.1": {"diffusers-rope": "diffusers_transformer_ernie_image.patch",
+               "diffusers-attention": "diffusers_attention_dispatch.v0_41.patch"},
+}
 TARGET_FILES = ("diffusers/models/transformers/transformer_ernie_image.py", "diffusers/models/attention_dispatch.py")
 WORKER_TIMEOUT_S = 300
 
 
-def apply_patches(site: Path, patch_files: Sequence[Path]) -> None:
-    """Apply PATCH_FILES to the install tree SITE with the project's own engine (the one place
-    the tests apply patches), all or nothing, and check that it applied every one of them."""
+def apply_patches(site: Path, patch_ids: Sequence[str]) -> dict[str, str]:
+    """Apply the built-in patches PATCH_IDS to the install tree SITE with the project's own engine (the one
+    place the tests apply patches), all or nothing; the engine chooses each id's variant for the installed
+    version. Checks that every one was applied; returns the patch file used per id."""
     from ernie_patcher.engine import Target, apply
-    from ernie_patcher.series import load_series
 
-    series = load_series()
-    by_file = {spec.path.resolve(): spec.id for spec in series.patches}
-    ids = tuple(by_file[Path(p).resolve()] for p in patch_files)
-    report = apply(Target(site=site), only=ids)
+    report = apply(Target(site=site), only=tuple(patch_ids))
     if report.error is not None:
         raise RuntimeError(f"ernie-patch apply failed: {report.error.reason}")
-    assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(ids)
+    applied = {p.spec.id: p.spec.file for p in report.patches if p.state == "applied"}
+    assert set(applied) >= set(patch_ids), applied
+    return applied
 
 
 def record_digest(site: Path, relative: str) -> str:
@@ -60,20 +71,28 @@ def file_digest(path: Path) -> str:
     return "sha256=" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+@pytest.fixture(scope="session", params=DIFFUSERS_RELEASES, ids=lambda v: f"diffusers-{v}")
+def diffusers_version(request: pytest.FixtureRequest) -> str:
+    """The diffusers release the tests run on; every fixture below depends on it."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def pristine_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real diffusers 0.38.0 files, checked against the wheel's RECORD."""
-    site = install_target(tmp_path_factory.mktemp("pristine") / "site", DIFFUSERS)
+def pristine_site(tmp_path_factory: pytest.TempPathFactory, diffusers_version: str) -> Path:
+    """The real diffusers files of DIFFUSERS_VERSION, checked against the wheel's RECORD."""
+    site = install_target(tmp_path_factory.mktemp(f"pristine-{diffusers_version}") / "site",
+                          ("diffusers", diffusers_version))
     for relative in TARGET_FILES:
         assert file_digest(site / relative) == record_digest(site, relative), f"{relative} is not pristine"
     return site
 
 
 @pytest.fixture(scope="session")
-def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real diffusers 0.38.0 with both diffusers patches applied."""
-    site = install_target(tmp_path_factory.mktemp("patched") / "site", DIFFUSERS)
-    apply_patches(site, [PATCHES / name for name in DIFFUSERS_PATCHES])
+def patched_site(tmp_path_factory: pytest.TempPathFactory, diffusers_version: str) -> Path:
+    """The real diffusers of DIFFUSERS_VERSION with both diffusers patches applied (each id's variant for it)."""
+    site = install_target(tmp_path_factory.mktemp(f"patched-{diffusers_version}") / "site",
+                          ("diffusers", diffusers_version))
+    assert apply_patches(site, DIFFUSERS_PATCHES) == EXPECTED_FILES[diffusers_version]
     for relative in TARGET_FILES:
         assert file_digest(site / relative) != record_digest(site, relative), f"{relative} was not patched"
     return site
@@ -93,14 +112,14 @@ def _start_worker(site: Path, scenario: str, output: Path) -> subprocess.Popen[s
 
 @pytest.fixture(scope="session")
 def model_runs(
-    pristine_site: Path, patched_site: Path, tmp_path_factory: pytest.TempPathFactory
+    pristine_site: Path, patched_site: Path, tmp_path_factory: pytest.TempPathFactory, diffusers_version: str
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Worker results keyed by (tree, scenario), tree in {"pristine", "patched"}, scenario in {"cpu", "npu"}.
 
     The four workers run concurrently; each builds the same seeded tiny models (their weight digests
     are compared by the tests).
     """
-    out_dir = tmp_path_factory.mktemp("runs")
+    out_dir = tmp_path_factory.mktemp(f"runs-{diffusers_version}")
     sites = {"pristine": pristine_site, "patched": patched_site}
     jobs = {
         (tree, scenario): (_start_worker(site, scenario, out_dir / f"{tree}-{scenario}.pt"), out_dir / f"{tree}-{scenario}.pt")

@@ -1,4 +1,5 @@
-"""diffusers_attention_dispatch.patch, on the real patched attention_dispatch.py imported in this process.
+"""diffusers-attention (diffusers_attention_dispatch.patch on diffusers 0.38.0, its 0.41+ variant on 0.42.1), on
+the real patched attention_dispatch.py imported in this process.
 
 _native_npu_attention is called directly with CPU tensors; its kernels are the CPU references
 (tests/numerics/reference/) supplied the way diffusers itself supplies them: `npu_fusion_attention` as
@@ -9,16 +10,19 @@ device check itself is exercised by test_model_numerics.py.
 """
 from __future__ import annotations
 
+import ast
 import importlib.abc
 import logging
 import sys
+from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 
 from tests.numerics.reference import mindiesd_ref, torch_npu_ref
 
@@ -155,6 +159,49 @@ def test_broadcast_property(
     out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
     assert out.shape == (batch, 1, seq_q, seq_kv) and out.is_contiguous()
     assert torch.equal(out, keys_mask[:, None, None, :].expand(batch, 1, seq_q, seq_kv))
+
+
+@pytest.fixture
+def pristine_mask_npu(pristine_site: Path) -> Callable:
+    """The release's own `_maybe_modify_attn_mask_npu`, compiled from the pristine file (it needs only torch)."""
+    source = (pristine_site / "diffusers/models/attention_dispatch.py").read_text()
+    (node,) = [n for n in ast.parse(source).body
+               if isinstance(n, ast.FunctionDef) and n.name == "_maybe_modify_attn_mask_npu"]
+    namespace: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "pristine attention_dispatch.py", "exec"), namespace)
+    return namespace["_maybe_modify_attn_mask_npu"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 6), (2, 1, 1, 6), (2, 2, 1, 6), (2, 3, 1, 6), (2, 1, 4, 6), (2, 2, 4, 6), (1, 1, 4, 6), (4, 6)],
+    ids=["BS", "B11S", "BN1S", "B31S", "B1SS", "BNSS", "11SS", "SS"],
+)
+def test_npu_mask_preparation_equals_the_release(
+    patched_dispatch: ModuleType, pristine_mask_npu: Callable, shape: tuple[int, ...]
+) -> None:
+    """The patch moves the broadcast into _broadcast_attn_mask_npu: the mask npu_fusion_attention receives is
+    exactly what the pristine release gives, for every shape it handles (0.41+ also broadcasts [B, N, 1, Skv])."""
+    query, key, _ = _qkv(4, 6, heads=2, batch=2)
+    generator = torch.Generator().manual_seed(len(shape) * 10 + shape[1])
+    mask = torch.rand(shape, generator=generator) > 0.3
+    mask.view(-1)[0] = False  # never all-valid: that mask is dropped, tested below
+    expected = pristine_mask_npu(query, key, mask)
+    out = patched_dispatch._maybe_modify_attn_mask_npu(query, key, mask)
+    assert out.shape == expected.shape and out.is_contiguous() == expected.is_contiguous()
+    assert torch.equal(out, expected)
+
+
+def test_per_head_key_mask_is_broadcast_from_diffusers_0_41(patched_dispatch: ModuleType, diffusers_version: str) -> None:
+    """[B, N, 1, Skv]: diffusers 0.41 widened the broadcast to it, the 0.41+ variant keeps that; 0.38 leaves it as is."""
+    query, key, _ = _qkv(4, 6, heads=2, batch=2)
+    mask = _padding_mask(2, 6, [6, 2]).expand(2, 2, 1, 6).clone()
+    out = patched_dispatch._broadcast_attn_mask_npu(query, key, mask)
+    if Version(diffusers_version) >= Version("0.41.0"):
+        assert out.shape == (2, 2, 4, 6) and out.is_contiguous()
+        assert torch.equal(out, mask.expand(2, 2, 4, 6))
+    else:
+        assert out is mask
 
 
 def test_npu_mask_is_broadcast_and_inverted(patched_dispatch: ModuleType) -> None:
