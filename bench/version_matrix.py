@@ -6,7 +6,9 @@ the index (`pip index versions`), the real wheel is downloaded once (`pip downlo
 cached under ~/.cache/ernie-patcher/wheels) and unpacked; then, with the engine's own code and no
 subprocess, each patch is planned in series order as `apply` would (exact / offset / conflict /
 missing file), every patched Python file is compiled, and the patch's AST probes are run on the
-patched files (they must pass) and on the pristine release (they must fail).
+patched files (they must pass) and on the pristine release (they must fail). Each versioned variant
+of a patch (entries sharing an id) gets its own row, all assessed against the same files; the next
+patch is planned on top of the variant that `apply` would use.
 
     python bench/version_matrix.py [--patches DIR] [--out bench/MATRIX.md]
 
@@ -136,21 +138,30 @@ def assess_release(series: Series, package: str, version: str) -> dict[str, Cell
         raise SystemExit(f"{site} does not hold {package} {version}")
     assessor = Assessor(env, None, allow_untested=True)
     cells: dict[str, Cell] = {}
-    for spec in specs:
-        try:
-            state = assessor.assess(spec)
-        except PatcherError as error:
-            cells[spec.id] = Cell("error", detail=error.reason)
-            continue
-        fit, detail = _fit(state)
-        cell = Cell(fit, offsets=[o for f in state.files for o in f.offsets],
-                    detail=detail.replace(f"{site}/", ""))
-        if fit in ("exact", "offset"):
-            cell.compiles = _compiles(state)
-            cell.probes_patched = _probes(spec, installed.import_root, assessor.working)
-            cell.probes_pristine = _probes(spec, installed.import_root, {})
-        cells[spec.id] = cell
+    for patch_id in dict.fromkeys(s.id for s in specs):
+        before = assessor.checkpoint()
+        used = None
+        for spec in [s for s in specs if s.id == patch_id]:
+            assessor.rollback(before)
+            cells[spec.file] = _cell(assessor, spec, installed.import_root, site)
+            if used is None and cells[spec.file].ok or spec.versions.contains(version, prereleases=True):
+                used = assessor.checkpoint()  # the variant apply would use: the one covering the version
+        assessor.rollback(used or before)
     return cells
+
+
+def _cell(assessor: Assessor, spec: PatchSpec, root: Path, site: Path) -> Cell:
+    try:
+        state = assessor.assess(spec)
+    except PatcherError as error:
+        return Cell("error", detail=error.reason)
+    fit, detail = _fit(state)
+    cell = Cell(fit, offsets=[o for f in state.files for o in f.offsets], detail=detail.replace(f"{site}/", ""))
+    if fit in ("exact", "offset"):
+        cell.compiles = _compiles(state)
+        cell.probes_patched = _probes(spec, root, assessor.working)
+        cell.probes_pristine = _probes(spec, root, {})
+    return cell
 
 
 def _compiles(state) -> bool:
@@ -178,7 +189,9 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
              "every final release in range that the index has. Per patch and release: how the hunks fit "
              "(exact / offset ±lines / conflict / missing file), whether every patched Python file compiles, "
              "and how many of the patch's AST probes pass on the patched result. ✅ marks a release the "
-             "patch fully supports; the declared range is in the second column.", ""]
+             "patch fully supports; the declared range is in the second column. Versioned variants of one patch "
+             "(entries sharing an id) have a row each; `apply` uses the one whose range covers the installed "
+             "release, so a variant that does not fit outside its own range is expected.", ""]
     notes: list[str] = []
     for package, by_version in results.items():
         versions = list(by_version)
@@ -187,16 +200,17 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
                   "|---|---|" + "---|" * len(versions)]
         for spec in specs:
             row = []
+            label = f"`{spec.id}`" + (f" (`{spec.file}`)" if len(series.variants(spec.id)) > 1 else "")
             for version in versions:
-                cell = by_version[version][spec.id]
+                cell = by_version[version][spec.file]
                 row.append(("✅ " if cell.ok else "") + cell.text())
                 if cell.detail and not cell.ok:
-                    notes.append(f"- `{spec.id}` on {package} {version}: {cell.detail}")
+                    notes.append(f"- {label} on {package} {version}: {cell.detail}")
                 failing_pristine = cell.probes_pristine[0]
                 if cell.ok and failing_pristine:
-                    notes.append(f"- `{spec.id}` on {package} {version}: {failing_pristine} probe(s) already "
+                    notes.append(f"- {label} on {package} {version}: {failing_pristine} probe(s) already "
                                  "pass on the pristine release (a probe that cannot fail)")
-            lines.append(f"| `{spec.id}` | `{spec.versions}` | " + " | ".join(row) + " |")
+            lines.append(f"| {label} | `{spec.tested}` | " + " | ".join(row) + " |")
         lines.append("")
     if notes:
         lines += ["## Why a cell is not ✅", ""] + notes + [""]
