@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from demo import build  # noqa: E402
+from demo import TARGETS, build  # noqa: E402
 
 from ernie_patcher.series import load_series  # noqa: E402
 
@@ -37,9 +37,12 @@ def timed(command: list[str], runs: int, expect: int = 0) -> list[float]:
 
 
 def gnu_patch_dry_run(site: Path) -> list[str]:
-    """One shell command running `patch --dry-run` for every built-in patch, as a user would."""
+    """One shell command running `patch --dry-run` for every built-in patch, as a user would: of a patch
+    with versioned variants, the one for the demo's release."""
     series = load_series()
-    steps = [f"patch -p{p.strip or 1} --dry-run --batch --silent -d {site} -i {p.path}" for p in series.patches]
+    versions = dict(target.split("==") for target in TARGETS)
+    chosen = [c.chosen for c in series.resolve(list(series.patches), versions)]
+    steps = [f"patch -p{p.strip or 1} --dry-run --batch --silent -d {site} -i {p.path}" for p in chosen if p]
     return ["bash", "-c", " && ".join(steps)]
 
 
