@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from authoring.conftest import DISPATCH, OMNI_DIR, OMNI_PIPELINE, ROOT, TRANSFORMER, cli
+from support.cli import DISPATCH, OMNI_DIR, OMNI_PIPELINE, ROOT, TRANSFORMER, cli
 from support.patchsets import file_diff, insert_after
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target, wheel
 from support.tree import file_record_digest, record_sha256, snapshot

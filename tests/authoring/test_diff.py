@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from authoring.conftest import ROOT, TRANSFORMER, cli
+from support.cli import ROOT, TRANSFORMER, cli
 from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from authoring.conftest import DISPATCH, OMNI_PIPELINE, TRANSFORMER, cli
+from support.cli import DISPATCH, OMNI_PIPELINE, TRANSFORMER, cli
 from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
 from support.tree import file_record_digest, record_sha256, snapshot
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import cli
+from support.cli import cli
 from ernie_patcher.probes import run_probe
 from ernie_patcher.series import load_series
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target

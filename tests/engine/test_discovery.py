@@ -10,7 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from conftest import OMNI_PIPELINE, ROOT, TRANSFORMER, cli
+from support.cli import OMNI_PIPELINE, ROOT, TRANSFORMER, cli
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, make_venv, sdist
 from support.tree import snapshot

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DISPATCH, OMNI_PIPELINE, OMNI_TRANSFORMER, TRANSFORMER, cli, cli_process
+from support.cli import DISPATCH, OMNI_PIPELINE, OMNI_TRANSFORMER, TRANSFORMER, cli, run
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.tree import file_record_digest, record_sha256, snapshot
 
@@ -133,9 +133,8 @@ def test_mode_and_owner_are_kept(site: Path, tmp_path: Path):
 def test_crash_between_files_is_recovered(site: Path, tmp_path: Path):
     patches = own_set(site, tmp_path / "set")
     pristine = snapshot(site)
-    killed = cli_process("apply", "--site", site, "--patches", patches,
-                         env={"ERNIE_PATCHER_TEST_KILL_AT": "file-2-written"})
-    assert killed.returncode == -9
+    killed = run("apply", "--site", site, "--patches", patches, env={"ERNIE_PATCHER_TEST_KILL_AT": "file-2-written"})
+    assert killed.code == -9
     assert b"ROPE_MARK" in (site / TRANSFORMER).read_bytes(), "the crash left a half-patched environment"
     assert (site / ".ernie-patcher" / "journal.json").exists()
     status = cli("status", "--site", site, "--patches", patches, "--json").json()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DISPATCH, TRANSFORMER, cli
+from support.cli import DISPATCH, TRANSFORMER, cli
 from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
 from support.tree import snapshot
 

@@ -6,23 +6,14 @@ edits to those real files), so the scenarios do not depend on the shipped patche
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from ernie_patcher.cli import main
+from support import cli as _cli
+from support.cli import DISPATCH, OMNI_PIPELINE, ROOT, TRANSFORMER, Result, cli, command, environ  # noqa: F401
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.tree import snapshot
 
-ROOT = Path(__file__).resolve().parents[2]
-TRANSFORMER = "diffusers/models/transformers/transformer_ernie_image.py"
-DISPATCH = "diffusers/models/attention_dispatch.py"
-OMNI_PIPELINE = "vllm_omni/diffusion/models/ernie_image/pipeline_ernie_image.py"
 CREATED = "vllm_omni/diffusion/models/ernie_image/fault_helpers.py"
 OMNI_RECORD = "vllm_omni-0.20.0.dist-info/RECORD"
 STATE = ".ernie-patcher"
@@ -36,46 +27,17 @@ FUZZ_COUNTS: dict[str, int] = {}
 SUMMARY: list[str] = []
 
 
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> dict:
-        return json.loads(self.stdout)
-
-    @property
-    def reason(self) -> str:
-        """The first line of the error output: the one-line reason."""
-        lines = self.stderr.strip().splitlines()
-        return lines[0] if lines else ""
-
-
-def cli(*args: str | Path) -> Result:
-    """`ernie-patch ARGS` in this process (no TTY: plain output); any traceback fails the test."""
-    out = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return Result(out.exit_code, out.stdout, out.stderr)
-
-
-def _environ(env: dict[str, str] | None) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, PAUSE_ENV)}
-    return {**base, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-
-
-def command(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "ernie_patcher", *map(str, args)]
+NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
     """`ernie-patch ARGS` as a separate process."""
-    done = subprocess.run(command(*args), capture_output=True, text=True, env=_environ(env), timeout=300)
-    return Result(done.returncode, done.stdout, done.stderr)
+    return _cli.run(*args, env={**NO_BYTECODE, **(env or {})})
 
 
 def spawn(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_environ(env))
+                            env=environ({**NO_BYTECODE, **(env or {})}))
 
 
 def fault_set(site: Path, directory: Path) -> Path:
