@@ -83,55 +83,52 @@ def _scope(tree: ast.Module, probe: ProbeSpec) -> tuple[ast.AST | None, str]:
     return _resolve(tree, probe.within), probe.within
 
 
-def _check_call(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+def _is_call(node: ast.AST, probe: ProbeSpec) -> bool:
+    return isinstance(node, ast.Call) and _suffix_match(_dotted(node.func), probe.name or "")
+
+
+def _is_string(node: ast.AST, probe: ProbeSpec) -> bool:
+    return isinstance(node, ast.Constant) and node.value == probe.value
+
+
+def _imported_names(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [a.name for a in node.names] + [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+    return []
+
+
+def _is_import(node: ast.AST, probe: ProbeSpec) -> bool:
+    return any(_suffix_match(n, probe.name or "") for n in _imported_names(node))
+
+
+# kind -> (does this node show the fact?, what a match is called, how to say it is missing)
+_SEARCHES = {
+    "call": (_is_call, "call", lambda p: f"no call to {p.name}"),
+    "string": (_is_string, "string", lambda p: f"no string {p.value!r}"),
+    "import": (_is_import, "import", lambda p: f"no import of {p.name}"),
+}
+
+
+def _search(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
+    """Look for the probe's node anywhere inside its scope (`within`, or the whole module)."""
     scope, label = _scope(tree, probe)
     if scope is None:
         return False, f"{label} not defined"
+    matches, noun, missing = _SEARCHES[probe.kind]
     for node in ast.walk(scope):
-        if isinstance(node, ast.Call) and _suffix_match(_dotted(node.func), probe.name or ""):
-            return True, f"call at line {node.lineno}"
-    return False, f"no call to {probe.name} in {label}"
-
-
-def _check_string(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
-    scope, label = _scope(tree, probe)
-    if scope is None:
-        return False, f"{label} not defined"
-    for node in ast.walk(scope):
-        if isinstance(node, ast.Constant) and node.value == probe.value:
-            return True, f"string at line {node.lineno}"
-    return False, f"no string {probe.value!r} in {label}"
-
-
-def _check_import(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
-    scope, label = _scope(tree, probe)
-    if scope is None:
-        return False, f"{label} not defined"
-    for node in ast.walk(scope):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [a.name for a in node.names] + [f"{node.module}.{a.name}" for a in node.names]
-            names.append(node.module or "")
-        else:
-            continue
-        if any(_suffix_match(n, probe.name or "") for n in names):
-            return True, f"import at line {node.lineno}"
-    return False, f"no import of {probe.name} in {label}"
+        if matches(node, probe):
+            return True, f"{noun} at line {node.lineno}"
+    return False, f"{missing(probe)} in {label}"
 
 
 def _evaluate(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
-    if probe.kind == "function":
+    if probe.kind in ("function", "method"):
         return _check_def(tree, probe, _FUNCTIONS)
     if probe.kind == "class":
         return _check_def(tree, probe, (ast.ClassDef,))
-    if probe.kind == "method":
-        return _check_def(tree, probe, _FUNCTIONS)
-    if probe.kind == "call":
-        return _check_call(tree, probe)
-    if probe.kind == "string":
-        return _check_string(tree, probe)
-    return _check_import(tree, probe)
+    return _search(tree, probe)
 
 
 def probe_key(probe: ProbeSpec) -> str:
