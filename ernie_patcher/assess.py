@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .diffparse import FilePatch, ParsedPatch, parse_patch
+from .diffparse import FilePatch, parse_patch
 from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from functools import wraps
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +54,7 @@ def _run(command: str, as_json: bool, call: Callable) -> None:
 
 
 def _target(python: str | None, site: Path | None, patches: Path | None):
-    from .engine import Target
+    from .report import Target
 
     return Target(python=python, site=site, patches=patches)
 

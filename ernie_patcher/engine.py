@@ -1,63 +1,22 @@
 """The four operations — status, apply, verify, revert — returning reports; nothing here prints."""
 from __future__ import annotations
 
-import copy
-import csv
-import io
-import tokenize
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
-from . import __version__
-from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, FileState,
-                     PatchState, decode, recorded_path)
-from .discovery import Environment, discover, record_digest
+from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
+from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
-from .probes import memo, probe_key, run_probe
+from .plan import build_plan
+from .probes import run_probe
+from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
-from .state import FileRecord, Manifest, PatchRecord, StateDir, now
+from .state import Manifest, StateDir
 from .transaction import Recovery, Write, commit, recover
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
             (DRIFTED, ExitCode.DRIFTED), (CONFLICT, ExitCode.CONFLICT))
-
-
-@dataclass(frozen=True)
-class Target:
-    """Which environment and which patch set a command works on."""
-
-    python: str | None = None
-    site: Path | None = None
-    patches: Path | None = None
-
-
-@dataclass
-class Action:
-    """A file the command changed (or, with --dry-run, would change)."""
-
-    path: str
-    what: str
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "action": self.what, "detail": self.detail}
-
-
-@dataclass
-class Report:
-    command: str
-    env: Environment
-    series: Series | None
-    patches: list[PatchState] = field(default_factory=list)
-    actions: list[Action] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    exit_code: ExitCode = ExitCode.OK
-    error: PatcherError | None = None
-    dry_run: bool = False
-    manifest_patches: list[str] = field(default_factory=list)
 
 
 def _packages(specs: list[PatchSpec]) -> list[tuple[str, str]]:
@@ -91,8 +50,8 @@ def _note_recovery(report: Report, recovery: Recovery | None) -> None:
                             f"{len(recovery.restored)} file(s) put back as they were before it")
 
 
-def _assess(series: Series, choices: list[Choice], target: Target, manifest: Manifest | None,
-            env: Environment, allow_untested: bool = False, reparse: bool = False) -> list[PatchState]:
+def _assess(choices: list[Choice], manifest: Manifest | None, env: Environment, allow_untested: bool = False,
+            reparse: bool = False) -> list[PatchState]:
     assessor = Assessor(env, manifest, allow_untested, reparse)
     states = [_assess_choice(assessor, choice) for choice in choices]
     for patch in states:
@@ -127,7 +86,7 @@ def _assess_choice(assessor: Assessor, choice: Choice) -> PatchState:
     return state
 
 
-def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[Choice], Environment]:
+def _prepare(target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[Choice], Environment]:
     """The patch set, one variant choice per selected id, and the environment.
 
     The whole set is resolved against the installed versions, so a set with two variants covering
@@ -142,12 +101,12 @@ def _prepare(command: str, target: Target, only: tuple[str, ...] = ()) -> tuple[
 
 
 def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
-    series, choices, env = _prepare("status", target, only)
+    series, choices, env = _prepare(target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
     with _state_access(state, write=False, report=report):
         manifest = state.manifest()
-        report.patches = _assess(series, choices, target, manifest, env, reparse=reparse)
+        report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
@@ -203,160 +162,13 @@ def _refusal(states: list[PatchState]) -> PatcherError | None:
     return None
 
 
-@dataclass
-class _Change:
-    path: Path
-    relpath: str
-    package: str
-    version: str
-    action: str
-    before: bytes | None
-    after: bytes | None
-    mode: int
-    patches: list[str] = field(default_factory=list)
-    module: str = ""
-
-
-def _collect_changes(todo: list[PatchState]) -> dict[Path, _Change]:
-    changes: dict[Path, _Change] = {}
-    for patch in todo:
-        for file in patch.files:
-            if file.state != NOT_APPLIED:
-                continue
-            change = changes.get(file.path)
-            if change is None:
-                mode = file.path.stat().st_mode & 0o7777 if file.current is not None else _new_file_mode(file.path)
-                change = _Change(file.path, file.relpath, patch.spec.package, patch.package.version,
-                                 "create" if file.creates else "modify", file.current, file.patched, mode,
-                                 module=patch.spec.module)
-                changes[file.path] = change
-            change.after = file.patched
-            change.patches.append(patch.spec.id)
-    return changes
-
-
-def _new_file_mode(path: Path) -> int:
-    siblings = [p for p in path.parent.glob("*.py") if p.is_file()]
-    return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
-
-
-def _check_source(data: bytes, path: Path) -> None:
-    """Raise SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts
-    bytes the import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
-    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-    try:
-        data.decode(encoding)
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise ValueError(f"not valid {encoding} ({exc})") from None
-    compile(data, str(path), "exec", dont_inherit=True)
-
-
-def _check_results(changes: dict[Path, _Change], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
-    """Refuse before writing when a patched file would not compile or a probe would not pass.
-
-    Returns each patch's probe results on the planned bytes, kept in the manifest for verify.
-    """
-    for change in changes.values():
-        if change.after is not None and change.path.suffix == ".py":
-            try:
-                _check_source(change.after, change.path)
-            except (SyntaxError, ValueError) as exc:
-                raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: {exc}",
-                                   hint="the patch set is broken for this release; nothing was written")
-    planned = {c.relpath: c.after for c in changes.values()}
-    memos: dict[str, dict[str, dict]] = {}
-    for patch in todo:
-        memos[patch.spec.id] = {}
-        for probe in patch.spec.probes:
-            source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
-            result = run_probe(probe, source)
-            if not result.passed:
-                raise PatcherError(ExitCode.CONFLICT,
-                                   f"{patch.spec.id}: probe '{probe.describe()}' would fail after applying "
-                                   f"({result.detail})", hint="the patch and its probes disagree; nothing was written")
-            memos[patch.spec.id][probe_key(probe)] = memo(result, source)
-    return memos
-
-
-def _record_line(relpath: str, data: bytes) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow([relpath, record_digest(data), len(data)])
-    return out.getvalue()
-
-
-def _registrations(changes: dict[Path, _Change], todo: list[PatchState]) -> list[_Change]:
-    """RECORD edits so `pip uninstall` also removes the files the patches create."""
-    packages = {p.spec.package: p.package for p in todo}
-    extra: list[_Change] = []
-    for package_name, package in packages.items():
-        created = [c for c in changes.values() if c.action == "create" and c.package == package_name]
-        if not created or package.dist_info is None or package.editable:
-            continue
-        record = package.dist_info / "RECORD"
-        before = read_bytes(record)
-        if before is None:
-            continue
-        text = decode(before)
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += "".join(_record_line(c.relpath, c.after or b"") for c in created)
-        extra.append(_Change(record, f"{package.dist_info.name}/RECORD", package_name, package.version,
-                             "register", before, text.encode("utf-8", "surrogateescape"),
-                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches}),
-                             module=package.module))
-    return extra
-
-
-def _updated_manifest(previous: Manifest | None, series: Series, states: list[PatchState],
-                      todo: list[PatchState], changes: list[_Change], probe_memos: dict[str, dict[str, dict]]) -> Manifest:
-    manifest = copy.deepcopy(previous) if previous else Manifest(series=series.name, patch_dir=str(series.directory))
-    for stale in [p.spec.id for p in states if p.stale]:
-        manifest.patches.pop(stale, None)
-        for key, entry in list(manifest.files.items()):
-            if stale in entry.patches:
-                entry.patches.remove(stale)
-            if not entry.patches:
-                del manifest.files[key]
-    for change in changes:
-        entry = manifest.files.get(change.relpath)
-        before = sha256(change.before) if change.before is not None else None
-        if entry is None:
-            entry = FileRecord(path=str(change.path), package=change.package, version=change.version,
-                               relpath=change.relpath, action=change.action, before=before, after=None,
-                               mode=change.mode, module=change.module)
-            manifest.files[change.relpath] = entry
-        entry.after = sha256(change.after) if change.after is not None else None
-        entry.patches = sorted(set(entry.patches) | set(change.patches))
-    for patch in todo:
-        manifest.patches[patch.spec.id] = PatchRecord(
-            package=patch.spec.package, version=patch.package.version, patch_sha256=patch.spec.digest(),
-            files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
-            applied_at=now(), probes=probe_memos.get(patch.spec.id, {}))
-    manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
-    return manifest
-
-
-def _describe_change(change: _Change, states: list[PatchState]) -> Action:
-    if change.action == "register":
-        return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
-    offsets = [o for p in states for f in p.files if f.path == change.path for o in f.offsets]
-    moved = [o for o in offsets if o]
-    detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
-    return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
-
-
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
                    todo: list[PatchState], previous: Manifest | None) -> None:
-    changes = _collect_changes(todo)
-    probe_memos = _check_results(changes, todo)
-    all_changes = list(changes.values()) + _registrations(changes, todo)
-    report.actions = [_describe_change(c, states) for c in all_changes]
+    plan = build_plan(todo)
+    report.actions = plan.actions(states)
     if report.dry_run:
         return
-    manifest = _updated_manifest(previous, series, states, todo, all_changes, probe_memos)
-    writes = [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
-              for c in all_changes]
-    commit(state, "apply", writes, manifest, previous)
+    commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
         patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
@@ -365,7 +177,7 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
 
 
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
-    series, choices, env = _prepare("apply", target, only)
+    series, choices, env = _prepare(target, only)
     report = Report("apply", env, series, dry_run=dry_run)
     implied = sorted({c.id for c in choices} - set(only)) if only else []
     if implied:
@@ -373,7 +185,7 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
     state = StateDir(env.state_dir)
     with _state_access(state, write=not dry_run, report=report):
         previous = state.manifest()
-        report.patches = states = _assess(series, choices, target, previous, env, allow_untested)
+        report.patches = states = _assess(choices, previous, env, allow_untested)
         for patch in states:
             if patch.untested and allow_untested:
                 report.notes.append(_untested_note(patch))

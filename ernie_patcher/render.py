@@ -6,7 +6,7 @@ import sys
 from typing import TextIO
 
 from . import __version__
-from .engine import Report
+from .report import Report
 from .errors import ExitCode, PatcherError
 
 JSON_SCHEMA = 1

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from support import cli as _cli
-from support.cli import DISPATCH, OMNI_PIPELINE, ROOT, TRANSFORMER, Result, cli, command, environ  # noqa: F401
+from support.cli import DISPATCH, OMNI_PIPELINE, TRANSFORMER, Result, cli, command, environ  # noqa: F401
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.tree import snapshot
 

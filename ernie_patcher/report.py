@@ -1,0 +1,45 @@
+"""What a command worked on and what it found or did: the data every renderer reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .assess import PatchState
+from .discovery import Environment
+from .errors import ExitCode, PatcherError
+from .series import Series
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which environment and which patch set a command works on."""
+
+    python: str | None = None
+    site: Path | None = None
+    patches: Path | None = None
+
+
+@dataclass
+class Action:
+    """A file the command changed (or, with --dry-run, would change)."""
+
+    path: str
+    what: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "action": self.what, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    command: str
+    env: Environment
+    series: Series | None
+    patches: list[PatchState] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    exit_code: ExitCode = ExitCode.OK
+    error: PatcherError | None = None
+    dry_run: bool = False
+    manifest_patches: list[str] = field(default_factory=list)
