@@ -71,6 +71,8 @@ def main() -> int:
         subprocess.run([str(tool), "apply"], check=True, stdout=subprocess.DEVNULL)
         rows["ernie-patch verify"] = timed([str(tool), "verify"], args.runs)
         rows["ernie-patch verify --json"] = timed([str(tool), "verify", "--json"], args.runs)
+        rows["ernie-patch verify --reparse"] = timed([str(tool), "verify", "--reparse"], args.runs)
+        rows["python -c 'import click' (reference)"] = timed([str(python), "-c", "import click"], args.runs)
         leaked = imported_modules(python, ["verify"]) + imported_modules(python, ["apply", "--dry-run"])
         subprocess.run([str(tool), "revert"], check=True, stdout=subprocess.DEVNULL)
     finally:

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +60,8 @@ def record_digest(data: bytes) -> str:
 
 
 def _ask_interpreter(python: str, request: dict) -> dict:
+    import subprocess  # only for --python: the CLI starts faster without it
+
     source = Path(envprobe.__file__).read_text(encoding="utf-8")
     try:
         done = subprocess.run([python, "-c", source, json.dumps(request)], capture_output=True,

@@ -8,7 +8,6 @@ from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTE
 from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
-from .plan import build_plan
 from .probes import run_probe
 from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
@@ -164,6 +163,8 @@ def _refusal(states: list[PatchState]) -> PatcherError | None:
 
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
                    todo: list[PatchState], previous: Manifest | None) -> None:
+    from .plan import build_plan  # only apply plans writes: status and verify start faster
+
     plan = build_plan(todo)
     report.actions = plan.actions(states)
     if report.dry_run:

@@ -6,7 +6,6 @@ import fcntl
 import glob
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +59,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
 
     MODE and OWNER default to those of the file being replaced, so a patched file keeps them.
     """
+    import tempfile  # only when writing: status and verify start faster without it
+
     try:
         current = path.stat()
         mode = current.st_mode & 0o7777 if mode is None else mode
