@@ -38,17 +38,24 @@ def _target_options(func: Callable) -> Callable:
     return func
 
 
+def _fail(command: str, error: PatcherError, as_json: bool = False) -> None:
+    """Report an error that left no report (JSON on stdout, or the reason on stderr) and exit."""
+    from .render import emit_json, render_error, to_json
+
+    if as_json:
+        emit_json(to_json(None, command, error))
+    else:
+        render_error(error)
+    sys.exit(int(error.code))
+
+
 def _run(command: str, as_json: bool, call: Callable) -> None:
-    from .render import emit_json, render, render_error, to_json
+    from .render import render
 
     try:
         report = call()
     except PatcherError as error:
-        if as_json:
-            emit_json(to_json(None, command, error))
-        else:
-            render_error(error)
-        sys.exit(int(error.code))
+        _fail(command, error, as_json)
     render(report, as_json)
     sys.exit(int(report.exit_code))
 
@@ -121,17 +128,6 @@ def revert(python, site, patches, as_json, dry_run, force) -> None:
     from .engine import revert as run
 
     _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force))
-
-
-
-def _fail(command: str, error: PatcherError, as_json: bool = False) -> None:
-    from .render import emit_json, render_error, to_json
-
-    if as_json:
-        emit_json(to_json(None, command, error))
-    else:
-        render_error(error)
-    sys.exit(int(error.code))
 
 
 @main.command("diff", epilog=EXIT_CODES)
