@@ -131,13 +131,13 @@ def revert(python, site, patches, as_json, dry_run, force) -> None:
 
 
 @main.command("diff", epilog=EXIT_CODES)
-@click.argument("patch_id", metavar="ID")
+@click.argument("patch_id", metavar="ID|FILE")
 @click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Read the patch set in DIR instead of the built-in one.")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Highlight the diff: on a terminal (auto), always, or never.")
 def diff_command(patch_id: str, patches: Path | None, color: str) -> None:
-    """Show one patch of the set.
+    """Show one patch of the set (a patch file name shows that versioned variant).
 
     On a terminal the diff is highlighted under a header line (id, package range, strip level);
     otherwise the exact text of the patch file is written, so it can be piped.

@@ -14,8 +14,11 @@ DIFF_THEME = "ansi_dark"
 def render_diff(view: PatchView, color: bool, out: TextIO | None = None) -> None:
     """The patch text: highlighted with a one-line header when COLOR, else exactly the file's bytes."""
     out = out or sys.stdout
+    others = f"other variants of {view.id}: {', '.join(view.other_variants)} (name the file to show one)"
     if not color:
         out.write(view.text)
+        if view.other_variants:
+            print(f"note: {others}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.syntax import Syntax
@@ -24,6 +27,8 @@ def render_diff(view: PatchView, color: bool, out: TextIO | None = None) -> None
     console.print(f"[bold]{view.header()}[/]", highlight=False)
     if view.summary:
         console.print(f"[dim]{view.summary}[/]", highlight=False)
+    if view.other_variants:
+        console.print(f"[dim]{others}[/]", highlight=False)
     console.print(Syntax(view.text, "diff", theme=DIFF_THEME, word_wrap=False, background_color="default"))
 
 

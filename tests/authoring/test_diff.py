@@ -63,3 +63,14 @@ def test_plain_diff_does_not_import_rich_or_the_targets(site: Path, tmp_path: Pa
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stderr
+
+
+def test_diff_of_a_patch_with_variants_names_the_others_and_shows_one_by_file():
+    first = cli("diff", "diffusers-attention")
+    assert first.code == 0
+    assert first.stdout == (ROOT / "patches" / "diffusers_attention_dispatch.patch").read_text()
+    assert "diffusers_attention_dispatch.v0_41.patch" in first.stderr
+    variant = cli("diff", "diffusers_attention_dispatch.v0_41.patch")
+    assert variant.code == 0
+    assert variant.stdout == (ROOT / "patches" / "diffusers_attention_dispatch.v0_41.patch").read_text()
+    assert "diffusers_attention_dispatch.patch (" in variant.stderr
