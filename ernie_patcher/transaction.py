@@ -65,7 +65,7 @@ def _put(state: StateDir, path: Path, digest: str | None, mode: int) -> bool:
 def _referenced(manifest: Manifest | None) -> set[str]:
     if manifest is None:
         return set()
-    return {d for f in manifest.files.values() for d in (f.before,) if d}
+    return {f.before for f in manifest.files.values() if f.before}
 
 
 def recover(state: StateDir) -> Recovery | None:
