@@ -144,7 +144,7 @@ def assess_release(series: Series, package: str, version: str) -> dict[str, Cell
         for spec in [s for s in specs if s.id == patch_id]:
             assessor.rollback(before)
             cells[spec.file] = _cell(assessor, spec, installed.import_root, site)
-            if used is None and cells[spec.file].ok or spec.versions.contains(version, prereleases=True):
+            if used is None and cells[spec.file].ok or spec.covers(version):
                 used = assessor.checkpoint()  # the variant apply would use: the one covering the version
         assessor.rollback(used or before)
     return cells

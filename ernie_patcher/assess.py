@@ -158,7 +158,7 @@ class Assessor:
             return applied
         parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
         result = PatchState(spec, package, NOT_APPLIED, strip=parsed.strip, strip_inferred=parsed.strip_inferred)
-        if not spec.versions.contains(package.version, prereleases=True):
+        if not spec.covers(package.version):
             result.untested = True
             if not self.allow_untested:
                 result.state = UNSUPPORTED
@@ -200,7 +200,7 @@ class Assessor:
             files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
                                    current=current))
         result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
-                            untested=not spec.versions.contains(package.version, prereleases=True))
+                            untested=not spec.covers(package.version))
         memos = {} if self.reparse else recorded.probes
         result.probes = [self._probe(package, p, memos) for p in spec.probes]
         return result

@@ -63,6 +63,11 @@ class PatchSpec:
     probes: tuple[ProbeSpec, ...] = ()
     versions_text: str = ""
 
+    def covers(self, version: str) -> bool:
+        """Whether VERSION is in the tested range (pre-releases and local builds such as
+        0.19.0rc1+npu count)."""
+        return self.versions.contains(version, prereleases=True)
+
     @property
     def tested(self) -> str:
         """The version range as written in the series file (packaging reorders its own str())."""
@@ -143,7 +148,7 @@ class Series:
             variants = tuple(e for e in entries if e.id == patch_id)
             package = variants[0].package
             version = versions.get(package)
-            covering = [v for v in variants if version is not None and v.versions.contains(version, prereleases=True)]
+            covering = [v for v in variants if version is not None and v.covers(version)]
             if len(covering) > 1:
                 raise PatcherError(
                     ExitCode.USAGE, f"patch {patch_id!r} of {self.directory / SERIES_FILE} is ambiguous for "
@@ -275,7 +280,7 @@ def _overlap(a: PatchSpec, b: PatchSpec) -> bool:
     """
     if a.versions == b.versions:
         return True
-    return any(a.versions.contains(v, prereleases=True) and b.versions.contains(v, prereleases=True)
+    return any(a.covers(v) and b.covers(v)
                for v in _boundaries(a.versions) | _boundaries(b.versions))
 
 
