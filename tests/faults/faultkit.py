@@ -6,6 +6,7 @@ edits to those real files), so the scenarios do not depend on the shipped patche
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -87,3 +88,9 @@ def states(site: Path, patches: Path) -> list[str]:
     result = cli("status", "--site", site, "--patches", patches, "--json")
     assert result.code == 0, result.stdout + result.stderr
     return [p["state"] for p in result.json()["patches"]]
+
+
+def wait_stopped(process: subprocess.Popen) -> None:
+    """Wait until PROCESS stops itself at its pause checkpoint (test-only SIGSTOP hook)."""
+    _, status = os.waitpid(process.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "the paused run ended instead of stopping at its checkpoint"

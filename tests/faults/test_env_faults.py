@@ -10,13 +10,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from faultkit import (DISPATCH, OMNI_PIPELINE, PAUSE_ENV, STATE, SUMMARY, changed, cli, debris, fault_set, run,
-                      spawn, states, tree)
+                      spawn, states, tree, wait_stopped)
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 from support.tree import snapshot
 
@@ -126,16 +125,11 @@ def test_disk_full_at_every_stage_refuses_cleanly(tmp_path: Path, mounts):
     assert len(set(failures.values())) >= 2, "ENOSPC should hit more than one stage"
 
 
-def _wait_stopped(process: subprocess.Popen) -> None:
-    _, status = os.waitpid(process.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status), "the paused run ended instead of stopping at its checkpoint"
-
-
 def test_second_apply_refused_while_first_holds_the_lock(site: Path, tmp_path: Path):
     patches = fault_set(site, tmp_path / "set")
     first = spawn("apply", "--site", site, "--patches", patches, env={PAUSE_ENV: "file-2-written"})
     try:
-        _wait_stopped(first)
+        wait_stopped(first)
         midway = snapshot(site)
         second = run("apply", "--site", site, "--patches", patches)
         assert second.code == 7
