@@ -5,13 +5,17 @@ CACHE ?= $(HOME)/.cache/ernie-patcher
 export ERNIE_PATCHER_CACHE := $(CACHE)
 
 VENV := .venv
-TORCH_VENV := $(CACHE)/venv-torch-$(shell cat tests/requirements-torch.txt | sha256sum | cut -c1-12)
-SP_VENV := $(CACHE)/venv-sp-$(shell cat tests/requirements-sp.txt | sha256sum | cut -c1-12)
+# The sequence-parallel tier runs on each vllm-omni release named by tests/sp/requirements/vllm-omni-X.txt
+# (the release, its vllm and its diffusers); `make test` runs the oldest and the newest, and
+# `make test-sp-matrix` every one.
+SP_REQS := $(wildcard tests/sp/requirements/vllm-omni-*.txt)
+SP_RELEASES := $(shell printf '%s\n' $(SP_REQS:tests/sp/requirements/vllm-omni-%.txt=%) | sort -V)
+SP_EDGES := $(firstword $(SP_RELEASES)) $(lastword $(SP_RELEASES))
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test test-core test-numerics test-sp bench matrix clean
+.PHONY: demo test test-core test-numerics test-sp test-sp-matrix bench matrix clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,18 +23,8 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 # Heavy tiers live in cached environments named by the hash of their requirement files and built
-# once: no file-time prerequisite, so a fresh clone (new mtimes) reuses what is cached.
-$(TORCH_VENV)/.ready:
-	rm -rf $(TORCH_VENV) $(TORCH_VENV).tmp
-	$(PYTHON) -m venv $(TORCH_VENV).tmp
-	$(TORCH_VENV).tmp/bin/pip install -q --disable-pip-version-check -r tests/requirements-torch.txt
-	mv $(TORCH_VENV).tmp $(TORCH_VENV) && touch $@
-
-$(SP_VENV)/.ready:
-	rm -rf $(SP_VENV) $(SP_VENV).tmp
-	$(PYTHON) -m venv $(SP_VENV).tmp
-	$(SP_VENV).tmp/bin/pip install -q --disable-pip-version-check -r tests/requirements-sp.txt
-	mv $(SP_VENV).tmp $(SP_VENV) && touch $@
+# once (tests/tier_env.sh): no file-time prerequisite, so a fresh clone reuses what is cached.
+tier_env = $$(PYTHON=$(PYTHON) bash tests/tier_env.sh $(1))
 
 demo: $(VENV)/.ready
 	$(VENV)/bin/python bench/demo.py
@@ -40,11 +34,20 @@ test: test-core test-numerics test-sp
 test-core: $(VENV)/.ready
 	$(call pytest,$(VENV)/bin/python,tests/engine $(wildcard tests/faults) $(wildcard tests/authoring))
 
-test-numerics: $(TORCH_VENV)/.ready
-	$(call pytest,PYTHONPATH=$(CURDIR) $(TORCH_VENV)/bin/python,tests/numerics)
+test-numerics:
+	venv=$(call tier_env,torch tests/requirements-torch.txt) && \
+	$(call pytest,PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/numerics)
 
-test-sp: $(SP_VENV)/.ready
-	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $(SP_VENV)/bin/python,tests/sp)
+test-sp: $(addprefix test-sp-,$(sort $(SP_EDGES)))
+
+test-sp-matrix: $(addprefix test-sp-,$(SP_RELEASES))
+
+# One release's SP tier: its cached environment (built on first use; environments no current
+# requirement file names are removed), then the tier's tests on that release.
+test-sp-%:
+	@test -f tests/sp/requirements/vllm-omni-$*.txt || { echo "error: no tests/sp/requirements/vllm-omni-$*.txt" >&2; exit 2; }
+	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && \
+	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/sp)
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/python bench/startup.py

@@ -10,6 +10,10 @@ patched files (they must pass) and on the pristine release (they must fail). Eac
 of a patch (entries sharing an id) gets its own row, all assessed against the same files; the next
 patch is planned on top of the variant that `apply` would use.
 
+The vllm-omni table also gets a numerics row per release: what the sequence-parallel tier last
+measured on that release's own stack (`make test-sp-matrix`, or `make test-sp-X.Y.Z` for one),
+read from the results files the tier writes under ~/.cache/ernie-patcher/sp-results.
+
     python bench/version_matrix.py [--patches DIR] [--out bench/MATRIX.md]
 
 Needs network access to the package index the first time; not part of `make test`.
@@ -17,6 +21,7 @@ Needs network access to the package index the first time; not part of `make test
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -43,6 +48,7 @@ from ernie_patcher.series import PatchSpec, Series, load_series  # noqa: E402
 CACHE = Path(os.environ.get("ERNIE_PATCHER_CACHE", Path.home() / ".cache" / "ernie-patcher"))
 WHEELS = CACHE / "wheels"
 UNPACKED = CACHE / "matrix"
+SP_RESULTS = CACHE / "sp-results"
 RANGES = {"diffusers": ("0.38.0", "0.42.1"), "vllm-omni": ("0.20.0", "0.30.0")}
 
 
@@ -183,6 +189,27 @@ def _probes(spec: PatchSpec, root: Path, working: dict[Path, bytes | None]) -> t
     return passed, len(spec.probes)
 
 
+def sp_numerics(version: str) -> str:
+    """One release's SP tier figures, from its results file; 'not measured' without one."""
+    path = SP_RESULTS / f"vllm-omni-{version}.json"
+    if not path.is_file():
+        return "not measured"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    figures = record["figures"]
+    passed = record["collected"] - record["failed"]
+    verdict = "✅ " if record["failed"] == 0 else "❌ "
+    parts = [f"{passed}/{record['collected']} pass (vllm {record['stack']['vllm']}, diffusers {record['stack']['diffusers']})"]
+    runs = [("SP=2", "patched-sp2"), ("SP=4", "patched-sp4"), ("CFG2×SP2", "patched-cfg2-sp2")]
+    measured = [f"{label} {figures[key]:.1g}" for label, key in runs if key in figures]
+    if measured:
+        parts.append("max abs diff vs one device: " + ", ".join(measured))
+    if "cache-dit-sp2" in figures:
+        parts.append(f"cache-dit SP=2 vs SP=1 {figures['cache-dit-sp2']:.1g}")
+    else:
+        parts.append("no cache-dit adapter")
+    return verdict + "; ".join(parts) + f" ({record['measured']})"
+
+
 def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], elapsed: float) -> str:
     lines = [f"# Version matrix of the patch set `{series.name}`", "",
              "Produced by `python bench/version_matrix.py` from the real wheels (`pip download --no-deps`) of "
@@ -211,6 +238,9 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
                     notes.append(f"- {label} on {package} {version}: {failing_pristine} probe(s) already "
                                  "pass on the pristine release (a probe that cannot fail)")
             lines.append(f"| {label} | `{spec.tested}` | " + " | ".join(row) + " |")
+        if package == "vllm-omni":
+            lines.append("| SP numerics (`make test-sp-matrix`) | fp32, ≤ 1e-5 | "
+                         + " | ".join(sp_numerics(v) for v in versions) + " |")
         lines.append("")
     if notes:
         lines += ["## Why a cell is not ✅", ""] + notes + [""]

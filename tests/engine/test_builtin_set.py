@@ -1,8 +1,11 @@
-"""The built-in patch set against the real diffusers 0.38.0 and vllm-omni 0.20.0 files, and its diffusers
-0.41+ variant against the real diffusers 0.41.0 and 0.42.1."""
+"""The built-in patch set against the real diffusers 0.38.0 and vllm-omni 0.20.0 files, its diffusers
+0.41+ variant against the real diffusers 0.41.0 and 0.42.1, its vllm-omni 0.30 variant against the real
+vllm-omni 0.30.0, and the whole set's lifecycle on every vllm-omni release with the diffusers it pins."""
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -11,15 +14,19 @@ import pytest
 from support.cli import cli
 from ernie_patcher.probes import run_probe
 from ernie_patcher.series import load_series
-from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
+from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target, wheel
 from support.tree import file_record_digest, record_sha256, snapshot
 
 SERIES = load_series()
 VARIANT = "diffusers_attention_dispatch.v0_41.patch"
+OMNI_VARIANT = "vllm_omni_ernie_image_transformer.v0_30.patch"
 NEWER_DIFFUSERS = ("diffusers", "0.42.1")
-# The release each entry is proven on: BRIEF section 2's targets, the 0.41+ variant the top of its range.
-RELEASES = {spec.file: ((NEWER_DIFFUSERS,) if spec.file == VARIANT else (DIFFUSERS, VLLM_OMNI))
+NEWER_OMNI = ("vllm-omni", "0.30.0")
+# The release each entry is proven on: BRIEF section 2's targets, each variant the top of its range.
+RELEASES = {spec.file: {VARIANT: (NEWER_DIFFUSERS,), OMNI_VARIANT: (NEWER_OMNI,)}.get(spec.file, (DIFFUSERS, VLLM_OMNI))
             for spec in SERIES.patches}
+# Every published vllm-omni release the set supports (the README's version matrix).
+OMNI_RELEASES = ("0.20.0", "0.22.0", "0.24.0", "0.26.0", "0.28.0", "0.30.0")
 PROBES = [(patch.file, index) for patch in SERIES.patches for index in range(len(patch.probes))]
 DIST_INFO = {"diffusers": "diffusers-0.38.0.dist-info", "vllm-omni": "vllm_omni-0.20.0.dist-info"}
 PRISTINE_RECORD = {  # BRIEF section 2, from the wheels' RECORD files
@@ -142,5 +149,31 @@ def test_builtin_lifecycle_with_the_variant_is_byte_exact(tmp_path: Path):
     manifest = json.loads((site / ".ernie-patcher" / "manifest.json").read_text())
     assert manifest["patches"]["diffusers-attention"]["patch_sha256"] == _spec(VARIANT).digest()
     assert cli("verify", "--site", site, *only).code == 0
+    assert cli("revert", "--site", site).code == 0
+    assert snapshot(site) == before
+
+
+def pinned_diffusers(omni_version: str) -> tuple[str, str]:
+    """The diffusers release a vllm-omni wheel pins (Requires-Dist: diffusers==X); BRIEF section 2's
+    0.38.0 for a release that only sets a lower bound (0.20.0)."""
+    with zipfile.ZipFile(wheel("vllm-omni", omni_version)) as archive:
+        metadata = archive.read(f"vllm_omni-{omni_version}.dist-info/METADATA").decode()
+    pin = re.search(r"^Requires-Dist: diffusers==([\w.]+)\s*$", metadata, re.MULTILINE)
+    return ("diffusers", pin.group(1) if pin else DIFFUSERS[1])
+
+
+@pytest.mark.parametrize("omni_version", OMNI_RELEASES)
+def test_lifecycle_on_each_vllm_omni_release_with_its_diffusers(tmp_path: Path, omni_version: str):
+    """Apply without --allow-untested, verify, revert byte-exact: the whole set on each release's real files."""
+    releases = (pinned_diffusers(omni_version), ("vllm-omni", omni_version))
+    site = install_target(tmp_path / "site", *releases)
+    before = snapshot(site)
+    applied = cli("apply", "--site", site, "--json")
+    assert applied.code == 0, applied.stdout + applied.stderr
+    rows = {p["id"]: p for p in applied.json()["patches"]}
+    assert {i: (r["state"], r["untested"]) for i, r in rows.items()} == {i: ("applied", False) for i in SERIES.ids}
+    expected = OMNI_VARIANT if omni_version == NEWER_OMNI[1] else "vllm_omni_ernie_image_transformer.patch"
+    assert rows["omni-sp-transformer"]["file"] == expected
+    assert cli("verify", "--site", site).code == 0
     assert cli("revert", "--site", site).code == 0
     assert snapshot(site) == before

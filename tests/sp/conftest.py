@@ -1,18 +1,23 @@
-"""Fixtures of the sequence-parallel tier: real vllm-omni 0.20.0 trees and multi-process gloo runs.
+"""Fixtures of the sequence-parallel tier: real vllm-omni trees and multi-process gloo runs.
 
-vllm-omni is never imported by the test process itself. Each tree is a fresh
-`pip install --no-deps --target` of the real wheel (tests/support/realpkgs.py), pristine or
-patched, and each run starts WORLD_SIZE worker processes (tests/sp/sp_worker.py) over gloo on
-127.0.0.1 with that tree first on PYTHONPATH, ahead of the environment's own vllm-omni.
-Runs are session fixtures: several tests read the same run.
+The tier runs in one cached environment per vllm-omni release (tests/sp/requirements/): the
+release under test is the vllm-omni that environment has installed, with the vllm and diffusers
+it was installed with. vllm-omni is never imported by the test process itself. Each tree is a
+fresh `pip install --no-deps --target` of that release's real wheel (tests/support/realpkgs.py),
+pristine or patched, and each run starts WORLD_SIZE worker processes (tests/sp/sp_worker.py)
+over gloo on 127.0.0.1 with that tree first on PYTHONPATH, ahead of the environment's own
+vllm-omni. Runs are session fixtures: several tests read the same run.
 
-ERNIE_SP_PATCHES (comma-separated patch file names) applies only those patches to the
-"patched" tree, to show which tests depend on which patch.
+ERNIE_SP_PATCHES (comma-separated patch ids) applies only those patches to the "patched" tree,
+to show which tests depend on which patch.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
+from importlib.metadata import PackageNotFoundError, version
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -21,16 +26,13 @@ from typing import Any, Sequence
 
 import pytest
 
-from tests.support.realpkgs import VLLM_OMNI, install_target
+from tests.support.realpkgs import CACHE, install_target
 
-REPO = Path(__file__).resolve().parents[2]
-PATCHES = REPO / "patches"
 WORKER = Path(__file__).resolve().parent / "sp_worker.py"
-OMNI_PATCHES = (
-    "vllm_omni_pipeline_ernie_image.patch",
-    "vllm_omni_ulysses_attention.patch",
-    "vllm_omni_ernie_image_transformer.patch",
-)
+OMNI_PATCHES = ("omni-latent-sync", "omni-ulysses", "omni-sp-transformer")
+RESULTS = CACHE / "sp-results"
+"""One JSON file per release with the figures its last SP tier run measured (bench/version_matrix.py reads them)."""
+FIGURES: dict[str, Any] = {}
 LAUNCH_TIMEOUT_S = 420
 TAIL_CHARS = 4000
 
@@ -42,31 +44,62 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     if os.environ.get("ERNIE_PATCHER_TIER") == "sp":
         raise pytest.UsageError(f"the SP tier's environment is broken (missing: {', '.join(missing)})")
-    marker = pytest.mark.skip(reason=f"SP tier needs tests/requirements-sp.txt (missing: {', '.join(missing)})")
+    marker = pytest.mark.skip(
+        reason=f"SP tier needs an environment from tests/sp/requirements/ (missing: {', '.join(missing)})"
+    )
     here = Path(__file__).resolve().parent
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(marker)
 
 
-def apply_patches(site: Path, patch_files: Sequence[Path]) -> None:
-    """Apply PATCH_FILES to the install tree SITE with the project's own engine, all or nothing
-    (the one place this tier applies patches), and check that every one of them is applied."""
-    from ernie_patcher.engine import Target, apply
-    from ernie_patcher.series import load_series
+def omni_release() -> tuple[str, str]:
+    """The vllm-omni release under test: the one this tier's environment has installed."""
+    try:
+        return ("vllm-omni", version("vllm-omni"))
+    except PackageNotFoundError:
+        raise pytest.UsageError("the SP tier's environment has no vllm-omni installed") from None
 
-    by_file = {spec.path.resolve(): spec.id for spec in load_series().patches}
-    ids = tuple(by_file[Path(p).resolve()] for p in patch_files)
-    report = apply(Target(site=site), only=ids)
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, Any]:
+    """Measured figures a test wants in the release's results file (name -> JSON value)."""
+    return FIGURES
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write this release's measured figures and the run's outcome to RESULTS (SP tier runs only)."""
+    if os.environ.get("ERNIE_PATCHER_TIER") != "sp" or not FIGURES:
+        return
+    release = version("vllm-omni")
+    record = {
+        "vllm-omni": release,
+        "stack": {name: version(name) for name in ("vllm", "diffusers", "torch", "transformers")},
+        "collected": session.testscollected,
+        "failed": session.testsfailed,
+        "selection": [str(arg) for arg in session.config.args] + session.config.option.keyword.split(),
+        "measured": time.strftime("%Y-%m-%d", time.gmtime()),
+        "figures": FIGURES,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"vllm-omni-{release}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def apply_patches(site: Path, patch_ids: Sequence[str]) -> None:
+    """Apply the patches PATCH_IDS to the install tree SITE with the project's own engine, all or
+    nothing, without --allow-untested (the one place this tier applies patches): the release
+    must be inside each patch's declared range, and the engine picks the variant for it."""
+    from ernie_patcher.engine import Target, apply
+
+    report = apply(Target(site=site), only=tuple(patch_ids))
     if report.error is not None:
         raise RuntimeError(f"ernie-patch apply failed: {report.error.reason}")
-    assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(ids)
+    assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(patch_ids)
 
 
-def selected_patches() -> list[Path]:
+def selected_patches() -> list[str]:
     names = os.environ.get("ERNIE_SP_PATCHES")
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names is not None else list(OMNI_PATCHES)
-    return [PATCHES / name for name in chosen]
+    return [n.strip() for n in names.split(",") if n.strip()] if names is not None else list(OMNI_PATCHES)
 
 
 def free_port() -> int:
@@ -119,12 +152,12 @@ def launch(site: Path, out: Path, world_size: int, *worker_args: str) -> list[di
 
 @pytest.fixture(scope="session")
 def pristine_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_target(tmp_path_factory.mktemp("omni") / "pristine", VLLM_OMNI)
+    return install_target(tmp_path_factory.mktemp("omni") / "pristine", omni_release())
 
 
 @pytest.fixture(scope="session")
 def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    site = install_target(tmp_path_factory.mktemp("omni") / "patched", VLLM_OMNI)
+    site = install_target(tmp_path_factory.mktemp("omni") / "patched", omni_release())
     apply_patches(site, selected_patches())
     return site
 
@@ -133,8 +166,8 @@ def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, pristine_site: Path, patched_site: Path):
     """runs(name) -> per-rank results of one named multi-process run, started on first use."""
     plans: dict[str, tuple[Path, int, tuple[str, ...]]] = {
-        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", "npu,cuda", "--latents")),
-        "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", "npu,cuda", "--latents", "--pipeline")),
+        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", "npu,cuda", "--latents", "--cache-dit")),
+        "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", "npu,cuda", "--latents", "--pipeline", "--cache-dit")),
         "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", "npu,cuda")),
         "patched-cfg2-sp2": (patched_site, 4, ("--sp", "2", "--cfg", "2", "--modes", "npu", "--latents", "--pipeline")),
         "pristine-sp1": (pristine_site, 1, ("--sp", "1", "--modes", "cuda")),

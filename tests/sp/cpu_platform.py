@@ -48,7 +48,8 @@ class CpuTestPlatform(OmniPlatform):
         return None
 
     @classmethod
-    def get_diffusion_attn_backend_cls(cls, selected_backend: str | None, head_size: int) -> str:
+    def get_diffusion_attn_backend_cls(cls, selected_backend: str | None, head_size: int, **kwargs: object) -> str:
+        """SDPA whatever is asked; later releases pass extra hints (e.g. allow_trtllm_default)."""
         return SDPA_BACKEND
 
 

@@ -29,13 +29,25 @@ import vllm_omni  # noqa: E402
 from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniDiffusionConfig  # noqa: E402
 from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
 from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E402
-from vllm_omni.diffusion.hooks import enable_sequence_parallel_for_model  # noqa: E402
+from vllm_omni.diffusion import registry as model_registry  # noqa: E402
 from vllm_omni.diffusion.models.ernie_image import pipeline_ernie_image  # noqa: E402
 from vllm_omni.diffusion.models.ernie_image.ernie_image_transformer import (  # noqa: E402
     ErnieImageTransformer2DModel,
 )
 
 ULYSSES_MODULE = "vllm_omni.diffusion.models.ernie_image.ulysses_attention"
+CACHE_DIT_STEPS = 8
+# A residual-diff threshold the tiny random model always stays under, so cache-dit reuses the
+# last layer's residual on every step its warm-up and continuity limits allow, on every rank alike:
+# vllm-omni does not mark its sequence-parallel transformer as parallelized for cache-dit, so each
+# rank would otherwise decide from the diff of its own tokens.
+CACHE_DIT_CONFIG = {
+    "Fn_compute_blocks": 1,
+    "Bn_compute_blocks": 0,
+    "max_warmup_steps": 2,
+    "residual_diff_threshold": 10.0,
+    "max_continuous_cached_steps": 2,
+}
 SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
@@ -46,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default="", help="comma list of platforms to run the transformer on: npu,cuda")
     parser.add_argument("--latents", action="store_true", help="check the SP latent broadcast")
     parser.add_argument("--pipeline", action="store_true", help="run one ErnieImagePipeline step (NPU)")
+    parser.add_argument("--cache-dit", action="store_true", help="run the pipeline with cache-dit enabled (NPU)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -170,12 +183,12 @@ def recording(trace: dict[str, Any]) -> Iterator[None]:
 
 
 def build_transformer(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> ErnieImageTransformer2DModel:
-    """Construct and enable SP the way the model loader does, inside a loading context."""
+    """Construct the model and enable SP with the model loader's own step (it reads the
+    transformer's `_sp_plan` and installs the split/gather hooks), inside a loading context."""
     with omni_context(vllm_config, od_config):
         model = ErnieImageTransformer2DModel(od_config=od_config, **TINY_CONFIG)
         fixed_weights(model)
-        if od_config.parallel_config.sequence_parallel_size > 1:
-            enable_sequence_parallel_for_model(model)
+        model_registry._apply_sequence_parallel_if_enabled(SimpleNamespace(transformer=model), od_config)
     return model.eval()
 
 
@@ -216,12 +229,10 @@ def latent_noop_without_distributed() -> dict[str, Any]:
     return {"missing": False, "same_object": broadcast(latents) is latents}
 
 
-def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> torch.Tensor:
-    """Latents after one ErnieImagePipeline.forward step, with no seed: each rank draws its own noise.
-
-    The pipeline is assembled around the tiny transformer (no text encoder or VAE to load);
-    encode_prompt returns fixed embeddings: "" (negative) 3 tokens, "tiny" 6 tokens.
-    """
+def tiny_pipeline(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> Any:
+    """An ErnieImagePipeline assembled around the tiny transformer on the NPU path (no text
+    encoder or VAE to load); encode_prompt returns fixed embeddings: "" (negative) 3 tokens,
+    "tiny" 6 tokens."""
     from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     cpu_platform.set_npu(PLATFORM, True)
@@ -233,24 +244,63 @@ def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionCo
     pipeline.is_distilled = False
     pipeline._execution_device = torch.device("cpu")
     pipeline.set_progress_bar_config(disable=True)
-    sampling = SimpleNamespace(
-        height=GRID[0] * 16,
-        width=GRID[1] * 16,
-        num_inference_steps=1,
-        guidance_scale=4.0,
-        generator=None,
-        num_outputs_per_prompt=1,
-        extra_args={},
-    )
     text, lens = tiny_text()
     embeddings = {"": text[0, : int(lens[0])], "tiny": text[1, : int(lens[1])]}
     pipeline.encode_prompt = lambda prompts, *args, **kwargs: [embeddings[p] for p in prompts]
-    torch.manual_seed(1000 + rank)
+    return pipeline
+
+
+def denoise(
+    pipeline: Any, vllm_config: VllmConfig, od_config: OmniDiffusionConfig, steps: int, generator: Any
+) -> torch.Tensor:
+    """The latents ErnieImagePipeline.forward returns after STEPS steps (CFG, guidance 4)."""
+    sampling = SimpleNamespace(
+        height=GRID[0] * 16,
+        width=GRID[1] * 16,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=generator,
+        num_outputs_per_prompt=1,
+        extra_args={},
+    )
     with omni_context(vllm_config, od_config), torch.no_grad():
         result = pipeline.forward(
             SimpleNamespace(prompts=["tiny"], sampling_params=sampling), negative_prompt="", output_type="latent"
         )
     return result.output
+
+
+def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> torch.Tensor:
+    """Latents after one ErnieImagePipeline.forward step, with no seed: each rank draws its own noise."""
+    pipeline = tiny_pipeline(vllm_config, od_config)
+    torch.manual_seed(1000 + rank)
+    return denoise(pipeline, vllm_config, od_config, steps=1, generator=None)
+
+
+def cached_denoise(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
+    """CACHE_DIT_STEPS steps with cache-dit enabled the way vllm-omni's model runner does it
+    (the cache backend's enable() on the pipeline, which reads the transformer's
+    _cache_dit_adapter_config, then refresh() per request), from the same seeded noise on every
+    rank. Returns the final latents and, per layer, how often its attention ran: with
+    Fn_compute_blocks=1 the first layer runs every step and the last one only when cache-dit
+    does not reuse its residual, so fewer calls there show that caching took place."""
+    if getattr(ErnieImageTransformer2DModel, "_cache_dit_adapter_config", None) is None:
+        return {"supported": False}
+    from vllm_omni.diffusion.cache.selector import get_cache_backend
+
+    pipeline = tiny_pipeline(vllm_config, od_config)
+    backend = get_cache_backend("cache_dit", dict(CACHE_DIT_CONFIG))
+    layer_of = {id(layer.self_attention): index for index, layer in enumerate(pipeline.transformer.layers)}
+    trace: dict[str, Any] = {}
+    with omni_context(vllm_config, od_config):
+        backend.enable(pipeline)
+        backend.refresh(pipeline, CACHE_DIT_STEPS, verbose=False)
+    with recording(trace):
+        latents = denoise(pipeline, vllm_config, od_config, CACHE_DIT_STEPS, torch.Generator().manual_seed(2024))
+    calls = [0] * len(layer_of)
+    for attn, _ in trace["processor_calls"]:
+        calls[layer_of[attn]] += 1
+    return {"supported": True, "latents": latents, "layer_calls": calls}
 
 
 def main() -> None:
@@ -269,6 +319,8 @@ def main() -> None:
         result[mode] = run_transformer(mode == "npu", vllm_config, od_config)
     if args.pipeline:
         result["pipeline_latents"] = pipeline_step(rank, vllm_config, od_config)
+    if args.cache_dit:
+        result["cache_dit"] = cached_denoise(vllm_config, od_config)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()

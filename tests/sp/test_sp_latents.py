@@ -27,7 +27,7 @@ def test_noop_with_a_single_rank_sp_group(runs) -> None:
 
 
 @pytest.mark.parametrize("run_name", sorted(EXPECTED_SP_GROUPS))
-def test_ranks_take_the_latents_of_their_sp_groups_first_rank(runs, run_name: str) -> None:
+def test_ranks_take_the_latents_of_their_sp_groups_first_rank(runs, figures, run_name: str) -> None:
     ranks = runs(run_name)
     assert [rank["sp_ranks"] for rank in ranks] == EXPECTED_SP_GROUPS[run_name]
     inputs = [rank["latents"]["input"] for rank in ranks]
@@ -36,6 +36,7 @@ def test_ranks_take_the_latents_of_their_sp_groups_first_rank(runs, run_name: st
         first = rank["sp_ranks"][0]
         assert torch.equal(rank["latents"]["output"], inputs[first])
         assert rank["latents"]["input_untouched"]
+    figures[f"{run_name}-latent-groups"] = [rank["sp_ranks"] for rank in ranks]
     print(f"{run_name}: max abs diff to the SP group's first rank: "
           f"{max(float((r['latents']['output'] - inputs[r['sp_ranks'][0]]).abs().max()) for r in ranks)}")
 

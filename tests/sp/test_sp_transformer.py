@@ -30,12 +30,14 @@ def test_the_sp_runs_need_padding() -> None:
 
 
 @pytest.mark.parametrize("run_name", ["patched-sp2", "patched-sp4", "patched-cfg2-sp2"])
-def test_npu_sequence_parallel_output_equals_single_device(runs, run_name: str) -> None:
+def test_npu_sequence_parallel_output_equals_single_device(runs, figures, run_name: str) -> None:
     reference = runs("pristine-sp1")[0]["cuda"]["output"]
     npu_single = runs("patched-sp1")[0]["npu"]["output"]
-    assert max_abs_diff(npu_single, reference) <= TOLERANCE
+    figures["patched-sp1"] = max_abs_diff(npu_single, reference)
+    assert figures["patched-sp1"] <= TOLERANCE
     diffs = [max_abs_diff(rank["npu"]["output"], reference) for rank in runs(run_name)]
     print(f"{run_name}: max abs diff vs single device, per rank: {diffs}")
+    figures[run_name] = max(diffs)
     assert max(diffs) <= TOLERANCE
 
 
@@ -66,11 +68,12 @@ def test_npu_path_runs_ulysses_processor_in_every_layer(runs, run_name: str, sp_
 
 
 @pytest.mark.parametrize("run_name,pristine_name", [("patched-sp1", "pristine-sp1"), ("patched-sp2", "pristine-sp2")])
-def test_non_npu_path_is_unchanged(runs, run_name: str, pristine_name: str) -> None:
+def test_non_npu_path_is_unchanged(runs, figures, run_name: str, pristine_name: str) -> None:
     for patched, pristine in zip(runs(run_name), runs(pristine_name)):
         assert patched["cuda"]["processor_calls"] == []
         assert patched["cuda"]["sp_hooks"] == pristine["cuda"]["sp_hooks"]
         assert patched["cuda"]["all_to_all"] == pristine["cuda"]["all_to_all"]
         diff = max_abs_diff(patched["cuda"]["output"], pristine["cuda"]["output"])
         print(f"{run_name} non-NPU vs unpatched: max abs diff {diff}")
+        figures[f"{run_name}-non-npu-vs-unpatched"] = diff
         assert diff == 0.0
