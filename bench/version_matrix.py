@@ -196,9 +196,10 @@ def sp_numerics(version: str) -> str:
         return "not measured"
     record = json.loads(path.read_text(encoding="utf-8"))
     figures = record["figures"]
-    passed = record["collected"] - record["failed"]
-    verdict = "✅ " if record["failed"] == 0 else "❌ "
-    parts = [f"{passed}/{record['collected']} pass (vllm {record['stack']['vllm']}, diffusers {record['stack']['diffusers']})"]
+    outcomes = record["outcomes"]
+    verdict = "✅ " if record["failed"] == 0 and outcomes["passed"] else "❌ "
+    counted = f"{outcomes['passed']} passed, {outcomes['failed']} failed, {outcomes['skipped']} skipped"
+    parts = [f"{counted} (vllm {record['stack']['vllm']}, diffusers {record['stack']['diffusers']})"]
     runs = [("SP=2", "patched-sp2"), ("SP=4", "patched-sp4"), ("CFG2×SP2", "patched-cfg2-sp2")]
     measured = [f"{label} {figures[key]:.1g}" for label, key in runs if key in figures]
     if measured:

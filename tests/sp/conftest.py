@@ -72,11 +72,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("ERNIE_PATCHER_TIER") != "sp" or not FIGURES:
         return
     release = version("vllm-omni")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = getattr(reporter, "stats", {})
+    outcomes = {kind: len({report.nodeid for report in stats.get(kind, [])}) for kind in ("passed", "failed", "skipped")}
     record = {
         "vllm-omni": release,
         "stack": {name: version(name) for name in ("vllm", "diffusers", "torch", "transformers")},
         "collected": session.testscollected,
         "failed": session.testsfailed,
+        "outcomes": outcomes,
         "selection": [str(arg) for arg in session.config.args] + session.config.option.keyword.split(),
         "measured": time.strftime("%Y-%m-%d", time.gmtime()),
         "figures": FIGURES,
