@@ -15,19 +15,21 @@ MindIE-SD API reference, "attention_forward" (docs/en/features/core_layers.md; M
       mask given with it would be silently dropped. The reference refuses a mask with that op_type so a
       caller relying on it is caught. Its supported shapes are head_dim <= 128 and, for
       self-attention, seq_len >= 4000 (MindIE-SD's AscendLaserAttention.is_supported_shape).
-    - ascend_laser_attention takes float16 and bfloat16 only: MindIE-SD's AscendLaserAttention declares
-      `supported_dtype = [torch.float16, torch.bfloat16]`, and MindIE-SD raises its ParametersInvalid
-      (mindiesd.utils.exception) for any other dtype instead of falling back to another operator. The
-      reference raises ParametersInvalid (a ValueError here) for a float32 or any other query, key or value.
+    - ascend_laser_attention takes float16 and bfloat16 only: the operator class MindIE-SD registers
+      under that name (AscendLaserAttention, mindiesd/layers/flash_attn/) declares
+      `supported_dtype = [torch.float16, torch.bfloat16]`, and a float32 call raises MindIE-SD's
+      ParametersInvalid (mindiesd.utils.exception) instead of falling back to another operator (issue #10).
+      The reference raises ParametersInvalid (a ValueError here) for a float32 or any other query, key or
+      value.
 
 Numerics: softmax(scale * q @ k^T) @ v in float32, returned in the input dtype. On the laser route the
-inputs first go through MindIE-SD's `AscendLaserAttention.la_preprocess_input` ("if query.dtype !=
-torch.float16: query, key, value = ....to(torch.float16)", then zero padding of the sequence to a
-multiple of 256 and of head_dim to 128, which the kernel never attends to past the real lengths), and
-the output through `la_postprocess_output` ("attention_out.to(torch.float16).to(dtype)", cropped back).
-The reference models both casts: bfloat16 inputs are rounded to float16 (values beyond float16's range,
-|x| > 65504, become inf as they would on the NPU), the float16 output is cast back to bfloat16. The
-kernel's own accumulation order is not modelled (float32 here).
+inputs first go through `AscendLaserAttention.la_preprocess_input`: query, key and value are cast to
+float16 when they are not float16, then zero-padded (sequence to a multiple of 256, head_dim to 128;
+the padded keys are excluded through pre_tokens, so the padding does not change the result and is not
+modelled). The output goes through `la_postprocess_output`: cast to float16, then to the input dtype,
+and cropped back. The reference models both casts: bfloat16 inputs are rounded to float16 (values
+beyond float16's range, |x| > 65504, become inf as they would on the NPU) and the float16 output is
+cast back to bfloat16. The kernel's own accumulation order is not modelled (float32 here).
 """
 from __future__ import annotations
 
