@@ -114,17 +114,18 @@ def _start_worker(site: Path, scenario: str, output: Path) -> subprocess.Popen[s
 def model_runs(
     pristine_site: Path, patched_site: Path, tmp_path_factory: pytest.TempPathFactory, diffusers_version: str
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Worker results keyed by (tree, scenario), tree in {"pristine", "patched"}, scenario in {"cpu", "npu"}.
+    """Worker results keyed by (tree, scenario), tree in {"pristine", "patched"}, scenario in {"cpu", "npu"},
+    plus ("patched", "npu_bf16"): the patched NPU path in bfloat16.
 
-    The four workers run concurrently; each builds the same seeded tiny models (their weight digests
+    The five workers run concurrently; each builds the same seeded tiny models (their weight digests
     are compared by the tests).
     """
     out_dir = tmp_path_factory.mktemp(f"runs-{diffusers_version}")
     sites = {"pristine": pristine_site, "patched": patched_site}
+    runs = [(tree, scenario) for tree in sites for scenario in ("cpu", "npu")] + [("patched", "npu_bf16")]
     jobs = {
-        (tree, scenario): (_start_worker(site, scenario, out_dir / f"{tree}-{scenario}.pt"), out_dir / f"{tree}-{scenario}.pt")
-        for tree, site in sites.items()
-        for scenario in ("cpu", "npu")
+        (tree, scenario): (_start_worker(sites[tree], scenario, out_dir / f"{tree}-{scenario}.pt"), out_dir / f"{tree}-{scenario}.pt")
+        for tree, scenario in runs
     }
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for key, (process, output) in jobs.items():

@@ -7,6 +7,10 @@ the module global that diffusers' guarded `from torch_npu import npu_fusion_atte
 mindiesd through sys.modules, where the patch's lazy `from mindiesd import attention_forward` finds it.
 The references' device check is off here (these are routing and numerics tests on CPU tensors); the
 device check itself is exercised by test_model_numerics.py.
+
+The laser route takes float16 / bfloat16 only (the mindiesd reference raises ParametersInvalid on float32,
+as MindIE-SD does), so the tests that exercise it, or a reason other than dtype to avoid it, run in half
+precision; float32 must always reach npu_fusion_attention.
 """
 from __future__ import annotations
 
@@ -27,6 +31,20 @@ from packaging.version import Version
 from tests.numerics.reference import mindiesd_ref, torch_npu_ref
 
 FP32_TOLERANCE = 1e-6
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+# Unit roundoff (2^-significant bits) of the half dtypes.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _half_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """Bound for a half-precision route against fp32 attention on the same (already half) inputs.
+
+    What is left is rounding: bf16 -> fp16 is exact in fp16's normal range (8 significant bits into 11;
+    below it the absolute error is < 2^-24), so the laser route rounds the output once to fp16 (<= 2^-12
+    relative) and, for bf16, once more to bf16 (<= 2^-9); fusion attention rounds once to the input dtype.
+    u(dtype) * max |expected| covers each, plus the fp32 arithmetic's own 1e-6.
+    """
+    return UNIT_ROUNDOFF[dtype] * expected.abs().max().item() + FP32_TOLERANCE
 
 
 @pytest.fixture
@@ -41,17 +59,19 @@ def kernels(patched_dispatch: ModuleType, monkeypatch: pytest.MonkeyPatch) -> It
     patched_dispatch._mindiesd_attention_forward.cache_clear()
 
 
-def _qkv(seq_q: int, seq_kv: int, heads: int = 2, head_dim: int = 8, batch: int = 1) -> tuple[torch.Tensor, ...]:
+def _qkv(seq_q: int, seq_kv: int, heads: int = 2, head_dim: int = 8, batch: int = 1,
+         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal query, key and value, [B, S, N, D], drawn in fp32 and cast to DTYPE."""
     generator = torch.Generator().manual_seed(seq_q * 7 + seq_kv + head_dim)
     query = torch.randn(batch, seq_q, heads, head_dim, generator=generator)
     key = torch.randn(batch, seq_kv, heads, head_dim, generator=generator)
     value = torch.randn(batch, seq_kv, heads, head_dim, generator=generator)
-    return query, key, value
+    return tuple(t.to(dtype) for t in (query, key, value))
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """torch's SDPA on [B, S, N, D] tensors; a boolean mask is True where attended."""
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    """torch's SDPA on [B, S, N, D] tensors, in fp32; a boolean mask is True where attended."""
+    q, k, v = (t.float().transpose(1, 2) for t in (query, key, value))
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
@@ -218,42 +238,68 @@ def test_npu_mask_is_broadcast_and_inverted(patched_dispatch: ModuleType) -> Non
 # _native_npu_attention routing
 
 
-def test_laser_attention_for_supported_unmasked_self_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "kernel"),
+    [(torch.float32, "npu_fusion_attention"), (torch.bfloat16, "ascend_laser_attention"),
+     (torch.float16, "ascend_laser_attention")],
+    ids=["fp32", "bf16", "fp16"],
+)
+def test_laser_route_takes_half_precision_only(
+    patched_dispatch: ModuleType, kernels: tuple, dtype: torch.dtype, kernel: str
+) -> None:
+    """Unmasked [1, 4096, 2, 64] self-attention, laser-sized: MindIE-SD refuses fp32 on the laser route
+    (ParametersInvalid), so fp32 goes to npu_fusion_attention; bf16 and fp16 take laser attention."""
     torch_npu, mindiesd = kernels
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4096, 4096, head_dim=64, dtype=dtype)
     out = patched_dispatch._native_npu_attention(query, key, value)
-    assert mindiesd.calls == {"ascend_laser_attention": 1}
-    assert torch_npu.calls == {}
-    assert out.shape == query.shape
-    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+    assert dict(torch_npu.calls) | dict(mindiesd.calls) == {kernel: 1}
+    assert out.shape == query.shape and out.dtype == dtype
+    expected = _sdpa(query, key, value)
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else _half_tolerance(expected, dtype)
+    assert (out.float() - expected).abs().max().item() <= tolerance
 
 
-def test_laser_attention_passes_the_scale(patched_dispatch: ModuleType, kernels: tuple) -> None:
+def test_mixed_dtypes_never_go_to_laser_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    """A bf16 query with an fp32 value is not a laser call either: every one of query, key, value must be half."""
+    torch_npu, mindiesd = kernels
+    query, key, value = _qkv(4096, 4096, head_dim=64)
+    patched_dispatch._native_npu_attention(query.to(torch.bfloat16), key.to(torch.bfloat16), value)
+    assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+def test_laser_attention_passes_the_scale(patched_dispatch: ModuleType, kernels: tuple, dtype: torch.dtype) -> None:
     _, mindiesd = kernels
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=dtype)
     out = patched_dispatch._native_npu_attention(query, key, value, scale=0.05)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (query, key, value)), scale=0.05
+        *(t.float().transpose(1, 2) for t in (query, key, value)), scale=0.05
     ).transpose(1, 2)
     assert mindiesd.calls == {"ascend_laser_attention": 1}
-    assert (out - expected).abs().max().item() <= FP32_TOLERANCE
+    assert (out.float() - expected).abs().max().item() <= _half_tolerance(expected, dtype)
 
 
-def test_all_valid_mask_still_gets_laser_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+def test_all_valid_mask_still_gets_laser_attention(
+    patched_dispatch: ModuleType, kernels: tuple, dtype: torch.dtype
+) -> None:
     torch_npu, mindiesd = kernels
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=dtype)
     out = patched_dispatch._native_npu_attention(query, key, value, attn_mask=_padding_mask(1, 4000, [4000]))
     assert mindiesd.calls == {"ascend_laser_attention": 1} and torch_npu.calls == {}
-    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+    expected = _sdpa(query, key, value)
+    assert (out.float() - expected).abs().max().item() <= _half_tolerance(expected, dtype)
 
 
 def test_padding_mask_uses_fusion_attention_with_broadcast_mask(patched_dispatch: ModuleType, kernels: tuple) -> None:
+    """bf16, so the padding is the only reason not to take laser attention."""
     torch_npu, mindiesd = kernels
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=torch.bfloat16)
     mask = _padding_mask(1, 4000, [3900])
     out = patched_dispatch._native_npu_attention(query, key, value, attn_mask=mask)
     assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
-    assert (out - _sdpa(query, key, value, mask)).abs().max().item() <= FP32_TOLERANCE
+    expected = _sdpa(query, key, value, mask)
+    assert (out.float() - expected).abs().max().item() <= _half_tolerance(expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -264,11 +310,13 @@ def test_padding_mask_uses_fusion_attention_with_broadcast_mask(patched_dispatch
 def test_unsupported_shapes_use_fusion_attention(
     patched_dispatch: ModuleType, kernels: tuple, seq_q: int, seq_kv: int, head_dim: int
 ) -> None:
+    """bf16, so the shape is the only reason not to take laser attention."""
     torch_npu, mindiesd = kernels
-    query, key, value = _qkv(seq_q, seq_kv, head_dim=head_dim)
+    query, key, value = _qkv(seq_q, seq_kv, head_dim=head_dim, dtype=torch.bfloat16)
     out = patched_dispatch._native_npu_attention(query, key, value)
     assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
-    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+    expected = _sdpa(query, key, value)
+    assert (out.float() - expected).abs().max().item() <= _half_tolerance(expected, torch.bfloat16)
 
 
 def test_masked_batch_matches_sdpa(patched_dispatch: ModuleType, kernels: tuple) -> None:
@@ -284,8 +332,8 @@ def test_masked_batch_matches_sdpa(patched_dispatch: ModuleType, kernels: tuple)
 def test_supported_cross_attention_routes_to_laser(patched_dispatch: ModuleType, kernels: tuple) -> None:
     """Cross-attention in [118404, 119056]: routed on meta tensors (shapes only, nothing computed)."""
     torch_npu, mindiesd = kernels
-    query = torch.empty(1, 118404, 2, 128, device="meta")
-    key = value = torch.empty(1, 119056, 2, 128, device="meta")
+    query = torch.empty(1, 118404, 2, 128, device="meta", dtype=torch.bfloat16)
+    key = value = torch.empty(1, 119056, 2, 128, device="meta", dtype=torch.bfloat16)
     out = patched_dispatch._native_npu_attention(query, key, value)
     assert mindiesd.calls == {"ascend_laser_attention": 1} and torch_npu.calls == {}
     assert out.shape == query.shape
@@ -293,7 +341,7 @@ def test_supported_cross_attention_routes_to_laser(patched_dispatch: ModuleType,
 
 def test_dropout_never_goes_to_laser_attention(patched_dispatch: ModuleType, kernels: tuple) -> None:
     torch_npu, mindiesd = kernels
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError):  # the reference fusion attention has no dropout
         patched_dispatch._native_npu_attention(query, key, value, dropout_p=0.1)
     assert torch_npu.calls == {"npu_fusion_attention": 1} and mindiesd.calls == {}
@@ -302,10 +350,11 @@ def test_dropout_never_goes_to_laser_attention(patched_dispatch: ModuleType, ker
 def test_mindiesd_absent_falls_back(patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     torch_npu, _ = kernels
     monkeypatch.setitem(sys.modules, "mindiesd", None)  # `import mindiesd` now raises ModuleNotFoundError
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=torch.bfloat16)
     out = patched_dispatch._native_npu_attention(query, key, value)
     assert torch_npu.calls == {"npu_fusion_attention": 1}
-    assert (out - _sdpa(query, key, value)).abs().max().item() <= FP32_TOLERANCE
+    expected = _sdpa(query, key, value)
+    assert (out.float() - expected).abs().max().item() <= _half_tolerance(expected, torch.bfloat16)
 
 
 class _BrokenMindiesdFinder(importlib.abc.MetaPathFinder):
@@ -323,7 +372,7 @@ def test_mindiesd_broken_falls_back_with_one_warning(
     torch_npu, _ = kernels
     monkeypatch.delitem(sys.modules, "mindiesd")
     monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(4000, 4000, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING):
         patched_dispatch._native_npu_attention(query, key, value)
         patched_dispatch._native_npu_attention(query, key, value)
@@ -339,3 +388,52 @@ def test_mindiesd_is_not_imported_for_unsupported_shapes(
     query, key, value = _qkv(64, 64)
     patched_dispatch._native_npu_attention(query, key, value)
     assert patched_dispatch._mindiesd_attention_forward.cache_info().currsize == 0
+
+
+def test_mindiesd_is_not_imported_for_float32(
+    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dtype is checked before mindiesd is imported: an fp32 model never loads MindIE-SD."""
+    monkeypatch.delitem(sys.modules, "mindiesd")
+    monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
+    query, key, value = _qkv(4000, 4000)
+    patched_dispatch._native_npu_attention(query, key, value)
+    assert patched_dispatch._mindiesd_attention_forward.cache_info().currsize == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 against fp32
+
+# bf16 route vs fp32 attention on the unrounded fp32 inputs. Rounding q, k, v to bf16 (u/2 each, u = 2^-8)
+# moves every score and value by a fraction of u, the output is a softmax-weighted average of the values (the
+# rounding errors of v average out rather than add up), then rounded once more (u/2; the laser route goes
+# through fp16 first, exact for these inputs). Measured: at most ~1.5u of max |expected| over the cases below.
+# The bar, 4u (1.56e-2), leaves more than 2x margin.
+BF16_ATTENTION_RELATIVE_BAR = 4 * UNIT_ROUNDOFF[torch.bfloat16]
+BF16_ATTENTION_CASES = {
+    "laser-4096-unmasked": dict(seq_q=4096, seq_kv=4096, head_dim=64, valid=None, kernel="ascend_laser_attention"),
+    "fusion-4000-padded": dict(seq_q=4000, seq_kv=4000, head_dim=64, valid=[3900], kernel="npu_fusion_attention"),
+    "fusion-cfg-batch-masked": dict(seq_q=24, seq_kv=24, head_dim=8, valid=[24, 17], kernel="npu_fusion_attention"),
+    "fusion-cross-40x77": dict(seq_q=40, seq_kv=77, head_dim=8, valid=None, kernel="npu_fusion_attention"),
+}
+
+
+@pytest.mark.parametrize("case", list(BF16_ATTENTION_CASES))
+def test_bf16_attention_against_fp32(
+    patched_dispatch: ModuleType, kernels: tuple, case: str, diffusers_version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch_npu, mindiesd = kernels
+    spec = BF16_ATTENTION_CASES[case]
+    batch = len(spec["valid"]) if spec["valid"] else 1
+    query, key, value = _qkv(spec["seq_q"], spec["seq_kv"], head_dim=spec["head_dim"], batch=batch)
+    mask = _padding_mask(batch, spec["seq_kv"], spec["valid"]) if spec["valid"] else None
+    out = patched_dispatch._native_npu_attention(*(t.to(torch.bfloat16) for t in (query, key, value)), attn_mask=mask)
+    assert dict(torch_npu.calls) | dict(mindiesd.calls) == {spec["kernel"]: 1}
+    expected = _sdpa(query, key, value, mask)
+    max_abs = (out.float() - expected).abs().max().item()
+    relative = max_abs / expected.abs().max().item()
+    with capsys.disabled():
+        print(f"\n[bf16 vs fp32] diffusers {diffusers_version} attention {case}: max abs {max_abs:.3e}, "
+              f"relative {relative:.3e} ({relative / UNIT_ROUNDOFF[torch.bfloat16]:.1f} u), "
+              f"bar {BF16_ATTENTION_RELATIVE_BAR:.3e}")
+    assert relative <= BF16_ATTENTION_RELATIVE_BAR

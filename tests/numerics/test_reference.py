@@ -96,10 +96,49 @@ def test_strict_module_refuses_cpu_tensors_and_counts() -> None:
 def test_attention_forward_bsnd_in_bsnd_out() -> None:
     module = mindiesd_ref.build_module(strict_device=False)
     q, k, v = _randn(1, 7, 2, 8), _randn(1, 9, 2, 8, seed=1), _randn(1, 9, 2, 8, seed=2)
-    out = module.attention_forward(q, k, v, scale=0.3, opt_mode="manual", op_type="ascend_laser_attention", layout="BNSD")
+    out = module.attention_forward(q, k, v, scale=0.3, opt_mode="manual", op_type="prompt_flash_attn", layout="BNSD")
     assert out.shape == q.shape
     assert (out - _sdpa_bsnd(q, k, v, scale=0.3)).abs().max().item() <= FP32_TOLERANCE
-    assert module.calls == {"ascend_laser_attention": 1}
+    assert module.calls == {"prompt_flash_attn": 1}
+
+
+def _laser(module: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return module.attention_forward(q, k, v, scale=0.3, opt_mode="manual", op_type="ascend_laser_attention", layout="BNSD")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_laser_attention_refuses_other_than_half(dtype: torch.dtype) -> None:
+    """MindIE-SD's laser attention takes float16 / bfloat16 only and raises ParametersInvalid otherwise."""
+    module = mindiesd_ref.build_module(strict_device=False)
+    q = _randn(1, 7, 2, 8).to(dtype)
+    with pytest.raises(module.ParametersInvalid, match="float16 and bfloat16 only"):
+        _laser(module, q, q, q)
+    with pytest.raises(mindiesd_ref.ParametersInvalid):
+        _laser(module, q.to(torch.bfloat16), q.to(torch.bfloat16), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_laser_attention_computes_in_fp16_and_returns_the_input_dtype(dtype: torch.dtype) -> None:
+    """la_preprocess_input casts to fp16, la_postprocess_output casts the fp16 output back: the result is fp32
+    attention of the (exactly representable) inputs rounded to fp16, then to DTYPE (one DTYPE ulp at most)."""
+    module = mindiesd_ref.build_module(strict_device=False)
+    q, k, v = (_randn(1, 7, 2, 8, seed=seed).to(dtype) for seed in range(3))
+    out = _laser(module, q, k, v)
+    expected = _sdpa_bsnd(q.float(), k.float(), v.float(), scale=0.3).to(torch.float16).to(dtype)
+    assert out.dtype == dtype and out.shape == q.shape
+    ulp = torch.finfo(dtype).eps * expected.float().abs().max().item()
+    assert (out.float() - expected.float()).abs().max().item() <= ulp
+
+
+def test_laser_attention_models_the_fp16_overflow_of_bf16_inputs() -> None:
+    """A bf16 value beyond fp16's range (65504) becomes inf in la_preprocess_input; fusion attention keeps bf16."""
+    module = mindiesd_ref.build_module(strict_device=False)
+    q, k, v = (_randn(1, 7, 2, 8, seed=seed).to(torch.bfloat16) for seed in range(3))
+    v[0, 3, 0, 0] = 1.0e5
+    laser = _laser(module, q, k, v)
+    fusion = torch_npu_ref.fusion_attention(q, k, v, 2, "BSND", scale=0.3)[0]
+    assert not torch.isfinite(laser[:, :, 0]).all()
+    assert torch.isfinite(fusion).all()
 
 
 def test_attention_forward_head_first_and_default_scale() -> None:

@@ -7,6 +7,8 @@ Scenarios:
            (sys.modules["torch_npu"]) and refusing non-NPU tensors, counting its kernel calls.
   npu      forward on the fake NPU device (tests/numerics/fake_npu.py) with reference torch_npu and
            mindiesd importable: once with the "native" attention backend (SDPA), once with "_native_npu".
+  npu_bf16 the same in bfloat16 (weights and floating inputs cast after seeding, as a bf16 pipeline
+           loads them); outputs are returned in bfloat16.
 
 Each writes a dict of CPU tensors (or the error a forward raised) and kernel call counts to OUTPUT.pt
 for the tests to compare.
@@ -77,8 +79,13 @@ def run_cpu() -> dict[str, Any]:
     return result
 
 
-def run_npu() -> dict[str, Any]:
-    """Fake-NPU forwards with reference torch_npu and mindiesd; "native" then "_native_npu" attention backend."""
+def _to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """VALUE in DTYPE when it is floating point (the text lengths stay integers)."""
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def run_npu(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Fake-NPU forwards in DTYPE with reference torch_npu and mindiesd; "native" then "_native_npu" backend."""
     from tests.numerics import fake_npu
 
     transformer, dispatch = _import_targets()
@@ -95,8 +102,8 @@ def run_npu() -> dict[str, Any]:
         for name, case in tiny_ernie.CASES.items():
             model = tiny_ernie.build_model(transformer, case)
             digest = tiny_ernie.state_digest(model)
-            model = model.to(torch.device("npu"))
-            inputs = {key: fake_npu.to_npu(value) for key, value in tiny_ernie.make_inputs(case).items()}
+            model = model.to(dtype).to(torch.device("npu"))
+            inputs = {key: fake_npu.to_npu(_to_dtype(value, dtype)) for key, value in tiny_ernie.make_inputs(case).items()}
             entry: dict[str, Any] = {"digest": digest, "param_device": str(next(model.parameters()).device)}
             for backend in ("native", "_native_npu"):
                 model.set_attention_backend(backend)
@@ -111,7 +118,7 @@ def run_npu() -> dict[str, Any]:
     return result
 
 
-SCENARIOS = {"cpu": run_cpu, "npu": run_npu}
+SCENARIOS = {"cpu": run_cpu, "npu": run_npu, "npu_bf16": lambda: run_npu(torch.bfloat16)}
 
 
 def main(argv: list[str]) -> int:

@@ -15,9 +15,21 @@ MindIE-SD API reference, "attention_forward" (docs/en/features/core_layers.md; M
       mask given with it would be silently dropped. The reference refuses a mask with that op_type so a
       caller relying on it is caught. Its supported shapes are head_dim <= 128 and, for
       self-attention, seq_len >= 4000 (MindIE-SD's AscendLaserAttention.is_supported_shape).
+    - ascend_laser_attention takes float16 and bfloat16 only: the operator class MindIE-SD registers
+      under that name (AscendLaserAttention, mindiesd/layers/flash_attn/) declares
+      `supported_dtype = [torch.float16, torch.bfloat16]`, and a float32 call raises MindIE-SD's
+      ParametersInvalid (mindiesd.utils.exception) instead of falling back to another operator (issue #10).
+      The reference raises ParametersInvalid (a ValueError here) for a float32 or any other query, key or
+      value.
 
-Numerics: softmax(scale * q @ k^T) @ v in float32, returned in the input dtype. (On hardware the laser
-kernel works in float16; that precision is not modelled.)
+Numerics: softmax(scale * q @ k^T) @ v in float32, returned in the input dtype. On the laser route the
+inputs first go through `AscendLaserAttention.la_preprocess_input`: query, key and value are cast to
+float16 when they are not float16, then zero-padded (sequence to a multiple of 256, head_dim to 128;
+the padded keys are excluded through pre_tokens, so the padding does not change the result and is not
+modelled). The output goes through `la_postprocess_output`: cast to float16, then to the input dtype,
+and cropped back. The reference models both casts: bfloat16 inputs are rounded to float16 (values
+beyond float16's range, |x| > 65504, become inf as they would on the NPU) and the float16 output is
+cast back to bfloat16. The kernel's own accumulation order is not modelled (float32 here).
 """
 from __future__ import annotations
 
@@ -32,6 +44,11 @@ from .torch_npu_ref import require_npu
 OPT_MODES = ("runtime", "static", "manual")
 OP_TYPES = ("prompt_flash_attn", "fused_attn_score", "ascend_laser_attention")
 LAYOUTS = ("BNSD", "BSND", "BSH")
+LASER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class ParametersInvalid(ValueError):
+    """MindIE-SD's mindiesd.utils.exception.ParametersInvalid: arguments the chosen operator does not take."""
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -68,12 +85,26 @@ def _check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return str(op_type)
 
 
+def laser_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                    head_first: bool) -> torch.Tensor:
+    """The laser route: float16 / bfloat16 only; computed on float16 copies, the output cast back to the input dtype."""
+    refused = sorted({str(t.dtype) for t in (query, key, value) if t.dtype not in LASER_DTYPES})
+    if refused:
+        raise ParametersInvalid(
+            f"attention_forward: ascend_laser_attention supports float16 and bfloat16 only, got {', '.join(refused)}"
+        )
+    half = [t.to(torch.float16) for t in (query, key, value)]  # la_preprocess_input
+    out = attention(*half, None, scale, head_first)
+    return out.to(torch.float16).to(query.dtype)  # la_postprocess_output
+
+
 def build_module(strict_device: bool = True) -> types.ModuleType:
     """A fresh module to put at sys.modules["mindiesd"]; `calls` counts calls by the op_type used
     ("runtime" / "static" when no manual op_type applies)."""
     module = types.ModuleType("mindiesd", "CPU reference of mindiesd.attention_forward (tests only).")
     module.__spec__ = importlib.machinery.ModuleSpec("mindiesd", loader=None)  # found by importlib.util.find_spec
     module.calls = collections.Counter()
+    module.ParametersInvalid = ParametersInvalid
 
     def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attn_mask: torch.Tensor | None = None, scale: float | None = None, fused: bool = True,
@@ -84,6 +115,8 @@ def build_module(strict_device: bool = True) -> types.ModuleType:
             require_npu("mindiesd.attention_forward", query, key, value, attn_mask)
         if op_type == "ascend_laser_attention" and attn_mask is not None:
             raise ValueError("attention_forward: ascend_laser_attention takes no attn_mask (it would be dropped)")
+        if op_type == "ascend_laser_attention":
+            return laser_attention(query, key, value, scale, head_first)
         return attention(query, key, value, attn_mask, scale, head_first)
 
     module.attention_forward = attention_forward
