@@ -15,7 +15,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test test-core test-numerics test-sp test-sp-matrix bench matrix clean
+.PHONY: demo test test-core test-numerics test-sp test-sp-matrix bench matrix mutate clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: $(VENV)/.ready
 
 matrix: $(VENV)/.ready
 	$(VENV)/bin/python bench/version_matrix.py
+
+# Not part of `make test`: breaks the engine one mutation at a time, lists any the core tests miss.
+mutate: $(VENV)/.ready
+	$(VENV)/bin/python bench/mutate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

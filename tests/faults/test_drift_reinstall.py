@@ -96,3 +96,20 @@ def test_upgrade_to_another_release_after_apply(site: Path, tmp_path: Path):
     assert cli("verify", "--site", site, "--patches", patches).code == 0
     assert cli("revert", "--site", site).code == 0
     assert file_record_digest(site / DISPATCH) == record_sha256(site, "diffusers-0.39.0.dist-info", DISPATCH)
+
+
+def test_patch_file_edited_after_apply_marks_the_patch_drifted(site: Path, tmp_path: Path):
+    """The installed files still match, but the patch in --patches DIR is no longer what was applied."""
+    patches = fault_set(site, tmp_path / "set")
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    patch_file = patches / "dispatch.patch"
+    patch_file.write_text("A note added to the patch after it was applied.\n" + patch_file.read_text())
+
+    before = settled(site)
+    verify = cli("verify", "--site", site, "--patches", patches)
+    assert verify.code == 6, verify.stdout + verify.stderr
+    assert "dispatch.patch changed since it was applied" in verify.stdout, verify.stdout
+    status = cli("status", "--site", site, "--patches", patches, "--json").json()
+    states = {p["id"]: p["state"] for p in status["patches"]}
+    assert states["dispatch"] == "drifted" and states["rope"] == "applied", states
+    assert settled(site) == before

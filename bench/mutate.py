@@ -1,0 +1,197 @@
+"""Mutation check: break the engine one way at a time and see the core tests notice.
+
+Each mutation is an exact text replacement in one file of a scratch copy of the checkout (the
+working tree is never touched). The replaced text must occur exactly once, else the mutation is
+reported as an ERROR: a target that moved away must not pass as "caught". Each mutation runs only
+the tests meant to catch it, with -x, so a run stops at the first failure.
+
+    python bench/mutate.py            # every mutation, a Markdown table on stdout
+    python bench/mutate.py NAME ...   # only these
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".hypothesis", ".pytest_cache", "__pycache__", "*.egg-info")
+PYTEST = ["-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:randomly"]
+
+HUNKS = "ernie_patcher/hunks.py"
+T_HUNKS = "tests/engine/test_hunks.py"
+T_LIFE = "tests/engine/test_lifecycle.py"
+T_DISC = "tests/engine/test_discovery.py"
+T_CRASH = "tests/faults/test_crash_recovery.py"
+T_HOSTILE = "tests/faults/test_hostile_patchsets.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation("last context line ignored", HUNKS,
+             "for i, expected in enumerate(block))", "for i, expected in enumerate(block[:-1]))",
+             (f"{T_HUNKS}::test_conflict_when_an_edge_context_line_differs",)),
+    Mutation("first context line ignored", HUNKS,
+             "return all(lines[at + i] == expected for i, expected in enumerate(block))",
+             "return all(lines[at + i] == expected for i, expected in enumerate(block) if i)",
+             (f"{T_HUNKS}::test_conflict_when_an_edge_context_line_differs",)),
+    Mutation("later hunk may match before the previous output", HUNKS,
+             "if low <= at <= high:", "if at <= high:",
+             (f"{T_HUNKS}::test_later_hunk_never_matches_before_the_previous_hunks_output",)),
+    Mutation("offset of earlier hunks not carried", HUNKS,
+             "delta += len(hunk.new) - len(hunk.old) + (at - expected)",
+             "delta += len(hunk.new) - len(hunk.old)",
+             (f"{T_HUNKS}::test_offset_is_found_and_reported",)),
+    Mutation("offset search unbounded", HUNKS,
+             "for distance in range(max_offset + 1):", "for distance in range(max_offset + 10**4):",
+             (f"{T_HUNKS}::test_offset_search_is_bounded",)),
+    Mutation("CRLF not kept", HUNKS, "crlf = _uses_crlf(lines)", "crlf = False",
+             (f"{T_HUNKS}::test_crlf_file_keeps_its_line_endings",)),
+    Mutation("edited .patch file not drifted", "ernie_patcher/engine.py",
+             "if patch.state == APPLIED and recorded and recorded.patch_sha256 != patch.spec.digest():",
+             "if False:",
+             ("tests/faults/test_drift_reinstall.py::test_patch_file_edited_after_apply_marks_the_patch_drifted",)),
+    Mutation("hand edit after apply not drifted", "ernie_patcher/assess.py",
+             "if digest != entry.before and self._differs_from_release(package, relpath, current):",
+             "if False:",
+             ("tests/faults/test_drift_reinstall.py::test_hand_edit_after_apply",)),
+    Mutation("temp file not fsynced before rename", "ernie_patcher/fsops.py",
+             "            handle.flush()\n            os.fsync(handle.fileno())\n", "            handle.flush()\n",
+             ("tests/engine/test_fsops.py",)),
+    Mutation("manifest after journal removal", "ernie_patcher/transaction.py",
+             '    state.write_manifest(manifest)\n    checkpoint("manifest-written")\n'
+             '    remove_file(state.journal_path)\n',
+             '    remove_file(state.journal_path)\n    state.write_manifest(manifest)\n'
+             '    checkpoint("manifest-written")\n',
+             (f"{T_CRASH}::test_apply_killed_at_checkpoint",)),
+    Mutation("recovery restores nothing", "ernie_patcher/transaction.py",
+             "if _put(state, path, entry.digest, entry.mode):", "if False:",
+             (f"{T_LIFE}::test_crash_between_files_is_recovered", f"{T_CRASH}::test_apply_killed_at_checkpoint")),
+    Mutation("version gate off", "ernie_patcher/assess.py",
+             "            if not self.allow_untested:\n", "            if False:\n",
+             (f"{T_LIFE}::test_version_gate_refuses_then_allow_untested_tries",)),
+    Mutation("stale bytecode kept", "ernie_patcher/transaction.py",
+             "        remove_bytecode(write.path)\n        checkpoint(", "        checkpoint(",
+             (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
+    Mutation("created files not in RECORD", "ernie_patcher/plan.py",
+             "if not created or package.dist_info is None or package.editable:", "if True:",
+             (f"{T_DISC}::test_python_option_patches_another_venv_and_pip_uninstall_removes_created_file",
+              f"{T_DISC}::test_revert_undoes_the_record_registration_exactly")),
+    Mutation("unknown series keys accepted", "ernie_patcher/series.py",
+             "    if unknown:\n        raise _fail(where, f\"unknown key(s)", "    if False:\n        raise _fail(where, f\"unknown key(s)",
+             (T_HOSTILE, "-k", "unknown")),
+    Mutation("'..' paths accepted", "ernie_patcher/series.py",
+             'or ".." in pure.parts ', "",
+             (T_HOSTILE, "-k", "dotdot or outside")),
+    Mutation("no lock", "ernie_patcher/fsops.py",
+             "fcntl.flock(self._fd, flag | fcntl.LOCK_NB)", "(flag | fcntl.LOCK_NB)",
+             ("tests/faults/test_env_faults.py", "-k", "lock")),
+    Mutation("file mode not kept", "ernie_patcher/plan.py",
+             "mode = file.path.stat().st_mode & 0o7777 if", "mode = 0o644 if",
+             (f"{T_LIFE}::test_mode_and_owner_are_kept",)),
+    Mutation("symlinked targets followed", "ernie_patcher/assess.py",
+             "if not inside or path.is_symlink():", "if False:",
+             (f"{T_HOSTILE}::test_symlink_in_package_pointing_outside_is_refused",)),
+]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    mutation: Mutation
+    verdict: str  # caught / SURVIVED / ERROR
+    detail: str
+    seconds: float
+
+
+def _first_failure(output: str) -> str:
+    match = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+    return match.group(1).split("/")[-1] if match else "?"
+
+
+def _run_tests(scratch: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *PYTEST, *tests], cwd=scratch, capture_output=True, text=True,
+                          env=_env(scratch), timeout=1800)
+
+
+def _env(scratch: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_one(scratch: Path, mutation: Mutation) -> Outcome:
+    """Mutate, run the mutation's tests, put the file back (in the scratch copy)."""
+    path = scratch / mutation.file
+    original = path.read_text()
+    found = original.count(mutation.old)
+    if found != 1:
+        return Outcome(mutation, "ERROR", f"target text found {found} times in {mutation.file}", 0.0)
+    path.write_text(original.replace(mutation.old, mutation.new))
+    start = time.monotonic()
+    try:
+        done = _run_tests(scratch, mutation.tests)
+    finally:
+        path.write_text(original)
+    seconds = time.monotonic() - start
+    if done.returncode == 0:
+        return Outcome(mutation, "SURVIVED", "", seconds)
+    if done.returncode == 1:
+        return Outcome(mutation, "caught", _first_failure(done.stdout), seconds)
+    return Outcome(mutation, "ERROR", f"pytest exit {done.returncode}: {done.stdout.strip()[-200:]}", seconds)
+
+
+def _baseline(scratch: Path, mutations: list[Mutation]) -> None:
+    """The selected tests must pass unmutated, or a 'caught' would mean nothing."""
+    for mutation in mutations:
+        done = _run_tests(scratch, mutation.tests)
+        if done.returncode != 0:
+            sys.exit(f"error: tests for {mutation.name!r} fail without any mutation:\n{done.stdout[-2000:]}")
+
+
+def _imports_from(scratch: Path) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import ernie_patcher.hunks as m; print(m.__file__)"],
+                           cwd=scratch, capture_output=True, text=True, env=_env(scratch), check=True)
+    if not probe.stdout.strip().startswith(str(scratch)):
+        sys.exit(f"error: the scratch copy is not what gets imported ({probe.stdout.strip()})")
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = ["| mutation | result | time |", "|---|---|---|"]
+    for o in outcomes:
+        result = f"caught by `{o.detail}`" if o.verdict == "caught" else f"**{o.verdict}** {o.detail}".strip()
+        rows.append(f"| {o.mutation.name} | {result} | {o.seconds:.1f}s |")
+    return "\n".join(rows)
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not names or m.name in names]
+    if names and len(chosen) != len(names):
+        sys.exit(f"error: unknown mutation(s); known: {', '.join(m.name for m in MUTATIONS)}")
+    scratch = Path(tempfile.mkdtemp(prefix="ernie-mutate-"))
+    try:
+        shutil.copytree(ROOT, scratch, dirs_exist_ok=True, ignore=COPY_IGNORE)
+        _imports_from(scratch)
+        _baseline(scratch, chosen)
+        outcomes = [run_one(scratch, m) for m in chosen]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(table(outcomes))
+    bad = [o for o in outcomes if o.verdict != "caught"]
+    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} caught", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,36 @@
+"""atomic_write's durability order: the temp file's data reaches the disk before the rename."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ernie_patcher import fsops
+
+
+def test_temp_file_is_fsynced_before_it_replaces_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without the fsync a crash after the rename can leave an empty or partial file in place."""
+    target = tmp_path / "module.py"
+    target.write_bytes(b"old\n")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", os.path.realpath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsops.os, "fsync", fsync)
+    monkeypatch.setattr(fsops.os, "replace", replace)
+    fsops.atomic_write(target, b"new\n")
+
+    assert target.read_bytes() == b"new\n"
+    renamed = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert len(renamed) == 1, events
+    temp = events[renamed[0]][1]
+    assert temp.endswith(fsops.TEMP_SUFFIX) and Path(temp).parent == tmp_path.resolve()
+    assert ("fsync", temp) in events[:renamed[0]], f"temp file not fsynced before the rename: {events}"
