@@ -49,12 +49,21 @@ def check(path: Path, st: os.stat_result, want_dir: bool) -> None:
                            f"(uid {os.geteuid()}) nor root")
 
 
-def _open_error(path: Path, exc: OSError, action: str) -> PatcherError:
-    if exc.errno == errno.ELOOP:
+def _open_error(path: Path, exc: OSError, action: str, found: os.stat_result | None = None) -> PatcherError:
+    """The refusal for a failed no-follow open; FOUND (lstat) tells a symlink from another non-directory."""
+    if exc.errno == errno.ELOOP or (found is not None and stat.S_ISLNK(found.st_mode)):
         return unsafe(path, "it is a symlink")
     if exc.errno == errno.ENOTDIR:
-        return unsafe(path, "it is not a directory")
+        kind = _kind(found.st_mode) if found is not None else "something else"
+        return unsafe(path, f"it is {kind}, not a directory")
     return environment_error(action, path, exc)
+
+
+def _lstat(name: str, where: dict) -> os.stat_result | None:
+    try:
+        return os.stat(name, follow_symlinks=False, **where)
+    except OSError:
+        return None
 
 
 def _close(fd: int) -> None:
@@ -88,7 +97,7 @@ class SafeDir:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _open_error(path, exc, "open directory") from None
+            raise _open_error(path, exc, "open directory", _lstat(name, where)) from None
         try:
             check(path, os.fstat(fd), want_dir=True)
         except PatcherError:
