@@ -12,7 +12,7 @@ from .fsops import read_bytes, sha256
 from .hunks import HunkConflict, apply_hunks
 from .probes import ProbeResult, recall, run_probe
 from .series import PatchSpec, ProbeSpec
-from .state import FileRecord, Manifest
+from .state import FileRecord, Manifest, RestoreEntry
 
 APPLIED = "applied"
 NOT_APPLIED = "not-applied"
@@ -109,8 +109,8 @@ def target_path(package: InstalledPackage, relpath: str) -> Path:
     return path
 
 
-def recorded_path(env: Environment, entry: FileRecord) -> Path | None:
-    """Where a manifest entry's file is in ENV now; None when its package is gone."""
+def recorded_path(env: Environment, entry: FileRecord | RestoreEntry) -> Path | None:
+    """Where a manifest (or journal) entry's file is in ENV now; None when its package is gone."""
     package = env.package(entry.package)
     if package is None:
         return None

@@ -19,7 +19,11 @@ Exit codes:
   4  installed version outside a patch's tested range
   5  a hunk does not apply (conflict)
   6  files changed since apply, or changed by someone else
-  7  environment problem (permissions, disk, lock held, corrupt state)
+  7  environment problem (permissions, disk, lock held, corrupt or unsafe
+     state, an interpreter given by --python that does not answer properly)
+  70 internal error (a bug): one line, the traceback is saved to a file
+  130 interrupted (SIGINT): files being written were put back first
+  143 terminated (SIGTERM): files being written were put back first
 """
 
 
@@ -49,13 +53,37 @@ def _fail(command: str, error: PatcherError, as_json: bool = False) -> None:
     sys.exit(int(error.code))
 
 
+def internal_error(command: str, exc: BaseException) -> PatcherError:
+    """A bug (an exception that is not a PatcherError) as one line naming a file with the traceback."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        fd, path = tempfile.mkstemp(prefix="ernie-patch-traceback-", suffix=".txt")
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        where = f"traceback in {path}"
+    except OSError:
+        where = "the traceback could not be saved"
+    detail = str(exc)[:200]
+    return PatcherError(ExitCode.INTERNAL, f"internal error in ernie-patch {command}: {type(exc).__name__}"
+                        f"{': ' + detail if detail else ''} ({where})",
+                        hint="report this bug with the traceback file; an interrupted write is finished or "
+                             "undone by the next run")
+
+
 def _run(command: str, as_json: bool, call: Callable) -> None:
+    from .interrupts import signals_as_errors
     from .render import render
 
     try:
-        report = call()
+        with signals_as_errors():
+            report = call()
     except PatcherError as error:
         _fail(command, error, as_json)
+    except Exception as exc:  # a bug: one line and a traceback file, never a bare traceback
+        _fail(command, internal_error(command, exc), as_json)
     render(report, as_json)
     sys.exit(int(report.exit_code))
 
@@ -76,7 +104,13 @@ class _Group(click.Group):
             exc.show()
             sys.exit(int(ExitCode.USAGE))
         except click.exceptions.Abort:
-            sys.exit(int(ExitCode.ENVIRONMENT))
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(int(ExitCode.INTERRUPTED))
+        except Exception as exc:  # a bug in a command without --json handling: still one line
+            from .render import render_error
+
+            render_error(internal_error(" ".join(sys.argv[1:2]) or "", exc))
+            sys.exit(int(ExitCode.INTERNAL))
 
 
 @click.group(cls=_Group, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})

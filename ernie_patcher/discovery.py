@@ -5,7 +5,6 @@ import base64
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +31,21 @@ class InstalledPackage:
             return {}
         try:
             text = (self.dist_info / "RECORD").read_text(encoding="utf-8")
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return {}
-        entries: dict[str, str | None] = {}
+        return parse_record(text)
+
+
+def parse_record(text: str) -> dict[str, str | None]:
+    """RECORD rows: path -> 'sha256=<urlsafe-b64>' (or None when the row has no digest)."""
+    entries: dict[str, str | None] = {}
+    try:
         for row in csv.reader(io.StringIO(text)):
             if row:
                 entries[row[0]] = row[1] if len(row) > 1 and row[1] else None
+    except csv.Error:
         return entries
+    return entries
 
 
 @dataclass(frozen=True)
@@ -55,25 +62,13 @@ class Environment:
 
 def record_digest(data: bytes) -> str:
     """The digest in the RECORD format: 'sha256=' + urlsafe base64 without padding."""
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return record_form(hashlib.sha256(data).hexdigest())
+
+
+def record_form(hex_digest: str) -> str:
+    """A sha256 hex digest in the RECORD format."""
+    digest = base64.urlsafe_b64encode(bytes.fromhex(hex_digest)).rstrip(b"=").decode()
     return f"sha256={digest}"
-
-
-def _ask_interpreter(python: str, request: dict) -> dict:
-    import subprocess  # only for --python: the CLI starts faster without it
-
-    source = Path(envprobe.__file__).read_text(encoding="utf-8")
-    try:
-        done = subprocess.run([python, "-c", source, json.dumps(request)], capture_output=True,
-                              text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PatcherError(ExitCode.ENVIRONMENT, f"cannot run interpreter {python}: {exc}",
-                           hint="pass --python the path of a python executable") from None
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        raise PatcherError(ExitCode.ENVIRONMENT, f"interpreter {python} failed to describe its environment",
-                           details=tail)
-    return json.loads(done.stdout)
 
 
 def discover(packages: list[tuple[str, str]], python: str | None = None,
@@ -83,7 +78,9 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
         raise PatcherError(ExitCode.USAGE, "--python and --site cannot be used together")
     unique = sorted(set(packages))
     if python:
-        described = _ask_interpreter(python, {"packages": unique})
+        from .interpreter import describe
+
+        described = describe(python, {"packages": unique})
     else:
         paths = [str(Path(site).resolve())] if site else None
         described = envprobe.describe(unique, paths)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
@@ -10,9 +11,11 @@ from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
 from .probes import run_probe
 from .report import Action, Report, Target
+from .originals import check_originals, unchecked_note
+from .probes import run_probe
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
-from .state import Manifest, StateDir
-from .transaction import Recovery, Write, commit, recover
+from .state import Manifest, RestoreEntry, StateDir
+from .transaction import Locate, Recovery, Write, commit, recover
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
             (DRIFTED, ExitCode.DRIFTED), (CONFLICT, ExitCode.CONFLICT))
@@ -22,25 +25,64 @@ def _packages(specs: list[PatchSpec]) -> list[tuple[str, str]]:
     return [(s.package, s.module) for s in specs]
 
 
+def _locator(target: Target) -> Locate:
+    """Where a pending journal's files are in the environment this run works on."""
+    def locate(entries: list[RestoreEntry]) -> list[Path]:
+        env = discover(sorted({(e.package, e.module or e.package.replace("-", "_")) for e in entries}),
+                       target.python, target.site)
+        paths = []
+        for entry in entries:
+            path = recorded_path(env, entry)
+            if path is None:
+                raise PatcherError(ExitCode.ENVIRONMENT,
+                                   f"pending journal {env.state_dir / 'journal.json'} names {entry.relpath} of "
+                                   f"{entry.package}, which is not installed in {env.python}; refusing to recover",
+                                   hint=f"install {entry.package} {entry.version} again, or remove the journal")
+            paths.append(path)
+        return paths
+    return locate
+
+
 @contextmanager
-def _state_access(state: StateDir, write: bool, report: Report) -> Iterator[None]:
-    """Lock the state directory; any pending journal is recovered first (needs write access)."""
+def _state_access(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[None]:
+    """Lock the state directory; any pending journal is recovered first (needs write access).
+
+    A run that fails in any way (a refusal, an interruption, an internal error) leaves no lock
+    file or empty state directory behind."""
     if not write and not state.exists():
         yield
         return
-    needs_recovery = state.journal_path.exists()
+    needs_recovery = state.has_journal()
     exclusive = write or needs_recovery
     with Lock(state.lock_path, exclusive=exclusive):
         if needs_recovery:
-            _note_recovery(report, recover(state))
+            _note_recovery(report, recover(state, _locator(target)))
         try:
             yield
-        except PatcherError:
+        except BaseException:
             if write:
-                state.remove_if_empty()  # a refused run (e.g. a malformed patch) leaves no state dir behind
+                _tidy(state)  # a refused run (e.g. a malformed patch) leaves no state dir behind
             raise
         if needs_recovery:
             state.remove_if_empty()  # under the lock: a waiting run must never lock a removed lock file
+
+
+def _tidy(state: StateDir) -> None:
+    """remove_if_empty after a failure: a second error here must not hide the first."""
+    try:
+        state.remove_if_empty()
+    except PatcherError:
+        pass
+
+
+def _load_manifest(state: StateDir, env: Environment, report: Report) -> Manifest | None:
+    """The manifest, refused when a stored original is not the installed release's file."""
+    manifest = state.manifest()
+    if manifest is not None:
+        unchecked = check_originals(env, manifest, state, state.manifest_path)
+        if unchecked:
+            report.notes.append(unchecked_note(unchecked))
+    return manifest
 
 
 def _note_recovery(report: Report, recovery: Recovery | None) -> None:
@@ -103,8 +145,8 @@ def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
     series, choices, env = _prepare(target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
-    with _state_access(state, write=False, report=report):
-        manifest = state.manifest()
+    with _state_access(state, write=False, report=report, target=target):
+        manifest = _load_manifest(state, env, report)
         report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
@@ -184,8 +226,8 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
     if implied:
         report.notes.append(f"also selected, as required: {', '.join(implied)}")
     state = StateDir(env.state_dir)
-    with _state_access(state, write=not dry_run, report=report):
-        previous = state.manifest()
+    with _state_access(state, write=not dry_run, report=report, target=target):
+        previous = _load_manifest(state, env, report)
         report.patches = states = _assess(choices, previous, env, allow_untested)
         for patch in states:
             if patch.untested and allow_untested:
@@ -205,7 +247,7 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
         except PatcherError as error:
             report.error, report.exit_code = error, error.code
             if not dry_run:
-                state.remove_if_empty()  # rolled back: no lock file or empty objects dir left behind
+                _tidy(state)  # rolled back: no lock file or empty objects dir left behind
     return report
 
 
@@ -238,7 +280,9 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
             elif current is not None:
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
         restore = state.store(current) if current is not None and not report.dry_run else None
-        writes.append(Write(path, original, entry.mode, restore))
+        writes.append(Write(path, original, entry.mode, restore, package=entry.package,
+                            module=entry.module or entry.package.replace("-", "_"), version=entry.version,
+                            relpath=entry.relpath, action=entry.action))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
                                      "created by apply"))
@@ -252,7 +296,7 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
     if not state.exists():
         report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
         return report
-    with _state_access(state, write=not dry_run, report=report):
+    with _state_access(state, write=not dry_run, report=report, target=target):
         manifest = state.manifest()
         if manifest is None:
             report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
@@ -262,6 +306,9 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
         report.manifest_patches = sorted(manifest.patches)
         packages = sorted({(e.package, e.module or e.package.replace("-", "_")) for e in manifest.files.values()})
         report.env = discover(packages, target.python, target.site)
+        unchecked = check_originals(report.env, manifest, state, state.manifest_path)
+        if unchecked:
+            report.notes.append(unchecked_note(unchecked))
         writes, drifted = _revert_writes(state, manifest, force, report)
         if drifted:
             state.drop_objects({e.before for e in manifest.files.values() if e.before})  # refused: keep none

@@ -1,7 +1,9 @@
 """Exit codes and the one error type the engine raises."""
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -15,6 +17,9 @@ class ExitCode(IntEnum):
     CONFLICT = 5
     DRIFTED = 6
     ENVIRONMENT = 7
+    INTERNAL = 70
+    INTERRUPTED = 130
+    TERMINATED = 143
 
 
 class PatcherError(Exception):
@@ -31,3 +36,13 @@ class PatcherError(Exception):
     def to_dict(self) -> dict:
         return {"code": int(self.code), "kind": self.code.name.lower(), "reason": self.reason,
                 "details": self.details, "hint": self.hint}
+
+
+def environment_error(action: str, path: Path, exc: OSError) -> PatcherError:
+    reason = exc.strerror or str(exc)
+    hint = None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the target is read-only: run as the owner of the environment, or remount it writable"
+    elif exc.errno == errno.ENOSPC:
+        hint = "free disk space and run the command again"
+    return PatcherError(ExitCode.ENVIRONMENT, f"cannot {action} {path}: {reason}", hint=hint)

@@ -1,17 +1,17 @@
 """File-system primitives: atomic replace keeping mode and owner, stale bytecode removal, locking."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import glob
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ExitCode, PatcherError
+from .errors import ExitCode, PatcherError, environment_error
+from .safeio import TEMP_SUFFIX, SafeDir
 
-TEMP_SUFFIX = ".ernie-tmp"
 LOCK_ATTEMPTS = 5
 
 
@@ -29,16 +29,6 @@ def read_bytes(path: Path) -> bytes | None:
         raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is a directory, expected a file") from None
     except OSError as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"cannot read {path}: {exc.strerror}") from None
-
-
-def environment_error(action: str, path: Path, exc: OSError) -> PatcherError:
-    reason = exc.strerror or str(exc)
-    hint = None
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "the target is read-only: run as the owner of the environment, or remount it writable"
-    elif exc.errno == errno.ENOSPC:
-        hint = "free disk space and run the command again"
-    return PatcherError(ExitCode.ENVIRONMENT, f"cannot {action} {path}: {reason}", hint=hint)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -154,14 +144,17 @@ class Lock:
                            hint="wait for the other ernie-patch run to finish, then run the command again")
 
     def _acquire(self) -> bool:
-        """Lock the file at PATH; False when another run removed it meanwhile (then try again)."""
+        """Lock the file at PATH; False when another run removed it meanwhile (then try again).
+
+        The state directory and the lock file are opened without following symlinks: a planted
+        `lock -> /etc/passwd` must never be truncated."""
         if not self.exclusive and self._read_only():
             return True
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise environment_error("create lock file", self.path, exc) from None
+        directory = SafeDir.open(self.path.parent, create=True)
+        if directory is None:
+            return False  # removed by a finishing run between mkdir and open: try again
+        with directory:
+            self._fd = directory.open_lock(self.path.name)
         flag = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(self._fd, flag | fcntl.LOCK_NB)
@@ -183,13 +176,17 @@ class Lock:
 
     def _read_only(self) -> bool:
         """A reader of a state directory it cannot write (a read-only image) needs no lock: no
-        ernie-patch run can write there either."""
-        return self.path.parent.is_dir() and not os.access(self.path.parent, os.W_OK)
+        ernie-patch run can write there either. A symlinked state directory is not trusted here."""
+        try:
+            found = os.lstat(self.path.parent)
+        except OSError:
+            return False
+        return stat.S_ISDIR(found.st_mode) and not os.access(self.path.parent, os.W_OK)
 
     def _still_linked(self) -> bool:
         """Whether PATH is still the file we locked (a finishing run may have removed it)."""
         try:
-            now = os.stat(self.path)
+            now = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             return False
         held = os.fstat(self._fd)

@@ -22,6 +22,11 @@ from .state import FileRecord, Manifest, PatchRecord, StateDir, now
 from .transaction import Write
 
 
+# Everything compile() raises on hostile source: syntax, null bytes, nesting too deep for the
+# compiler's recursion limit, a constant too large for memory.
+COMPILE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
+
+
 @dataclass
 class FileChange:
     """One file apply will write: its bytes before and after, and the patches that change it."""
@@ -81,9 +86,10 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
         if change.after is not None and change.path.suffix == ".py":
             try:
                 _check_source(change.after, change.path)
-            except (SyntaxError, ValueError) as exc:
-                raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: {exc}",
-                                   hint="the patch set is broken for this release; nothing was written")
+            except COMPILE_ERRORS as exc:
+                raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: "
+                                   f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}",
+                                   hint="the patch set is broken for this release; nothing was written") from None
     planned = {c.relpath: c.after for c in changes.values()}
     memos: dict[str, dict[str, dict]] = {}
     for patch in todo:
@@ -182,8 +188,9 @@ class Plan:
 
     def writes(self, state: StateDir) -> list[Write]:
         """The writes for the transaction; the current bytes of each file are stored first."""
-        return [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None)
-                for c in self.changes]
+        return [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None,
+                      package=c.package, module=c.module or c.package.replace("-", "_"), version=c.version,
+                      relpath=c.relpath, action=c.action) for c in self.changes]
 
 
 def build_plan(todo: list[PatchState]) -> Plan:

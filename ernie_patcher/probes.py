@@ -167,7 +167,7 @@ def run_probe(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
         return ProbeResult(probe, probe.absent, "file does not exist")
     try:
         tree = _parse(source)
-    except (SyntaxError, ValueError) as exc:
-        return ProbeResult(probe, False, f"file does not parse: {exc}")
-    found, detail = _evaluate(tree, probe)
+        found, detail = _evaluate(tree, probe)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return ProbeResult(probe, False, f"file does not parse: {type(exc).__name__}: {str(exc)[:200]}")
     return ProbeResult(probe, found != probe.absent, detail)

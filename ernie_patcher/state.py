@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -9,10 +10,12 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ExitCode, PatcherError
-from .fsops import atomic_write, read_bytes, remove_file, remove_temp_files, sha256
+from .fsops import sha256
+from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
 MANIFEST_SCHEMA = 1
-JOURNAL_SCHEMA = 1
+JOURNAL_SCHEMA = 2
+ACTIONS = ("create", "modify", "register")
 TOOL = "ernie-patcher"
 
 
@@ -87,10 +90,22 @@ class Manifest:
 
 @dataclass
 class RestoreEntry:
-    """Recovery puts DIGEST's stored bytes at PATH (or removes PATH when DIGEST is None)."""
+    """Recovery puts DIGEST's stored bytes in one file (or removes it when DIGEST is None).
 
-    path: str
+    The file is named like a manifest entry, by package and relpath, and found again in the
+    environment the recovery runs on (never through an absolute path of the interrupted run: a
+    copy of a half-patched environment must be recovered where it is). WRITTEN is what the
+    interrupted run was putting there: any other content means the journal is not about this
+    environment, and recovery refuses.
+    """
+
+    package: str
+    module: str
+    version: str
+    relpath: str
+    action: str
     digest: str | None
+    written: str | None
     mode: int
 
 
@@ -128,13 +143,15 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 def _field_ok(name: str, kind: object, value: object) -> bool:
     """Whether VALUE fits the annotation KIND; digests must be sha256 hex (they name files)."""
     kind = str(kind)
-    if name in ("before", "after", "digest"):
+    if name in ("before", "after", "digest", "written"):
         return value is None or (isinstance(value, str) and bool(_DIGEST.match(value)))
     if name == "path":
         return isinstance(value, str) and value.startswith("/") and "\x00" not in value
     if name == "relpath":
         return (isinstance(value, str) and bool(value) and not value.startswith("/") and "\x00" not in value
                 and ".." not in value.split("/"))
+    if name == "action":
+        return value in ACTIONS
     if name == "probes":
         return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
     if kind == "int":
@@ -166,7 +183,12 @@ def corrupt(where: Path, reason: str) -> PatcherError:
 
 
 class StateDir:
-    """STATE_DIR layout: manifest.json, journal.json, objects/<sha256>, overwritten/, lock."""
+    """STATE_DIR layout: manifest.json, journal.json, objects/<sha256>, overwritten/, lock.
+
+    Every access goes through safeio: no part of the state is followed through a symlink, read if
+    it is not a regular file or directory owned by the user running ernie-patch (or root), or read
+    beyond a size cap.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -176,16 +198,32 @@ class StateDir:
         self.lock_path = root / "lock"
 
     def exists(self) -> bool:
-        return self.root.is_dir()
+        """Whether anything is at ROOT (a symlink too: it is refused when opened, never skipped)."""
+        return os.path.lexists(self.root)
+
+    def _open(self, create: bool = False) -> SafeDir | None:
+        return SafeDir.open(self.root, create=create)
+
+    def has_journal(self) -> bool:
+        """Whether a journal is pending; an unsafe state directory is refused here already."""
+        directory = self._open()
+        if directory is None:
+            return False
+        with directory:
+            return directory.exists(self.journal_path.name)
 
     def _load(self, path: Path) -> object | None:
-        data = read_bytes(path)
+        directory = self._open()
+        if directory is None:
+            return None
+        with directory:
+            data = directory.read(path.name, MAX_JSON)
         if data is None:
             return None
         try:
             return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise corrupt(path, f"not valid JSON ({exc})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise corrupt(path, f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
 
     def manifest(self) -> Manifest | None:
         data = self._load(self.manifest_path)
@@ -196,12 +234,24 @@ class StateDir:
         return None if data is None else Journal.from_json(data, self.journal_path)
 
     def write_json(self, path: Path, document: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
+        with self._create() as directory:
+            directory.write(path.name, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+
+    def _create(self) -> SafeDir:
+        directory = self._open(create=True)
+        if directory is None:
+            raise PatcherError(ExitCode.ENVIRONMENT, f"the state directory {self.root} vanished while in use")
+        return directory
+
+    def remove(self, path: Path) -> None:
+        directory = self._open()
+        if directory is not None:
+            with directory:
+                directory.remove(path.name)
 
     def write_manifest(self, manifest: Manifest | None) -> None:
         if manifest is None or not manifest.patches:
-            remove_file(self.manifest_path)
+            self.remove(self.manifest_path)
         else:
             manifest.updated = now()
             self.write_json(self.manifest_path, manifest.to_json())
@@ -209,49 +259,60 @@ class StateDir:
     def store(self, data: bytes) -> str:
         """Keep DATA under its digest (once); return the digest."""
         digest = sha256(data)
-        target = self.objects / digest
-        if read_bytes(target) is None or sha256(target.read_bytes()) != digest:
-            self.objects.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, data, mode=0o444)
+        with self._create() as root, root.subdir(self.objects.name, create=True) as objects:  # type: ignore[union-attr]
+            kept = objects.read(digest, MAX_OBJECT)
+            if kept is None or sha256(kept) != digest:
+                objects.write(digest, data, 0o444)
         return digest
 
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
         path = self.objects / digest
-        data = read_bytes(path)
+        data = None
+        root = self._open()
+        if root is not None:
+            with root:
+                objects = root.subdir(self.objects.name)
+                if objects is not None:
+                    with objects:
+                        data = objects.read(digest, MAX_OBJECT)
         if data is None or sha256(data) != digest:
             raise corrupt(path, "stored original is missing or damaged")
         return data
 
     def drop_objects(self, keep: set[str]) -> None:
-        if not self.objects.is_dir():
+        root = self._open()
+        if root is None:
             return
-        for path in self.objects.iterdir():
-            if path.name not in keep:
-                remove_file(path)
+        with root:
+            objects = root.subdir(self.objects.name)
+            if objects is None:
+                return
+            with objects:
+                for name in objects.names():
+                    if name not in keep:
+                        objects.remove(name)
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
         """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
-        target = self.root / "overwritten" / f"{sha256(data)[:16]}-{path.name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, data, mode=0o644)
-        return target
+        name = f"{sha256(data)[:16]}-{path.name}"
+        with self._create() as root, root.subdir("overwritten", create=True) as saved:  # type: ignore[union-attr]
+            saved.write(name, data, 0o644)
+        return self.root / "overwritten" / name
 
     def remove_if_empty(self) -> None:
         """Remove the state directory once nothing is applied (lock file and empty dirs only)."""
-        if not self.root.is_dir() or self.manifest_path.exists() or self.journal_path.exists():
+        root = self._open()
+        if root is None:
             return
-        if (self.root / "overwritten").exists():
-            return
-        self.drop_objects(set())
-        for path in (self.manifest_path, self.journal_path):
-            remove_temp_files(path)
-        for path in (self.objects, self.lock_path):
-            try:
-                path.rmdir() if path.is_dir() else path.unlink()
-            except OSError:
-                pass
+        with root:
+            if any(root.exists(n) for n in (self.manifest_path.name, self.journal_path.name, "overwritten")):
+                return
+            self.drop_objects(set())
+            root.sweep_temp()
+            root.rmdir(self.objects.name)
+            root.remove(self.lock_path.name, quiet=True)
         try:
-            self.root.rmdir()
+            os.rmdir(self.root)
         except OSError:
             pass

@@ -11,35 +11,53 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .errors import PatcherError
+from .errors import ExitCode, PatcherError
 from .fsops import atomic_write, read_bytes, remove_bytecode, remove_file, remove_temp_files, sha256
+from .interrupts import Interrupted, signals_as_errors
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
 KILL_ENV = "ERNIE_PATCHER_TEST_KILL_AT"
 PAUSE_ENV = "ERNIE_PATCHER_TEST_PAUSE_AT"
+
+Locate = Callable[[list[RestoreEntry]], list[Path]]
 
 
 def checkpoint(name: str) -> None:
     """Test hooks, used only by the test suite, at checkpoint NAME (journal-written,
     file-N-written, manifest-written, journal-removed; restore-N inside a recovery):
     ERNIE_PATCHER_TEST_KILL_AT=NAME SIGKILLs this process there, ERNIE_PATCHER_TEST_PAUSE_AT=NAME
-    SIGSTOPs it there (holding the lock) until the test sends SIGCONT.
+    (or a comma-separated list of names) SIGSTOPs it there (holding the lock) until the test
+    sends SIGCONT.
     """
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get(PAUSE_ENV) == name:
+    if name in os.environ.get(PAUSE_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass(frozen=True)
 class Write:
-    """Put DATA at PATH (None: remove it); RESTORE is the stored digest of what PATH holds now."""
+    """Put DATA at PATH (None: remove it); RESTORE is the stored digest of what PATH holds now.
+
+    PACKAGE, MODULE, VERSION, RELPATH and ACTION name the file for the journal, as the manifest does.
+    """
 
     path: Path
     data: bytes | None
     mode: int
     restore: str | None
+    package: str
+    module: str
+    version: str
+    relpath: str
+    action: str
+
+    def journal_entry(self) -> RestoreEntry:
+        written = sha256(self.data) if self.data is not None else None
+        return RestoreEntry(package=self.package, module=self.module, version=self.version, relpath=self.relpath,
+                            action=self.action, digest=self.restore, written=written, mode=self.mode)
 
 
 @dataclass
@@ -68,47 +86,102 @@ def _referenced(manifest: Manifest | None) -> set[str]:
     return {f.before for f in manifest.files.values() if f.before}
 
 
-def recover(state: StateDir) -> Recovery | None:
-    """Finish or undo an interrupted run from its journal; None when there was nothing to do."""
+def _digest(path: Path) -> str | None:
+    data = read_bytes(path)
+    return sha256(data) if data is not None else None
+
+
+def _check_matches(state: StateDir, journal: Journal, paths: list[Path]) -> None:
+    """Refuse a journal whose files hold neither what they are to be put back to nor what the
+    interrupted run was writing: it was not written for this environment (or someone changed them)."""
+    for entry, path in zip(journal.restore, paths):
+        if entry.digest is not None:
+            state.fetch(entry.digest)  # every stored original is there before anything is written
+        found = _digest(path)
+        if found not in (entry.digest, entry.written):
+            raise PatcherError(
+                ExitCode.ENVIRONMENT,
+                f"pending journal {state.journal_path} does not match this environment: {path} holds "
+                f"{found[:12] if found else 'nothing'}, neither its original nor what the interrupted "
+                f"{journal.operation} wrote; refusing to recover",
+                hint=f"was the environment copied or changed by hand? inspect {path}; reinstall "
+                     f"{entry.package} for pristine files, then remove {state.journal_path}")
+
+
+def recover(state: StateDir, locate: Locate) -> Recovery | None:
+    """Finish or undo an interrupted run from its journal; None when there was nothing to do.
+
+    Each journal entry is found in this environment through LOCATE (package + relpath), and all of
+    them are checked before anything is written.
+    """
     journal = state.journal()
     if journal is None:
         return None
-    report = Recovery(operation=journal.operation, started=journal.started)
     manifest = Manifest.from_json(journal.manifest, state.journal_path) if journal.manifest else None
-    for number, entry in enumerate(journal.restore, start=1):
-        path = Path(entry.path)
+    paths = locate(journal.restore)
+    _check_matches(state, journal, paths)
+    return _restore(state, journal, paths, manifest)
+
+
+def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Manifest | None) -> Recovery:
+    """Put back every file of JOURNAL (at PATHS), the previous MANIFEST, then drop the journal.
+
+    Bytecode is removed only of files put back here: a file the interrupted run never wrote is
+    left alone, __pycache__ included (it may be unwritable, and its cache is not stale)."""
+    report = Recovery(operation=journal.operation, started=journal.started)
+    for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
         if _put(state, path, entry.digest, entry.mode):
-            report.restored.append(entry.path)
-        remove_bytecode(path)
+            report.restored.append(str(path))
+            remove_bytecode(path)
         remove_temp_files(path)
         checkpoint(f"restore-{number}")
     state.write_manifest(manifest)
-    remove_file(state.journal_path)
+    state.remove(state.journal_path)
     state.drop_objects(_referenced(manifest))
     return report
 
 
 def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manifest | None,
            previous: Manifest | None) -> None:
-    """Write everything, journaled; on failure undo it, leaving the files and PREVIOUS manifest."""
-    journal = Journal(
-        operation=operation,
-        restore=[RestoreEntry(path=str(w.path), digest=w.restore, mode=w.mode) for w in writes],
-        manifest=previous.to_json() if previous else None,
-    )
-    state.write_json(state.journal_path, journal.to_json())
-    checkpoint("journal-written")
-    try:
-        _write_all(state, writes, manifest)
-    except PatcherError as error:
+    """Write everything, journaled; on failure undo it, leaving the files and PREVIOUS manifest.
+
+    SIGINT and SIGTERM during the writes are failures like any other: the files written so far are
+    put back before the process exits. A second signal during that rollback stops it and leaves the
+    journal, which the next run finishes.
+    """
+    journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
+                      manifest=previous.to_json() if previous else None)
+    with signals_as_errors():
+        state.write_json(state.journal_path, journal.to_json())
+        checkpoint("journal-written")
         try:
-            recover(state)
-        except PatcherError as second:
-            error.details.append(f"rollback incomplete ({second.reason}); the next run finishes it")
-        else:
-            error.details.append("nothing was changed: every file written so far was put back")
-        raise
+            _write_all(state, writes, manifest)
+        except Exception as error:
+            _roll_back(state, journal, writes, previous, error if isinstance(error, PatcherError) else None)
+            raise
     state.drop_objects(_referenced(manifest))
+
+
+def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous: Manifest | None,
+               error: PatcherError | None) -> None:
+    """Put back what was written; ERROR (None for an unexpected exception) is told what happened."""
+    try:
+        _restore(state, journal, [w.path for w in writes], previous)
+    except Exception as second:
+        if error is None:
+            return
+        reason = second.reason if isinstance(second, PatcherError) else f"{type(second).__name__}: {second}"
+        error.details.append(f"rollback stopped ({reason}); the journal {state.journal_path} is left "
+                             "and the next ernie-patch run finishes it")
+        if isinstance(error, Interrupted):
+            error.reason += (f" during {journal.operation}; interrupted again while putting files back: "
+                             "the journal is left for the next run")
+    else:
+        if error is None:
+            return
+        error.details.append("nothing was changed: every file written so far was put back")
+        if isinstance(error, Interrupted):
+            error.reason += f" during {journal.operation}; every file written so far was put back"
 
 
 def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) -> None:
@@ -121,5 +194,5 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
         checkpoint(f"file-{number}-written")
     state.write_manifest(manifest)
     checkpoint("manifest-written")
-    remove_file(state.journal_path)
+    state.remove(state.journal_path)
     checkpoint("journal-removed")

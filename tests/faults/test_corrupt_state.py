@@ -34,7 +34,7 @@ DAMAGE: dict[str, Damage] = {
     "not-json": lambda data: b"manifest = 'toml?'\n",
     "json-list": lambda data: b"[1, 2, 3]\n",
     "foreign-tool": _edit(lambda d: d.update(tool="someone-else")),
-    "future-schema": _edit(lambda d: d.update(schema=2)),
+    "future-schema": _edit(lambda d: d.update(schema=99)),
     "missing-files": _edit(lambda d: d.pop("files")),
     "files-a-list": _edit(lambda d: d.update(files=[])),
     "mode-a-string": _edit(lambda d: _first_file(d).update(mode="0644")),

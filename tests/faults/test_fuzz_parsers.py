@@ -17,7 +17,7 @@ from ernie_patcher.diffparse import parse_patch
 from ernie_patcher.errors import PatcherError
 from ernie_patcher.hunks import HunkConflict, apply_hunks
 from ernie_patcher.series import parse_series
-from ernie_patcher.state import Journal, Manifest
+from ernie_patcher.state import JOURNAL_SCHEMA, Journal, Manifest
 from faultkit import FUZZ_COUNTS
 
 EXAMPLES = int(os.environ.get("ERNIE_PATCHER_FUZZ_EXAMPLES", "1000"))
@@ -172,7 +172,7 @@ def damaged_manifest(draw) -> object:
 def test_state_loaders(document: object):
     _count("manifest and journal loaders, damaged JSON")
     for load in (lambda d: Manifest.from_json(d, Path("/state/manifest.json")),
-                 lambda d: Journal.from_json({"schema": 1, "tool": "ernie-patcher", "operation": "apply",
+                 lambda d: Journal.from_json({"schema": JOURNAL_SCHEMA, "tool": "ernie-patcher", "operation": "apply",
                                               "started": "now", "restore": [], "manifest": d},
                                              Path("/state/journal.json")),
                  lambda d: Journal.from_json(d, Path("/state/journal.json"))):

@@ -1,0 +1,247 @@
+"""No-follow, owner-checked I/O inside the state directory.
+
+Hand-written because pathlib and shutil follow symlinks and the stdlib has no directory-handle
+API that refuses them: every entry is reached through an open directory fd (`dir_fd=`) with
+O_NOFOLLOW, checked with fstat (regular file or directory, owned by the running user or root)
+before it is read, written or listed, so a planted symlink, FIFO or foreign file is refused
+(exit 7, naming it) instead of followed, blocked on or trusted.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from .errors import ExitCode, PatcherError, environment_error
+
+TEMP_SUFFIX = ".ernie-tmp"
+MAX_JSON = 16 << 20  # manifest and journal
+MAX_OBJECT = 256 << 20  # a stored original: one source file of a package (or its RECORD)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def unsafe(path: Path, why: str) -> PatcherError:
+    return PatcherError(ExitCode.ENVIRONMENT, f"unsafe state {path}: {why}; refusing to use it",
+                        hint=f"the state directory may hold only regular files and directories owned by you or "
+                             f"root, no symlinks; inspect {path} and remove what ernie-patcher did not create")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "of an unknown type"
+
+
+def check(path: Path, st: os.stat_result, want_dir: bool) -> None:
+    """Refuse PATH unless it is a directory (WANT_DIR) or a regular file owned by us or root."""
+    ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
+    if not ok:
+        wanted = "a directory" if want_dir else "a regular file"
+        raise unsafe(path, f"it is {_kind(st.st_mode)}, not {wanted}")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise unsafe(path, f"it is owned by uid {st.st_uid}, neither the user running ernie-patch "
+                           f"(uid {os.geteuid()}) nor root")
+
+
+def _open_error(path: Path, exc: OSError, action: str, found: os.stat_result | None = None) -> PatcherError:
+    """The refusal for a failed no-follow open; FOUND (lstat) tells a symlink from another non-directory."""
+    if exc.errno == errno.ELOOP or (found is not None and stat.S_ISLNK(found.st_mode)):
+        return unsafe(path, "it is a symlink")
+    if exc.errno == errno.ENOTDIR:
+        kind = _kind(found.st_mode) if found is not None else "something else"
+        return unsafe(path, f"it is {kind}, not a directory")
+    return environment_error(action, path, exc)
+
+
+def _lstat(name: str, where: dict) -> os.stat_result | None:
+    try:
+        return os.stat(name, follow_symlinks=False, **where)
+    except OSError:
+        return None
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class SafeDir:
+    """An open, checked directory of the state; its entries are reached by name, never through a symlink."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: Path, create: bool = False, parent: "SafeDir | None" = None) -> "SafeDir | None":
+        """Directory PATH (relative to PARENT when given); None when absent and not CREATE."""
+        name = path.name if parent else str(path)
+        where = {"dir_fd": parent.fd} if parent else {}
+        if create:
+            try:
+                os.mkdir(name, 0o755, **where)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise environment_error("create directory", path, exc) from None
+        try:
+            fd = os.open(name, _DIR_FLAGS, **where)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _open_error(path, exc, "open directory", _lstat(name, where)) from None
+        try:
+            check(path, os.fstat(fd), want_dir=True)
+        except PatcherError:
+            _close(fd)
+            raise
+        return cls(path, fd)
+
+    def __enter__(self) -> "SafeDir":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            _close(self.fd)
+            self.fd = -1
+
+    def subdir(self, name: str, create: bool = False) -> "SafeDir | None":
+        return SafeDir.open(self.path / name, create=create, parent=self)
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise environment_error("inspect", self.path / name, exc) from None
+
+    def exists(self, name: str) -> bool:
+        return self.lstat(name) is not None
+
+    def read(self, name: str, cap: int) -> bytes | None:
+        """The bytes of regular file NAME (at most CAP), None when absent; never blocks on a FIFO."""
+        path = self.path / name
+        found = self.lstat(name)
+        if found is None:
+            return None
+        check(path, found, want_dir=False)
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _open_error(path, exc, "read") from None
+        try:
+            st = os.fstat(fd)
+            check(path, st, want_dir=False)
+            if st.st_size > cap:
+                raise unsafe(path, f"it is {st.st_size} bytes, more than the {cap} a state file may have")
+            return _read_all(fd, path, cap)
+        finally:
+            _close(fd)
+
+    def write(self, name: str, data: bytes, mode: int) -> None:
+        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename."""
+        temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path / name, exc) from None
+        try:
+            try:
+                _write_all(fd, data)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                _close(fd)
+            os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            temp = ""
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path / name, exc) from None
+        finally:
+            if temp:
+                self.remove(temp, quiet=True)
+
+    def remove(self, name: str, quiet: bool = False) -> None:
+        """Unlink NAME (a symlink is removed itself, never followed)."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if not quiet:
+                raise environment_error("remove", self.path / name, exc) from None
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+
+    def rmdir(self, name: str) -> None:
+        try:
+            os.rmdir(name, dir_fd=self.fd)
+        except OSError:
+            pass
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.fd))
+        except OSError as exc:
+            raise environment_error("list", self.path, exc) from None
+
+    def sweep_temp(self) -> None:
+        """Remove temp files a killed write left here."""
+        for name in self.names():
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                self.remove(name)
+
+    def open_lock(self, name: str) -> int:
+        """An fd on lock file NAME, created if missing; never a symlink, FIFO or foreign file."""
+        path = self.path / name
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            raise _open_error(path, exc, "create lock file") from None
+        try:
+            check(path, os.fstat(fd), want_dir=False)
+        except PatcherError:
+            _close(fd)
+            raise
+        return fd
+
+
+def _read_all(fd: int, path: Path, cap: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except OSError as exc:
+            raise environment_error("read", path, exc) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            raise unsafe(path, f"it has more than the {cap} bytes a state file may have")
+        chunks.append(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
