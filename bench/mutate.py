@@ -55,7 +55,8 @@ MUTATIONS = [
     Mutation("offset of earlier hunks not carried", HUNKS,
              "delta += len(hunk.new) - len(hunk.old) + (at - expected)",
              "delta += len(hunk.new) - len(hunk.old)",
-             (f"{T_HUNKS}::test_offset_is_found_and_reported",)),
+             (f"{T_HUNKS}::test_a_shift_found_by_the_first_hunk_is_carried_to_the_next",
+              f"{T_HUNKS}::test_offset_is_found_and_reported")),
     Mutation("offset search unbounded", HUNKS,
              "for distance in range(max_offset + 1):", "for distance in range(max_offset + 10**4):",
              (f"{T_HUNKS}::test_offset_search_is_bounded",)),
@@ -74,8 +75,8 @@ MUTATIONS = [
              ("tests/engine/test_fsops.py",)),
     Mutation("manifest after journal removal", "ernie_patcher/transaction.py",
              '    state.write_manifest(manifest)\n    checkpoint("manifest-written")\n'
-             '    remove_file(state.journal_path)\n',
-             '    remove_file(state.journal_path)\n    state.write_manifest(manifest)\n'
+             '    state.remove(state.journal_path)\n',
+             '    state.remove(state.journal_path)\n    state.write_manifest(manifest)\n'
              '    checkpoint("manifest-written")\n',
              (f"{T_CRASH}::test_apply_killed_at_checkpoint",)),
     Mutation("recovery restores nothing", "ernie_patcher/transaction.py",

@@ -152,3 +152,18 @@ def test_later_hunk_never_matches_before_the_previous_hunks_output():
     patched, placements = apply_hunks("".join(target), fp.hunks)
     assert patched == "".join(["head2\n"] + block + middle + shifted + new[-7:])
     assert [p.line for p in placements] == [1, 1 + 1 + 7 + 20 + 30]
+
+
+def test_a_shift_found_by_the_first_hunk_is_carried_to_the_next():
+    """With a header prepended, the first hunk lands SHIFT lines late; the second is then expected
+    there too, so it reports offset 0 (as GNU patch does), not SHIFT again."""
+    old = [f"line {i}\n" for i in range(40)]
+    new = list(old)
+    new[5] = "first\n"
+    new[30] = "second\n"
+    fp = _patch(old, new)
+    assert len(fp.hunks) == 2
+    header = [f"# header {i}\n" for i in range(12)]
+    patched, placements = apply_hunks("".join(header + old), fp.hunks)
+    assert patched == "".join(header + new)
+    assert [p.offset for p in placements] == [12, 0]
