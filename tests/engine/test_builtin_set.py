@@ -22,14 +22,15 @@ VARIANT = "diffusers_attention_dispatch.v0_41.patch"
 OMNI_VARIANT = "vllm_omni_ernie_image_transformer.v0_30.patch"
 NEWER_DIFFUSERS = ("diffusers", "0.42.1")
 NEWER_OMNI = ("vllm-omni", "0.30.0")
-# The release each entry is proven on: BRIEF section 2's targets, each variant the top of its range.
+# The release each entry is proven on: diffusers 0.38.0 and vllm-omni 0.20.0, the releases the patches
+# were written for; each variant the top of its range.
 RELEASES = {spec.file: {VARIANT: (NEWER_DIFFUSERS,), OMNI_VARIANT: (NEWER_OMNI,)}.get(spec.file, (DIFFUSERS, VLLM_OMNI))
             for spec in SERIES.patches}
 # Every published vllm-omni release the set supports (the README's version matrix).
 OMNI_RELEASES = ("0.20.0", "0.22.0", "0.24.0", "0.26.0", "0.28.0", "0.30.0")
 PROBES = [(patch.file, index) for patch in SERIES.patches for index in range(len(patch.probes))]
 DIST_INFO = {"diffusers": "diffusers-0.38.0.dist-info", "vllm-omni": "vllm_omni-0.20.0.dist-info"}
-PRISTINE_RECORD = {  # BRIEF section 2, from the wheels' RECORD files
+PRISTINE_RECORD = {  # from the diffusers 0.38.0 and vllm-omni 0.20.0 wheels' RECORD files
     "diffusers/models/transformers/transformer_ernie_image.py": "sha256=nlWYsseKaGFyGqAyAyVLEUZGxvPhPzyU96vINxH_PiU",
     "diffusers/models/attention_dispatch.py": "sha256=_JlnwNjbHRmJfIuHDlF89oKYIGc37MemJFM94JXiAhU",
     "vllm_omni/diffusion/models/ernie_image/ernie_image_transformer.py":
@@ -154,8 +155,8 @@ def test_builtin_lifecycle_with_the_variant_is_byte_exact(tmp_path: Path):
 
 
 def pinned_diffusers(omni_version: str) -> tuple[str, str]:
-    """The diffusers release a vllm-omni wheel pins (Requires-Dist: diffusers==X); BRIEF section 2's
-    0.38.0 for a release that only sets a lower bound (0.20.0)."""
+    """The diffusers release a vllm-omni wheel pins (Requires-Dist: diffusers==X); diffusers
+    0.38.0, the release the patches were written for, where vllm-omni only sets a lower bound (0.20.0)."""
     with zipfile.ZipFile(wheel("vllm-omni", omni_version)) as archive:
         metadata = archive.read(f"vllm_omni-{omni_version}.dist-info/METADATA").decode()
     pin = re.search(r"^Requires-Dist: diffusers==([\w.]+)\s*$", metadata, re.MULTILINE)
