@@ -44,7 +44,7 @@ def parse_record(text: str) -> dict[str, str | None]:
             if row:
                 entries[row[0]] = row[1] if len(row) > 1 and row[1] else None
     except csv.Error:
-        return entries
+        pass  # a damaged RECORD counts up to the damage
     return entries
 
 

@@ -9,12 +9,11 @@ from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTE
 from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
-from .probes import run_probe
-from .report import Action, Report, Target
 from .originals import check_originals, unchecked_note
 from .probes import run_probe
+from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
-from .state import Manifest, RestoreEntry, StateDir
+from .state import Manifest, RestoreEntry, StateDir, import_name
 from .transaction import Locate, Recovery, Write, commit, recover
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
@@ -28,7 +27,7 @@ def _packages(specs: list[PatchSpec]) -> list[tuple[str, str]]:
 def _locator(target: Target) -> Locate:
     """Where a pending journal's files are in the environment this run works on."""
     def locate(entries: list[RestoreEntry]) -> list[Path]:
-        env = discover(sorted({(e.package, e.module or e.package.replace("-", "_")) for e in entries}),
+        env = discover(sorted({(e.package, import_name(e.package, e.module)) for e in entries}),
                        target.python, target.site)
         paths = []
         for entry in entries:
@@ -281,7 +280,7 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
         restore = state.store(current) if current is not None and not report.dry_run else None
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
-                            module=entry.module or entry.package.replace("-", "_"), version=entry.version,
+                            module=import_name(entry.package, entry.module), version=entry.version,
                             relpath=entry.relpath, action=entry.action))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
@@ -304,7 +303,7 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
                 state.remove_if_empty()
             return report
         report.manifest_patches = sorted(manifest.patches)
-        packages = sorted({(e.package, e.module or e.package.replace("-", "_")) for e in manifest.files.values()})
+        packages = sorted({(e.package, import_name(e.package, e.module)) for e in manifest.files.values()})
         report.env = discover(packages, target.python, target.site)
         unchecked = check_originals(report.env, manifest, state, state.manifest_path)
         if unchecked:

@@ -15,16 +15,11 @@ from .assess import NOT_APPLIED, PatchState, decode
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .probes import memo, probe_key, run_probe
+from .probes import COMPILE_ERRORS, memo, probe_key, run_probe
 from .report import Action
 from .series import Series
-from .state import FileRecord, Manifest, PatchRecord, StateDir, now
+from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
 from .transaction import Write
-
-
-# Everything compile() raises on hostile source: syntax, null bytes, nesting too deep for the
-# compiler's recursion limit, a constant too large for memory.
-COMPILE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
 
 
 @dataclass
@@ -189,7 +184,7 @@ class Plan:
     def writes(self, state: StateDir) -> list[Write]:
         """The writes for the transaction; the current bytes of each file are stored first."""
         return [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None,
-                      package=c.package, module=c.module or c.package.replace("-", "_"), version=c.version,
+                      package=c.package, module=import_name(c.package, c.module), version=c.version,
                       relpath=c.relpath, action=c.action) for c in self.changes]
 
 

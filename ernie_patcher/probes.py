@@ -10,6 +10,10 @@ from typing import Iterator
 
 from .series import ProbeSpec
 
+# Everything parsing or compiling hostile source raises: syntax, null bytes, nesting too deep for
+# the compiler's recursion limit, a constant too large for memory.
+COMPILE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
+
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -168,6 +172,6 @@ def run_probe(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
     try:
         tree = _parse(source)
         found, detail = _evaluate(tree, probe)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+    except COMPILE_ERRORS as exc:
         return ProbeResult(probe, False, f"file does not parse: {type(exc).__name__}: {str(exc)[:200]}")
     return ProbeResult(probe, found != probe.absent, detail)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .errors import ExitCode, PatcherError
@@ -42,6 +44,12 @@ class FileRecord:
     mode: int
     patches: list[str] = field(default_factory=list)
     module: str = ""
+
+
+def import_name(package: str, module: str) -> str:
+    """The import name of PACKAGE: MODULE as recorded, else the distribution name with '-' as '_'
+    (manifests written before the module was recorded)."""
+    return module or package.replace("-", "_")
 
 
 @dataclass
@@ -243,6 +251,23 @@ class StateDir:
             raise PatcherError(ExitCode.ENVIRONMENT, f"the state directory {self.root} vanished while in use")
         return directory
 
+    @contextmanager
+    def _subdir(self, name: str, create: bool = False) -> Iterator[SafeDir | None]:
+        """The checked subdirectory NAME of the state; None when absent (never with CREATE)."""
+        root = self._create() if create else self._open()
+        if root is None:
+            yield None
+            return
+        with root:
+            sub = root.subdir(name, create=create)
+            if sub is None and create:
+                raise PatcherError(ExitCode.ENVIRONMENT, f"{self.root / name} vanished while in use")
+            if sub is None:
+                yield None
+                return
+            with sub:
+                yield sub
+
     def remove(self, path: Path) -> None:
         directory = self._open()
         if directory is not None:
@@ -259,7 +284,7 @@ class StateDir:
     def store(self, data: bytes) -> str:
         """Keep DATA under its digest (once); return the digest."""
         digest = sha256(data)
-        with self._create() as root, root.subdir(self.objects.name, create=True) as objects:  # type: ignore[union-attr]
+        with self._subdir(self.objects.name, create=True) as objects:
             kept = objects.read(digest, MAX_OBJECT)
             if kept is None or sha256(kept) != digest:
                 objects.write(digest, data, 0o444)
@@ -268,35 +293,22 @@ class StateDir:
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
         path = self.objects / digest
-        data = None
-        root = self._open()
-        if root is not None:
-            with root:
-                objects = root.subdir(self.objects.name)
-                if objects is not None:
-                    with objects:
-                        data = objects.read(digest, MAX_OBJECT)
+        with self._subdir(self.objects.name) as objects:
+            data = objects.read(digest, MAX_OBJECT) if objects is not None else None
         if data is None or sha256(data) != digest:
             raise corrupt(path, "stored original is missing or damaged")
         return data
 
     def drop_objects(self, keep: set[str]) -> None:
-        root = self._open()
-        if root is None:
-            return
-        with root:
-            objects = root.subdir(self.objects.name)
-            if objects is None:
-                return
-            with objects:
-                for name in objects.names():
-                    if name not in keep:
-                        objects.remove(name)
+        with self._subdir(self.objects.name) as objects:
+            for name in objects.names() if objects is not None else []:
+                if name not in keep:
+                    objects.remove(name)
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
         """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
         name = f"{sha256(data)[:16]}-{path.name}"
-        with self._create() as root, root.subdir("overwritten", create=True) as saved:  # type: ignore[union-attr]
+        with self._subdir("overwritten", create=True) as saved:
             saved.write(name, data, 0o644)
         return self.root / "overwritten" / name
 

@@ -189,27 +189,24 @@ def _other_bytes_for_dispatch(site: Path) -> str:
     return DISPATCH
 
 
-def _repointed_relpath(site: Path) -> str:
-    victim = "diffusers/__init__.py"
+def _dispatch_entry_copied_onto(site: Path, victim: str, **overrides: object) -> str:
+    """Add a manifest entry for VICTIM made from dispatch's (what VICTIM holds now as 'after')."""
     entry = json.loads((site / STATE / "manifest.json").read_bytes())["files"][DISPATCH]
     current = hashlib.sha256((site / victim).read_bytes()).hexdigest()
 
     def change(document: dict) -> None:
-        document["files"][victim] = {**entry, "relpath": victim, "path": str(site / victim), "after": current}
+        document["files"][victim] = {**entry, "relpath": victim, "path": str(site / victim), "after": current,
+                                     **overrides}
     _forge(site, change)
     return victim
+
+
+def _repointed_relpath(site: Path) -> str:
+    return _dispatch_entry_copied_onto(site, "diffusers/__init__.py")
 
 
 def _created_relpath_onto_a_shipped_file(site: Path) -> str:
-    victim = "diffusers/__init__.py"
-    entry = json.loads((site / STATE / "manifest.json").read_bytes())["files"][DISPATCH]
-    current = hashlib.sha256((site / victim).read_bytes()).hexdigest()
-
-    def change(document: dict) -> None:
-        document["files"][victim] = {**entry, "relpath": victim, "path": str(site / victim), "action": "create",
-                                     "before": None, "after": current}
-    _forge(site, change)
-    return victim
+    return _dispatch_entry_copied_onto(site, "diffusers/__init__.py", action="create", before=None)
 
 
 FORGERIES = {"object-with-other-bytes": _other_bytes_for_dispatch, "relpath-re-pointed": _repointed_relpath,

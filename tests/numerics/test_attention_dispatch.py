@@ -380,23 +380,16 @@ def test_mindiesd_broken_falls_back_with_one_warning(
     assert len([r for r in caplog.records if "mindiesd failed to import" in r.getMessage()]) == 1
 
 
-def test_mindiesd_is_not_imported_for_unsupported_shapes(
-    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("seq_len", "dtype"), [(64, torch.bfloat16), (4000, torch.float32)],
+                         ids=["unsupported-shape", "float32"])
+def test_mindiesd_is_not_imported_when_laser_cannot_serve(
+    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch, seq_len: int, dtype: torch.dtype
 ) -> None:
+    """Shape and dtype are checked before mindiesd is imported: an fp32 model, or a shape the laser
+    kernel does not take, never loads MindIE-SD."""
     monkeypatch.delitem(sys.modules, "mindiesd")
     monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
-    query, key, value = _qkv(64, 64)
-    patched_dispatch._native_npu_attention(query, key, value)
-    assert patched_dispatch._mindiesd_attention_forward.cache_info().currsize == 0
-
-
-def test_mindiesd_is_not_imported_for_float32(
-    patched_dispatch: ModuleType, kernels: tuple, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The dtype is checked before mindiesd is imported: an fp32 model never loads MindIE-SD."""
-    monkeypatch.delitem(sys.modules, "mindiesd")
-    monkeypatch.setattr(sys, "meta_path", [_BrokenMindiesdFinder(), *sys.meta_path])
-    query, key, value = _qkv(4000, 4000)
+    query, key, value = _qkv(seq_len, seq_len, dtype=dtype)
     patched_dispatch._native_npu_attention(query, key, value)
     assert patched_dispatch._mindiesd_attention_forward.cache_info().currsize == 0
 
