@@ -34,6 +34,9 @@ RESULTS = CACHE / "sp-results"
 """One JSON file per release with the figures its last SP tier run measured (bench/version_matrix.py reads them)."""
 FIGURES: dict[str, Any] = {}
 LAUNCH_TIMEOUT_S = 420
+ALL_MODES = "npu,cuda,npu-bf16,npu-laser"
+"""Transformer runs of the patched SP=1/2/4 runs (sp_worker.MODES): fp32 SDPA on NPU and CUDA, bf16
+through vllm-omni's NPU attention backend with MindIE-SD's fused_attn_score and laser operators."""
 TAIL_CHARS = 4000
 
 
@@ -170,9 +173,9 @@ def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, pristine_site: Path, patched_site: Path):
     """runs(name) -> per-rank results of one named multi-process run, started on first use."""
     plans: dict[str, tuple[Path, int, tuple[str, ...]]] = {
-        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", "npu,cuda", "--latents", "--cache-dit")),
-        "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", "npu,cuda", "--latents", "--pipeline", "--cache-dit")),
-        "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", "npu,cuda")),
+        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", ALL_MODES, "--latents", "--cache-dit", "--mask-cases")),
+        "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", ALL_MODES, "--latents", "--pipeline", "--cache-dit")),
+        "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", ALL_MODES)),
         "patched-cfg2-sp2": (patched_site, 4, ("--sp", "2", "--cfg", "2", "--modes", "npu", "--latents", "--pipeline")),
         "pristine-sp1": (pristine_site, 1, ("--sp", "1", "--modes", "cuda")),
         "pristine-sp2": (pristine_site, 2, ("--sp", "2", "--modes", "cuda")),

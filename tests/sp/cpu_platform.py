@@ -4,9 +4,15 @@ vllm-omni picks its platform lazily (`vllm_omni.platforms.current_omni_platform`
 modules bind it at import time, so `install()` must run before any `vllm_omni.diffusion`
 import. `set_npu(True)` makes the platform report Ascend NPU (`is_npu()`), which selects the
 NPU code paths of the patched model; `set_npu(False)` reports CUDA, the upstream default path.
-Tensors stay on the CPU either way and attention uses vllm-omni's SDPA backend.
+Tensors stay on the CPU either way. Attention uses vllm-omni's SDPA backend, unless
+`set_npu(..., npu_attention_backend=True)`: then the backend is chosen as vllm-omni's own NPU
+platform chooses it (NPUOmniPlatform.get_diffusion_attn_backend_cls, which cannot be imported
+here: it needs vllm-ascend), FLASH_ATTN when `mindiesd` is importable, else SDPA, and its
+AttentionImpl.forward dispatches to `forward_npu` because the platform reports NPU.
 """
 from __future__ import annotations
+
+from importlib.util import find_spec
 
 import torch
 import vllm_omni.platforms as omni_platforms
@@ -24,6 +30,7 @@ class CpuTestPlatform(OmniPlatform):
     dispatch_key = "CPU"
     dist_backend = "gloo"
     reports_npu = False
+    npu_attention_backend = False
 
     def is_npu(self) -> bool:
         return self.reports_npu
@@ -49,7 +56,12 @@ class CpuTestPlatform(OmniPlatform):
 
     @classmethod
     def get_diffusion_attn_backend_cls(cls, selected_backend: str | None, head_size: int, **kwargs: object) -> str:
-        """SDPA whatever is asked; later releases pass extra hints (e.g. allow_trtllm_default)."""
+        """SDPA, or in NPU-backend mode what the NPU platform's default choice is; later releases
+        pass extra hints (e.g. allow_trtllm_default)."""
+        if cls.reports_npu and cls.npu_attention_backend and find_spec("mindiesd") is not None:
+            from vllm_omni.diffusion.attention.backends.registry import DiffusionAttentionBackendEnum
+
+            return DiffusionAttentionBackendEnum.FLASH_ATTN.get_path()
         return SDPA_BACKEND
 
 
@@ -60,6 +72,17 @@ def install() -> CpuTestPlatform:
     return platform
 
 
-def set_npu(platform: CpuTestPlatform, npu: bool) -> None:
-    """Report Ascend NPU (True) or CUDA (False) from now on."""
-    platform.reports_npu = npu
+def set_npu(platform: CpuTestPlatform, npu: bool, npu_attention_backend: bool = False) -> None:
+    """Report Ascend NPU (True) or CUDA (False) from now on, choosing attention backends as above.
+
+    vllm-omni caches the backend it resolves per process (functools.cache in its selector module,
+    under release-specific names), so every cached resolver there is cleared: the next Attention
+    layer asks the platform again.
+    """
+    from vllm_omni.diffusion.attention import selector  # not at import time: see install()
+
+    type(platform).reports_npu = npu
+    type(platform).npu_attention_backend = npu_attention_backend
+    for resolver in vars(selector).values():
+        if callable(getattr(resolver, "cache_clear", None)):
+            resolver.cache_clear()

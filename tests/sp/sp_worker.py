@@ -9,16 +9,18 @@ OUT/rank<RANK>.pt; the tests compare those files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 import cpu_platform
+import npu_kernels
 from tiny import GRID, TEXT_LENS, TINY_CONFIG
 
 PLATFORM = cpu_platform.install()
@@ -51,11 +53,32 @@ CACHE_DIT_CONFIG = {
 SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
+class Mode(NamedTuple):
+    """How one transformer run is set up."""
+
+    npu: bool
+    """The platform reports NPU (else CUDA)."""
+    npu_backend: bool
+    """Attention through vllm-omni's NPU backend and the MindIE-SD reference (else SDPA)."""
+    dtype: torch.dtype
+    fa_type: str | None = None
+    """MINDIE_SD_FA_TYPE during the run: MindIE-SD's switch that overrides the op_type callers ask for."""
+
+
+MODES = {
+    "npu": Mode(True, False, torch.float32),
+    "cuda": Mode(False, False, torch.float32),
+    "npu-bf16": Mode(True, True, torch.bfloat16),
+    "npu-laser": Mode(True, True, torch.bfloat16, "ascend_laser_attention"),
+}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sp", type=int, required=True, help="sequence_parallel_size (= ulysses_degree)")
     parser.add_argument("--cfg", type=int, default=1, help="cfg_parallel_size")
-    parser.add_argument("--modes", default="", help="comma list of platforms to run the transformer on: npu,cuda")
+    parser.add_argument("--modes", default="", help=f"comma list of transformer runs: {','.join(MODES)}")
+    parser.add_argument("--mask-cases", action="store_true", help="what key_padding makes of a few key masks")
     parser.add_argument("--latents", action="store_true", help="check the SP latent broadcast")
     parser.add_argument("--pipeline", action="store_true", help="run one ErnieImagePipeline step (NPU)")
     parser.add_argument("--cache-dit", action="store_true", help="run the pipeline with cache-dit enabled (NPU)")
@@ -114,14 +137,16 @@ def tiny_text() -> tuple[torch.Tensor, torch.Tensor]:
     return text, lens
 
 
-def tiny_inputs() -> dict[str, torch.Tensor]:
+def tiny_inputs(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The tiny CFG batch, in DTYPE as the pipeline hands it over (latents, timesteps and text
+    in the transformer's dtype; text lengths as int64)."""
     generator = torch.Generator().manual_seed(42)
     latents = torch.randn(len(TEXT_LENS), TINY_CONFIG["in_channels"], *GRID, generator=generator)
     text, lens = tiny_text()
     return {
-        "hidden_states": latents,
-        "timestep": torch.full((len(TEXT_LENS),), 500.0),
-        "text_bth": text,
+        "hidden_states": latents.to(dtype),
+        "timestep": torch.full((len(TEXT_LENS),), 500.0, dtype=dtype),
+        "text_bth": text.to(dtype),
         "text_lens": lens,
     }
 
@@ -156,9 +181,22 @@ def patched_attr(owner: Any, name: str, wrap: Callable[[Callable], Callable]) ->
 
 @contextmanager
 def recording(trace: dict[str, Any]) -> Iterator[None]:
-    """Count Ulysses processor calls (per attention module) and all-to-all collectives."""
-    trace.update(processor_calls=[], all_to_all=0)
+    """Count Ulysses processor calls (per attention module) and all-to-all collectives, and note
+    what each vllm-omni Attention layer call gets: (batch, query length, key length, mask shape)."""
+    from vllm_omni.diffusion.attention.layer import Attention
+
+    trace.update(processor_calls=[], all_to_all=0, attention_calls=[])
     ulysses = optional_module(ULYSSES_MODULE)
+
+    def record_attention(original: Callable) -> Callable:
+        def wrapper(self: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            metadata = args[1] if len(args) > 1 else kwargs.get("attn_metadata")
+            mask = getattr(metadata, "attn_mask", None)
+            shape = None if mask is None else list(mask.shape)
+            trace["attention_calls"].append((query.shape[0], query.shape[1], key.shape[1], shape))
+            return original(self, query, key, *args, **kwargs)
+
+        return wrapper
 
     def count_all_to_all(original: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -174,7 +212,9 @@ def recording(trace: dict[str, Any]) -> Iterator[None]:
 
         return wrapper
 
-    with patched_attr(torch.distributed, "all_to_all_single", count_all_to_all):
+    with patched_attr(torch.distributed, "all_to_all_single", count_all_to_all), patched_attr(
+        Attention, "forward", record_attention
+    ):
         if ulysses is None:
             yield
             return
@@ -192,21 +232,69 @@ def build_transformer(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -
     return model.eval()
 
 
-def run_transformer(npu: bool, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
-    cpu_platform.set_npu(PLATFORM, npu)
-    model = build_transformer(vllm_config, od_config)
-    layer_of = {id(layer.self_attention): index for index, layer in enumerate(model.layers)}
-    trace: dict[str, Any] = {}
-    with omni_context(vllm_config, od_config), recording(trace), torch.no_grad():
-        output = model(**tiny_inputs(), return_dict=False)[0]
+def run_transformer(mode: str, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
+    npu, npu_backend, dtype, fa_type = MODES[mode]
+    cpu_platform.set_npu(PLATFORM, npu, npu_attention_backend=npu_backend)
+    kernels = npu_kernels.installed() if npu_backend else contextlib.nullcontext((None, None))
+    with kernels as (mindiesd, torch_npu), environment("MINDIE_SD_FA_TYPE", fa_type):
+        model = build_transformer(vllm_config, od_config).to(dtype)
+        layer_of = {id(layer.self_attention): index for index, layer in enumerate(model.layers)}
+        trace: dict[str, Any] = {}
+        with omni_context(vllm_config, od_config), recording(trace), torch.no_grad():
+            output = model(**tiny_inputs(dtype), return_dict=False)[0]
     calls = [(layer_of.get(attn, -1), seq_len) for attn, seq_len in trace["processor_calls"]]
     return {
-        "output": output,
+        "output": output.float(),
+        "dtype": str(output.dtype),
         "sp_hooks": sp_hooks(model),
         "processor_calls": calls,
         "all_to_all": trace["all_to_all"],
+        "attention_calls": trace["attention_calls"],
+        "attention_backend": sorted({type(layer.self_attention.attn.attention).__name__ for layer in model.layers}),
+        "kernel_calls": {} if mindiesd is None else {**dict(mindiesd.calls), **dict(torch_npu.calls)},
         "attention_skips_sp": [layer.self_attention.attn.skip_sequence_parallel for layer in model.layers],
     }
+
+
+@contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """Environment variable NAME set to VALUE (left alone when None) while the context lasts."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def key_padding_cases() -> dict[str, Any]:
+    """What the Ulysses module's key_padding makes of a few [B, S] key masks: runs, None, or refusal."""
+    ulysses = optional_module(ULYSSES_MODULE)
+    if ulysses is None or not hasattr(ulysses, "key_padding"):
+        return {"missing": True}
+    valid, pad = True, False
+    masks = {
+        "all-valid": [[valid] * 6] * 2,
+        "cfg-text-lengths": [[valid] * 4 + [pad] * 2, [valid] * 6],
+        "sp-padding-only": [[valid] * 5 + [pad]] * 2,
+        "two-images-per-prompt": [[valid] * 4 + [pad] * 2] * 2 + [[valid] * 6] * 2,
+        "not-a-prefix": [[valid, pad] + [valid] * 4, [valid] * 6],
+    }
+    found: dict[str, Any] = {"missing": False}
+    for name, rows in masks.items():
+        try:
+            padding = ulysses.key_padding(torch.tensor(rows))
+        except ValueError as refusal:
+            found[name] = f"ValueError: {refusal}"
+            continue
+        found[name] = None if padding is None else [list(run) for run in padding.runs]
+    return found
 
 
 def latent_sync(rank: int) -> dict[str, Any]:
@@ -315,12 +403,17 @@ def main() -> None:
     result["sp_ranks"] = list(parallel_state.get_sp_group().ranks)
     if args.latents:
         result["latents"] = latent_sync(rank)
-    for mode in filter(None, args.modes.split(",")):
-        result[mode] = run_transformer(mode == "npu", vllm_config, od_config)
+    if args.mask_cases:
+        result["key_padding_cases"] = key_padding_cases()
+    modes = [mode for mode in args.modes.split(",") if mode]
+    for mode in (m for m in modes if not MODES[m].npu_backend):
+        result[mode] = run_transformer(mode, vllm_config, od_config)
     if args.pipeline:
         result["pipeline_latents"] = pipeline_step(rank, vllm_config, od_config)
     if args.cache_dit:
         result["cache_dit"] = cached_denoise(vllm_config, od_config)
+    for mode in (m for m in modes if MODES[m].npu_backend):  # last: it swaps the attention backend
+        result[mode] = run_transformer(mode, vllm_config, od_config)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()

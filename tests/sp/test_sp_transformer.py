@@ -8,14 +8,18 @@ would break that. Unpatched vllm-omni 0.20.0 already matches through its _sp_pla
 tests also show that the new path ran: no _sp_plan hook, the Ulysses processor in every layer on
 this rank's share of the padded sequence, heads <-> sequence all-to-alls. With the platform
 reporting CUDA the output is bit-identical to unpatched vllm-omni.
+
+The NPU path hands the attention kernel no mask: each CFG row attends over its own valid keys
+(35 image tokens + its 3 or 6 text tokens), one call per row, and the SP padding is never attended.
 """
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import pytest
 
-from tests.sp.tiny import JOINT_TOKENS, TINY_CONFIG, padded_tokens
+from tests.sp.tiny import JOINT_TOKENS, TEXT_LENS, TINY_CONFIG, expected_attention_calls, padded_tokens
 
 TOLERANCE = 1e-5
 LAYERS = TINY_CONFIG["num_layers"]
@@ -77,3 +81,32 @@ def test_non_npu_path_is_unchanged(runs, figures, run_name: str, pristine_name: 
         print(f"{run_name} non-NPU vs unpatched: max abs diff {diff}")
         figures[f"{run_name}-non-npu-vs-unpatched"] = diff
         assert diff == 0.0
+
+
+@pytest.mark.parametrize(
+    "run_name,sp_size", [("patched-sp1", 1), ("patched-sp2", 2), ("patched-sp4", 4), ("patched-cfg2-sp2", 2)]
+)
+def test_npu_path_attends_valid_keys_without_a_mask(runs, figures, run_name: str, sp_size: int) -> None:
+    for rank in runs(run_name):
+        calls = rank["npu"]["attention_calls"]
+        assert calls == expected_attention_calls(sp_size)
+    mask_bytes = sum(0 if shape is None else prod(shape) for *_, shape in calls) // LAYERS
+    before = len(TEXT_LENS) * padded_tokens(sp_size) ** 2
+    print(f"{run_name}: attention mask bytes per layer call: {mask_bytes} (a [B, 1, S, S] bool mask: {before})")
+    figures[f"{run_name}-mask-bytes-per-layer-call"] = mask_bytes
+
+
+def test_upstream_path_hands_its_key_mask_to_the_kernel(runs) -> None:
+    """The recording sees masks where there are some: unpatched vllm-omni passes its [B, S] key mask."""
+    calls = runs("pristine-sp1")[0]["cuda"]["attention_calls"]
+    assert calls == [(2, JOINT_TOKENS, JOINT_TOKENS, [2, JOINT_TOKENS])] * LAYERS
+
+
+def test_key_padding_reads_valid_key_runs_and_refuses_other_masks(runs) -> None:
+    cases = runs("patched-sp1")[0]["key_padding_cases"]
+    assert not cases["missing"], "key_padding is not in the Ulysses module"
+    assert cases["all-valid"] is None
+    assert cases["cfg-text-lengths"] == [[0, 1, 4], [1, 2, 6]]
+    assert cases["sp-padding-only"] == [[0, 2, 5]]
+    assert cases["two-images-per-prompt"] == [[0, 2, 4], [2, 4, 6]]
+    assert cases["not-a-prefix"].startswith("ValueError: the key mask of some row is not a prefix")
