@@ -173,7 +173,9 @@ def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, pristine_site: Path, patched_site: Path):
     """runs(name) -> per-rank results of one named multi-process run, started on first use."""
     plans: dict[str, tuple[Path, int, tuple[str, ...]]] = {
-        "patched-sp1": (patched_site, 1, ("--sp", "1", "--modes", ALL_MODES, "--latents", "--cache-dit", "--mask-cases")),
+        "patched-sp1": (
+            patched_site, 1, ("--sp", "1", "--modes", ALL_MODES, "--latents", "--cache-dit", "--mask-cases")
+        ),
         "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", ALL_MODES, "--latents", "--pipeline", "--cache-dit")),
         "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", ALL_MODES)),
         "patched-cfg2-sp2": (patched_site, 4, ("--sp", "2", "--cfg", "2", "--modes", "npu", "--latents", "--pipeline")),
