@@ -36,7 +36,8 @@ FIGURES: dict[str, Any] = {}
 LAUNCH_TIMEOUT_S = 420
 ALL_MODES = "npu,cuda,npu-bf16,npu-laser"
 """Transformer runs of the patched SP=1/2/4 runs (sp_worker.MODES): fp32 SDPA on NPU and CUDA, bf16
-through vllm-omni's NPU attention backend with MindIE-SD's fused_attn_score and laser operators."""
+through vllm-omni's NPU attention backend with MindIE-SD's fused_attn_score and laser operators
+(SP=1 also runs bf16 on SDPA, the NPU backend's yardstick)."""
 TAIL_CHARS = 4000
 
 
@@ -174,7 +175,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, pristine_site: Path, patched_
     """runs(name) -> per-rank results of one named multi-process run, started on first use."""
     plans: dict[str, tuple[Path, int, tuple[str, ...]]] = {
         "patched-sp1": (
-            patched_site, 1, ("--sp", "1", "--modes", ALL_MODES, "--latents", "--cache-dit", "--mask-cases")
+            patched_site,
+            1,
+            ("--sp", "1", "--modes", f"{ALL_MODES},npu-sdpa-bf16", "--latents", "--cache-dit", "--mask-cases"),
         ),
         "patched-sp2": (patched_site, 2, ("--sp", "2", "--modes", ALL_MODES, "--latents", "--pipeline", "--cache-dit")),
         "patched-sp4": (patched_site, 4, ("--sp", "4", "--modes", ALL_MODES)),

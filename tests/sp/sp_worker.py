@@ -5,6 +5,11 @@ set and the vllm-omni tree under test first on PYTHONPATH. Each copy sets vllm-o
 way its diffusion worker does (vllm config, forward context, init_distributed_environment,
 initialize_model_parallel), runs the requested checks and saves what it saw to
 OUT/rank<RANK>.pt; the tests compare those files.
+
+Transformer runs (--modes, MODES below): the platform reporting NPU or CUDA, fp32 on vllm-omni's
+SDPA backend, and bf16 on SDPA or through vllm-omni's NPU attention backend with the MindIE-SD
+and torch_npu references of tests/sp/npu_kernels.py (MindIE-SD's fused_attn_score, or its laser
+operator through MINDIE_SD_FA_TYPE). Runs on the NPU backend come last: they swap the backend.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ class Mode(NamedTuple):
 MODES = {
     "npu": Mode(True, False, torch.float32),
     "cuda": Mode(False, False, torch.float32),
+    "npu-sdpa-bf16": Mode(True, False, torch.bfloat16),
     "npu-bf16": Mode(True, True, torch.bfloat16),
     "npu-laser": Mode(True, True, torch.bfloat16, "ascend_laser_attention"),
 }

@@ -13,12 +13,21 @@ attention, which takes no mask (MindIE-SD would drop one silently; the reference
 computes bf16 in fp16. With the patched path handing the kernel no mask, the same runs hold there.
 
 Bars, relative error = max abs error / max |reference output|, u = 2^-8 (bf16 unit roundoff):
-- SP=N vs SP=1, both bf16: 2u per layer, 4u for the two-layer model. Sequence parallelism changes
-  no arithmetic: projections, norms and RoPE act per token, the all-to-alls and the gather only
-  move data, and each rank's attention computes whole heads over the whole gathered sequence.
-  What may differ is the blocking (summation order) a kernel picks for another number of rows or
-  heads, which moves a bf16 result by about one rounding (u relative); a layer adds two such
-  results into the residual stream (attention and feed-forward), and the layers' errors add up.
+- SP=N vs SP=1, both bf16: u per layer, 2u = 7.8e-3 for the two-layer model. Sequence parallelism
+  changes no arithmetic: projections, norms and RoPE act per token, the all-to-alls and the gather
+  only move data, and each rank's attention computes whole heads over the whole gathered
+  sequence. What may differ is the blocking (summation order) a kernel picks for another number
+  of rows or heads; the sums are accumulated in fp32, so a reordering changes at most where a
+  result is rounded to bf16: counted as one bf16 rounding (u relative to the output's magnitude)
+  per layer on the residual stream, accumulated over the layers. The fp32 runs (bar 1e-5) are what
+  catch sequence-parallel logic errors; this bar proves the bf16 path (a deliberately wrong
+  variant that shifts the values by one position at SP > 1 differs by 1.0e-2 and fails it).
+- The NPU backend vs vllm-omni's SDPA backend, both bf16 at SP=1: 2u per layer, 4u = 1.6e-2. The
+  runs differ only in the attention kernel; both accumulate in fp32 and round the attention output
+  to bf16 once, and that output feeds the out-projection, whose bf16 result may round differently
+  in turn. This is the check on the kernel contract (layout, softmax scale, which keys): a
+  softmax scale of 1 in place of 1/sqrt(head_dim) gives 2.8e-2 and fails it, while the fp32
+  comparison below would let it pass (7.3u).
 - bf16 NPU path vs the unpatched fp32 output: 16u, the bar of the diffusers tier's bf16 model
   figures (a dozen or more bf16 roundings per layer: weights, activations, q/k/v, attention
   output, norms, the feed-forward).
@@ -33,7 +42,8 @@ from tests.sp.tiny import TEXT_LENS, TINY_CONFIG, expected_attention_calls, padd
 
 LAYERS = TINY_CONFIG["num_layers"]
 UNIT_ROUNDOFF = 2.0**-8
-SP_BAR = 2 * LAYERS * UNIT_ROUNDOFF
+SP_BAR = LAYERS * UNIT_ROUNDOFF
+BACKEND_BAR = 2 * LAYERS * UNIT_ROUNDOFF
 FP32_BAR = 16 * UNIT_ROUNDOFF
 RUNS = [("patched-sp1", 1), ("patched-sp2", 2), ("patched-sp4", 4)]
 KERNELS = {
@@ -72,6 +82,18 @@ def test_bf16_sequence_parallel_equals_single_device(runs, figures, mode: str, r
     figures[f"{mode}-{run_name}"] = max_abs
     figures[f"{mode}-{run_name}-relative"] = relative
     assert relative <= SP_BAR
+
+
+@pytest.mark.parametrize("mode", sorted(KERNELS))
+def test_npu_backend_equals_the_sdpa_backend_in_bf16(runs, figures, mode: str) -> None:
+    single = runs("patched-sp1")[0]
+    max_abs, relative = errors(single[mode]["output"], single["npu-sdpa-bf16"]["output"])
+    assert single["npu-sdpa-bf16"]["attention_backend"] == ["SDPAImpl"]
+    print(f"{mode} vs SDPA, bf16, SP=1: max abs {max_abs:.3g}, relative {relative:.3g} "
+          f"({relative / UNIT_ROUNDOFF:.1f} u; bar {BACKEND_BAR:.3g})")
+    figures[f"{mode}-vs-sdpa-bf16"] = max_abs
+    figures[f"{mode}-vs-sdpa-bf16-relative"] = relative
+    assert relative <= BACKEND_BAR
 
 
 @pytest.mark.parametrize("mode", sorted(KERNELS))
