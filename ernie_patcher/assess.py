@@ -4,15 +4,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .diffparse import FilePatch, parse_patch
 from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .hunks import HunkConflict, apply_hunks
 from .probes import ProbeResult, recall, run_probe
 from .series import PatchSpec, ProbeSpec
 from .state import FileRecord, Manifest, RestoreEntry
+
+if TYPE_CHECKING:
+    from .diffparse import FilePatch
+    from .hunks import HunkConflict
 
 APPLIED = "applied"
 NOT_APPLIED = "not-applied"
@@ -156,6 +159,8 @@ class Assessor:
         applied = self._applied_as_recorded(spec, package)
         if applied is not None:
             return applied
+        from .diffparse import parse_patch  # only a patch not applied as recorded is parsed
+
         parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
         result = PatchState(spec, package, NOT_APPLIED, strip=parsed.strip, strip_inferred=parsed.strip_inferred)
         if not spec.covers(package.version):
@@ -230,6 +235,8 @@ class Assessor:
         return self._try_apply(package, fp, state)
 
     def _try_apply(self, package: InstalledPackage, fp: FilePatch, state: FileState) -> FileState:
+        from .hunks import HunkConflict, apply_hunks
+
         current = state.current
         if fp.creates:
             if current is not None:

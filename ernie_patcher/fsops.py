@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import fcntl
-import glob
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExitCode, PatcherError, environment_error
@@ -85,6 +83,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
 
 def remove_temp_files(path: Path) -> list[Path]:
     """Delete temp files a killed atomic_write(PATH) left beside PATH; return them."""
+    import glob
+
     try:
         left = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
     except OSError:
@@ -128,13 +128,13 @@ def remove_bytecode(path: Path) -> list[Path]:
     return removed
 
 
-@dataclass
 class Lock:
     """An exclusive (or shared) flock on STATE_DIR/lock; a second writer is refused, never queued."""
 
-    path: Path
-    exclusive: bool = True
-    _fd: int | None = None
+    def __init__(self, path: Path, exclusive: bool = True) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        self._fd: int | None = None
 
     def __enter__(self) -> "Lock":
         for _ in range(LOCK_ATTEMPTS):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -154,7 +153,7 @@ class SafeDir:
 
     def write(self, name: str, data: bytes, mode: int) -> None:
         """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename."""
-        temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                          dir_fd=self.fd)

@@ -1,0 +1,97 @@
+"""The `ernie-patch` entry point: `verify` and `status` start without click.
+
+Hand-written option parsing for those two commands only, because importing click costs several
+times an interpreter's own start, more than everything `verify` checks. Only the plain forms are
+taken here -- `verify|status [--json] [--python P] [--site D] [--patches D] [--only ID]...
+[--reparse]`; anything else (help, another command, an option this parser does not know, an
+ERNIE_PATCHER_* setting it does not know, a file given as a directory) goes to the click CLI,
+which also reports every error, so usage and error handling stay in one place.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = ("verify", "status")
+_VALUED = {"--python": "python", "--site": "site", "--patches": "patches", "--only": "only"}
+_FLAGS = {"--json": "as_json", "--reparse": "reparse"}
+_KNOWN_ENV = {"ERNIE_PATCHER_PYTHON_TIMEOUT", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
+              "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT"}
+
+
+def parse(argv: list[str]) -> dict | None:
+    """The options of a plain `verify`/`status` command line; None for anything else."""
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    options: dict = {"command": argv[0], "python": None, "site": None, "patches": None, "only": [],
+                     "as_json": False, "reparse": False}
+    rest = argv[1:]
+    while rest:
+        word = rest.pop(0)
+        name, sep, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name in _FLAGS and not sep:
+            options[_FLAGS[name]] = True
+        elif name in _VALUED and (sep or rest):
+            value = value if sep else rest.pop(0)
+            if not value or (not sep and value.startswith("-")):
+                return None
+            if name == "--only":
+                options["only"].append(value)
+            elif options[_VALUED[name]] is not None:
+                return None
+            else:
+                options[_VALUED[name]] = value
+        else:
+            return None
+    if options["reparse"] and options["command"] != "verify":
+        return None
+    for key in ("site", "patches"):
+        if options[key] is not None and os.path.exists(options[key]) and not os.path.isdir(options[key]):
+            return None  # click refuses a file where a directory is expected
+    return options
+
+
+def _plain_environment() -> bool:
+    return not any(k.startswith("ERNIE_PATCHER_") and k not in _KNOWN_ENV for k in os.environ)
+
+
+def run(options: dict) -> None:
+    """Run the command as the click CLI would and exit with its code."""
+    from pathlib import Path
+
+    from .errors import PatcherError
+    from .interrupts import signals_as_errors
+    from .report import Target
+
+    command = options["command"]
+    target = Target(python=options["python"], site=Path(options["site"]) if options["site"] else None,
+                    patches=Path(options["patches"]) if options["patches"] else None)
+    try:
+        with signals_as_errors():
+            from . import engine
+
+            if command == "verify":
+                report = engine.verify(target, tuple(options["only"]), options["reparse"])
+            else:
+                report = engine.status(target, tuple(options["only"]))
+    except PatcherError as error:
+        from .cli import _fail
+
+        _fail(command, error, options["as_json"])
+    except Exception as exc:  # a bug: the click CLI's one line and traceback file
+        from .cli import _fail, internal_error
+
+        _fail(command, internal_error(command, exc), options["as_json"])
+    from .render import render
+
+    render(report, options["as_json"])
+    sys.exit(int(report.exit_code))
+
+
+def main() -> None:
+    options = parse(sys.argv[1:]) if _plain_environment() else None
+    if options is not None:
+        run(options)
+    from .cli import main as click_main
+
+    click_main()
