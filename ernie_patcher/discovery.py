@@ -36,8 +36,9 @@ class InstalledPackage:
 def parse_record(text: str) -> dict[str, str | None]:
     """RECORD rows: path -> 'sha256=<urlsafe-b64>' (or None when the row has no digest).
 
-    Rows without quotes or carriage returns (nearly all) are split directly; a RECORD with any
-    quote is read by the csv module, as before."""
+    A RECORD without quotes or lone carriage returns (nearly all) is split directly; any other is
+    read by the csv module."""
+    text = text.replace("\r\n", "\n")
     if '"' in text or "\r" in text:
         return _parse_record_csv(text)
     entries: dict[str, str | None] = {}

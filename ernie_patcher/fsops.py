@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -14,6 +13,8 @@ LOCK_ATTEMPTS = 5
 
 
 def sha256(data: bytes) -> str:
+    import hashlib  # OpenSSL's, fast on large files; the verify fast path uses the interpreter's own
+
     return hashlib.sha256(data).hexdigest()
 
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .assess import NOT_APPLIED, PatchState, decode
+from .assess import APPLIED, NOT_APPLIED, PatchState, decode
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
 from .probes import COMPILE_ERRORS, memo, probe_key, run_probe
 from .report import Action
-from .series import Series
+from .series import SERIES_FILE, Series
 from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
 from .transaction import Write
 
@@ -155,13 +155,30 @@ def _manifest(previous: Manifest | None, series: Series, states: list[PatchState
             files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
             applied_at=now(), probes=probe_memos.get(patch.spec.id, {}))
     manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
+    manifest.answer = answer(manifest.answer, series, [p for p in states if p.state == APPLIED] + todo)
     return manifest
 
 
-def _action(change: FileChange, states: list[PatchState]) -> Action:
+def answer(previous: dict, series: Series, applied: list[PatchState]) -> dict:
+    """What the fast path reports for APPLIED patches: the series digest and order, and per id the
+    variant, its range, strip, requirements and probes as the engine would show them."""
+    digest = sha256(read_bytes(series.directory / SERIES_FILE) or b"")
+    patches = dict(previous.get("patches", {})) if previous.get("series_sha256") == digest else {}
+    for patch in applied:
+        spec = patch.spec
+        patches[spec.id] = {
+            "file": spec.file, "package": spec.package, "module": spec.module, "tested": spec.tested,
+            "variants": [[v.file, v.tested] for v in patch.variants or (spec,)], "untested": patch.untested,
+            "strip": spec.strip, "requires": list(spec.requires),
+            "probes": [{"key": probe_key(p), "file": p.file, "kind": p.kind, "check": p.describe()}
+                       for p in spec.probes]}
+    return {"series_sha256": digest, "patch_dir": str(series.directory), "ids": series.ids, "patches": patches}
+
+
+def _action(change: FileChange, offsets: list[int]) -> Action:
+    """What apply does to one file; OFFSETS are where its hunks matched, in every patch."""
     if change.action == "register":
         return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
-    offsets = [o for p in states for f in p.files if f.path == change.path for o in f.offsets]
     moved = [o for o in offsets if o]
     detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
@@ -175,7 +192,11 @@ class Plan:
     probe_memos: dict[str, dict[str, dict]]
 
     def actions(self, states: list[PatchState]) -> list[Action]:
-        return [_action(c, states) for c in self.changes]
+        offsets: dict[Path, list[int]] = {}
+        for patch in states:
+            for file in patch.files:
+                offsets.setdefault(file.path, []).extend(file.offsets)
+        return [_action(c, offsets.get(c.path, [])) for c in self.changes]
 
     def manifest(self, previous: Manifest | None, series: Series, states: list[PatchState],
                  todo: list[PatchState]) -> Manifest:

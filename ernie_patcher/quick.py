@@ -56,19 +56,28 @@ def _plain_environment() -> bool:
 
 
 def run(options: dict) -> None:
-    """Run the command as the click CLI would and exit with its code."""
+    """Answer from the manifest when the environment is applied and unchanged (fastpath), else run
+    the engine as the click CLI would; exit with the command's code."""
     from pathlib import Path
 
     from .errors import PatcherError
     from .interrupts import signals_as_errors
-    from .report import Target
 
     command = options["command"]
-    target = Target(python=options["python"], site=Path(options["site"]) if options["site"] else None,
-                    patches=Path(options["patches"]) if options["patches"] else None)
     try:
         with signals_as_errors():
+            from .fastpath import answer
+
+            output = answer(options)
+            if output is not None:
+                sys.stdout.write(output)
+                sys.stdout.flush()
+                sys.exit(0)
             from . import engine
+            from .report import Target
+
+            target = Target(python=options["python"], site=Path(options["site"]) if options["site"] else None,
+                            patches=Path(options["patches"]) if options["patches"] else None)
 
             if command == "verify":
                 report = engine.verify(target, tuple(options["only"]), options["reparse"])

@@ -65,18 +65,23 @@ class PatchRecord:
 
 @dataclass
 class Manifest:
+    """What apply did. ANSWER is what `verify`/`status` report for the applied patches, recorded by
+    apply (plan.answer) so the fast path (fastpath.py) can report without the series parser; it
+    is used only while the series file and every digest are as recorded."""
+
     series: str
     patch_dir: str
     patches: dict[str, PatchRecord] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     tool_version: str = __version__
     updated: str = field(default_factory=now)
+    answer: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
                 "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}}
+                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer}
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
@@ -88,7 +93,8 @@ class Manifest:
             manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
                            patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
                            files={k: FileRecord(**v) for k, v in data["files"].items()},
-                           tool_version=str(data["tool_version"]), updated=str(data["updated"]))
+                           tool_version=str(data["tool_version"]), updated=str(data["updated"]),
+                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {})
         except (KeyError, TypeError, AttributeError) as exc:
             raise corrupt(where, f"missing or malformed field ({exc})") from None
         for record in [*manifest.patches.values(), *manifest.files.values()]:
