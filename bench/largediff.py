@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,18 +29,20 @@ UPGRADE = ("diffusers", "0.38.0", "0.39.0")
 FUNCTION = 'def f_{i}(x):\n    """Function {i}."""\n    a = x\n    b = a\n    y = x + {i}{extra}\n    c = y\n    d = c\n    return d\n\n'
 
 
-def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float, float]:
+def timed(command: list[str], tool_root: Path) -> tuple[float, float, float]:
     """(wall s, CPU s, peak RSS MB) of COMMAND, run under GNU time; it must succeed."""
     out = Path(tempfile.mktemp(prefix="ernie-bench-time-"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(["/usr/bin/time", "-o", str(out), "-f", "%e %U %S %M", *command], cwd=cwd, env=env,
+    env["PYTHONPATH"] = str(tool_root)
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-o", str(out), "-f", "%U %S %M", *command], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    fields = out.read_text().split()[-4:]
+    wall = time.perf_counter() - start
+    fields = out.read_text().split()[-3:]
     out.unlink()
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    wall, user, system, rss = map(float, fields)
+    user, system, rss = map(float, fields)
     return wall, user + system, rss / 1024
 
 
@@ -101,16 +104,34 @@ def upgrade_site(directory: Path) -> tuple[Path, Path, int]:
             wheel.extractall(directory / label, [m for m in wheel.namelist() if m.startswith(f"{name}/")])
     patches = directory / "set"
     patches.mkdir()
-    _diff(directory, f"a/{name}", f"b/{name}", patches / "upgrade.patch")
-    text = (patches / "upgrade.patch").read_text(encoding="utf-8", errors="replace")
-    files = text.count("\n+++ ") + text.startswith("+++ ")
+    whole = directory / "whole.patch"
+    _diff(directory, f"a/{name}", f"b/{name}", whole)
+    kept, dropped = _existing_directories_only(whole.read_bytes(), site)
+    (patches / "upgrade.patch").write_bytes(b"".join(kept))
+    files = len(kept)
+    if dropped:
+        print(f"# left out {dropped} file(s) in directories the older release does not have "
+              "(ernie-patch creates files only in existing package directories)", flush=True)
     (patches / "series.toml").write_text(f'schema = 1\nname = "upgrade"\n\n[[patch]]\nid = "upgrade"\n'
                                          f'file = "upgrade.patch"\npackage = "{name}"\nversions = "=={old}"\n'
                                          'strip = 1\n')
     return site, patches, files
 
 
-def compare(label: str, site: Path, patches: Path, rows: list[str]) -> None:
+def _existing_directories_only(diff: bytes, site: Path) -> tuple[list[bytes], int]:
+    """The per-file sections of DIFF (diff -ruN) whose file lies in a directory SITE already has."""
+    sections = [b"diff " + part for part in diff.split(b"\ndiff ")]
+    sections[0] = sections[0][len(b"diff "):]
+    sections = [s if s.endswith(b"\n") else s + b"\n" for s in sections]
+    kept = []
+    for section in sections:
+        target = section.split(b"\n", 1)[0].split()[-1].decode()  # b/diffusers/...
+        if (site / target.split("/", 1)[1]).parent.is_dir():
+            kept.append(section)
+    return kept, len(sections) - len(kept)
+
+
+def compare(label: str, site: Path, patches: Path, rows: list[str], tool_root: Path) -> None:
     """apply and revert by ernie-patch, then GNU patch -p1 and -R -p1 on a copy of the same site."""
     patch_file = next(patches.glob("*.patch"))
     hunks = sum(1 for line in patch_file.open("rb") if line.startswith(b"@@ "))
@@ -118,10 +139,12 @@ def compare(label: str, site: Path, patches: Path, rows: list[str]) -> None:
     shutil.copytree(site, copy, symlinks=True)
     tool = [sys.executable, "-m", "ernie_patcher"]
     results = {
-        "ernie-patch apply": timed([*tool, "apply", "--site", str(site), "--patches", str(patches)]),
-        "ernie-patch revert": timed([*tool, "revert", "--site", str(site)]),
-        "GNU patch -p1": timed(["patch", "-p1", "--batch", "--silent", "-d", str(copy), "-i", str(patch_file)]),
-        "GNU patch -R -p1": timed(["patch", "-R", "-p1", "--batch", "--silent", "-d", str(copy), "-i", str(patch_file)]),
+        "ernie-patch apply": timed([*tool, "apply", "--site", str(site), "--patches", str(patches)], tool_root),
+        "ernie-patch revert": timed([*tool, "revert", "--site", str(site)], tool_root),
+        "GNU patch -p1": timed(["patch", "-p1", "--batch", "--silent", "-d", str(copy), "-i", str(patch_file)],
+                               tool_root),
+        "GNU patch -R -p1": timed(["patch", "-R", "-p1", "--batch", "--silent", "-d", str(copy), "-i",
+                                   str(patch_file)], tool_root),
     }
     largest = max(p.stat().st_size for p in site.rglob("*.py")) / 2**20
     rows.append(f"{label}: {hunks} hunks, patch {patch_file.stat().st_size / 2**20:.1f} MB, "
@@ -130,26 +153,32 @@ def compare(label: str, site: Path, patches: Path, rows: list[str]) -> None:
     for name, (wall, cpu, rss) in results.items():
         versus = next((f"{wall / gnu[k]:.1f}x GNU" for k in gnu if name == f"ernie-patch {k}"), "")
         rows.append(f"  {name:<22} wall {wall:7.2f} s  CPU {cpu:7.2f} s  peak RSS {rss:7.1f} MB  {versus}")
+    print("\n".join(rows[-5:]), flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hunks", type=int, nargs="*", default=[1000, 20000])
     parser.add_argument("--no-upgrade", action="store_true")
+    parser.add_argument("--tool-root", type=Path, default=ROOT,
+                        help="run ernie-patch from this checkout (e.g. an older one, for before/after figures)")
     args = parser.parse_args()
     rows: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="ernie-patch-largediff-"))
     try:
         for count in args.hunks:
             site, patches = hunk_site(workdir / f"hunks-{count}", count)
-            compare(f"{count} hunks in one file", site, patches, rows)
+            compare(f"{count} hunks in one file", site, patches, rows, args.tool_root)
         if not args.no_upgrade:
             site, patches, files = upgrade_site(workdir / "upgrade")
             name, old, new = UPGRADE
-            compare(f"{name} {old} -> {new} as a patch set ({files} files)", site, patches, rows)
+            compare(f"{name} {old} -> {new} as a patch set ({files} files)", site, patches, rows, args.tool_root)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     text = "\n".join(rows) + "\n"
+    if args.tool_root != ROOT:
+        print(text, end="")
+        return 0
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(text)
     print(text, end="")

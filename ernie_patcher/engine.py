@@ -262,6 +262,7 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
 
     writes: list[Write] = []
     drifted: list[str] = []
+    kept: list[bytes] = []  # what the files hold now, stored (once each) before the transaction
     for entry in manifest.files.values():
         path = recorded_path(report.env, entry)
         if path is None:
@@ -286,13 +287,17 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
                 report.notes.append(f"--force: {path} had been edited after apply; its bytes were saved to {saved}")
             elif current is not None:
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
-        restore = state.store(current) if current is not None and not report.dry_run else None
+        restore = digest if current is not None and not report.dry_run else None
+        if restore is not None:
+            kept.append(current)
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
                             relpath=entry.relpath, action=entry.action))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
                                      "created by apply"))
+    if kept and not drifted:
+        state.store_many(kept)
     return writes, drifted
 
 

@@ -43,10 +43,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None) -> None:
+def sync_dirs(directories: set[Path]) -> None:
+    """fsync each directory once, making the renames and unlinks of a batch of writes durable."""
+    for directory in sorted(directories):
+        _fsync_dir(directory)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None,
+                 sync_dir: bool = True) -> None:
     """Replace PATH with DATA via a temp file in the same directory and rename, fsynced.
 
     MODE and OWNER default to those of the file being replaced, so a patched file keeps them.
+    Without SYNC_DIR the caller fsyncs the directory (sync_dirs), once for a batch of writes.
     """
     import tempfile  # only when writing: status and verify start faster without it
 
@@ -71,7 +79,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
                 pass
         os.replace(tmp_name, path)
         tmp_name = None
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
     except OSError as exc:
         raise environment_error("write", path, exc) from None
     finally:
@@ -95,10 +104,11 @@ def remove_temp_files(path: Path) -> list[Path]:
     return left
 
 
-def remove_file(path: Path) -> None:
+def remove_file(path: Path, sync_dir: bool = True) -> None:
     try:
         path.unlink()
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -121,11 +131,11 @@ def stale_bytecode(path: Path) -> list[Path]:
         return []
 
 
-def remove_bytecode(path: Path) -> list[Path]:
+def remove_bytecode(path: Path, sync_dir: bool = True) -> list[Path]:
     """Delete PATH's cached bytecode so no interpreter runs the old code (unchecked-hash .pyc too)."""
     removed = stale_bytecode(path)
     for pyc in removed:
-        remove_file(pyc)
+        remove_file(pyc, sync_dir)
     return removed
 
 

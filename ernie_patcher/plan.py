@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .assess import APPLIED, NOT_APPLIED, PatchState, decode
+from .bytecode import compile_source
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
@@ -36,6 +37,7 @@ class FileChange:
     mode: int
     patches: list[str] = field(default_factory=list)
     module: str = ""
+    code: object | None = None
 
 
 def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
@@ -61,15 +63,16 @@ def _new_file_mode(path: Path) -> int:
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
-def _check_source(data: bytes, path: Path) -> None:
-    """Raise SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts
-    bytes the import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
+def _check_source(data: bytes, path: Path) -> object:
+    """DATA compiled as the import system compiles it (kept as the new bytecode); raise
+    SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts bytes the
+    import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
     encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     try:
         data.decode(encoding)
     except (UnicodeDecodeError, LookupError) as exc:
         raise ValueError(f"not valid {encoding} ({exc})") from None
-    compile(data, str(path), "exec", dont_inherit=True)
+    return compile_source(data, path)
 
 
 def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
@@ -80,7 +83,7 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
     for change in changes.values():
         if change.after is not None and change.path.suffix == ".py":
             try:
-                _check_source(change.after, change.path)
+                change.code = _check_source(change.after, change.path)
             except COMPILE_ERRORS as exc:
                 raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: "
                                    f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}",
@@ -204,9 +207,10 @@ class Plan:
 
     def writes(self, state: StateDir) -> list[Write]:
         """The writes for the transaction; the current bytes of each file are stored first."""
-        return [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None,
+        stored = iter(state.store_many([c.before for c in self.changes if c.before is not None]))
+        return [Write(c.path, c.after, c.mode, next(stored) if c.before is not None else None,
                       package=c.package, module=import_name(c.package, c.module), version=c.version,
-                      relpath=c.relpath, action=c.action) for c in self.changes]
+                      relpath=c.relpath, action=c.action, code=c.code) for c in self.changes]
 
 
 def build_plan(todo: list[PatchState]) -> Plan:

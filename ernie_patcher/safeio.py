@@ -151,8 +151,9 @@ class SafeDir:
         finally:
             _close(fd)
 
-    def write(self, name: str, data: bytes, mode: int) -> None:
-        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename."""
+    def write(self, name: str, data: bytes, mode: int, sync_dir: bool = True) -> None:
+        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename;
+        without SYNC_DIR the caller fsyncs this directory once after a batch of writes."""
         temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
@@ -168,12 +169,19 @@ class SafeDir:
                 _close(fd)
             os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             temp = ""
-            os.fsync(self.fd)
+            if sync_dir:
+                os.fsync(self.fd)
         except OSError as exc:
             raise environment_error("write", self.path / name, exc) from None
         finally:
             if temp:
                 self.remove(temp, quiet=True)
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path, exc) from None
 
     def remove(self, name: str, quiet: bool = False) -> None:
         """Unlink NAME (a symlink is removed itself, never followed)."""

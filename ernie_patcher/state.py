@@ -289,12 +289,22 @@ class StateDir:
 
     def store(self, data: bytes) -> str:
         """Keep DATA under its digest (once); return the digest."""
-        digest = sha256(data)
+        return self.store_many([data])[0]
+
+    def store_many(self, datas: list[bytes]) -> list[str]:
+        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once."""
+        digests = [sha256(data) for data in datas]
         with self._subdir(self.objects.name, create=True) as objects:
-            kept = objects.read(digest, MAX_OBJECT)
-            if kept is None or sha256(kept) != digest:
-                objects.write(digest, data, 0o444)
-        return digest
+            written = set()
+            for digest, data in zip(digests, datas):
+                if digest in written:
+                    continue
+                kept = objects.read(digest, MAX_OBJECT)
+                if kept is None or sha256(kept) != digest:
+                    objects.write(digest, data, 0o444, sync_dir=False)
+                written.add(digest)
+            objects.sync()
+        return digests
 
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
