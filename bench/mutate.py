@@ -71,7 +71,10 @@ MUTATIONS = [
              "if False:",
              ("tests/faults/test_drift_reinstall.py::test_hand_edit_after_apply",)),
     Mutation("temp file not fsynced before rename", "ernie_patcher/fsops.py",
-             "            handle.flush()\n            os.fsync(handle.fileno())\n", "            handle.flush()\n",
+             "            if sync:\n                os.fsync(handle.fileno())\n", "",
+             ("tests/engine/test_fsops.py",)),
+    Mutation("staged files not fsynced before they are renamed", "ernie_patcher/transaction.py",
+             "        fsync_files(staged.values())\n", "",
              ("tests/engine/test_fsops.py",)),
     Mutation("manifest after journal removal", "ernie_patcher/transaction.py",
              '    state.write_manifest(manifest)\n    checkpoint("manifest-written")\n'

@@ -17,7 +17,6 @@ import os
 import stat
 from importlib.util import MAGIC_NUMBER, cache_from_source, source_hash
 from pathlib import Path
-from types import CodeType
 
 from .errors import PatcherError
 from .safeio import SafeDir
@@ -71,8 +70,9 @@ def release_flags(path: Path) -> int | None:
     return next((f for f in (_header_flags(cache / n) for n in siblings[:8]) if f is not None), None)
 
 
-def pyc_bytes(path: Path, data: bytes, code: CodeType, flags: int) -> bytes:
-    """The .pyc of CODE for source DATA just written at PATH (its mtime and size for a timestamp)."""
+def pyc_bytes(path: Path, data: bytes, code: bytes, flags: int) -> bytes:
+    """The .pyc of CODE (marshalled) for source DATA just written at PATH (its mtime and size for a
+    timestamp)."""
     header = MAGIC_NUMBER + flags.to_bytes(4, "little")
     if flags & HASH_BASED:
         header += source_hash(data)
@@ -80,20 +80,21 @@ def pyc_bytes(path: Path, data: bytes, code: CodeType, flags: int) -> bytes:
         written = path.stat()
         header += (int(written.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
         header += (len(data) & 0xFFFFFFFF).to_bytes(4, "little")
-    return header + marshal.dumps(code)
+    return header + code
 
 
-def compile_source(data: bytes, path: Path) -> CodeType:
-    """What the import system compiles from DATA at PATH."""
-    return compile(data, str(path), "exec", dont_inherit=True)
+def compile_source(data: bytes, path: Path) -> bytes:
+    """What the import system compiles from DATA at PATH, marshalled: a code object of a large
+    module takes a hundred times its marshalled size in memory, so it is never kept."""
+    return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True))
 
 
-def write(path: Path, data: bytes, code: CodeType | None, flags: int) -> Path | None:
-    """Write the .pyc of DATA (just written at PATH) in mode FLAGS; CODE None compiles DATA.
+def write(path: Path, data: bytes, code: bytes | None, flags: int) -> Path | None:
+    """Write the .pyc of DATA (just written at PATH) in mode FLAGS; CODE (marshalled) None compiles DATA.
 
     Bytecode only saves the interpreter work: a file that does not compile, an unsafe or
     unwritable __pycache__ leave none (the stale one is already removed). Returns the .pyc written.
-    The caller fsyncs the __pycache__ directory with the others (fsops.sync_dirs)."""
+    The caller fsyncs the .pyc (fsops.fsync_files) and its directory (fsops.sync_dirs) with the others."""
     from .probes import COMPILE_ERRORS
 
     pyc = Path(cache_from_source(str(path), optimization=""))
@@ -105,7 +106,7 @@ def write(path: Path, data: bytes, code: CodeType | None, flags: int) -> Path | 
         if directory is None:
             return None
         with directory:
-            directory.write(pyc.name, body, mode, sync_dir=False)
+            directory.write(pyc.name, body, mode, sync_dir=False, sync_file=False)
     except (*COMPILE_ERRORS, OSError, PatcherError):
         return None
     return pyc

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ExitCode, PatcherError, environment_error
@@ -56,6 +57,13 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
     MODE and OWNER default to those of the file being replaced, so a patched file keeps them.
     Without SYNC_DIR the caller fsyncs the directory (sync_dirs), once for a batch of writes.
     """
+    install(stage(path, data, mode, owner), path, sync_dir)
+
+
+def stage(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None,
+          sync: bool = True) -> str:
+    """A temp file beside PATH holding DATA, with PATH's mode and owner (see atomic_write), fsynced
+    unless SYNC is false (then the caller fsyncs it, fsync_files, before install renames it)."""
     import tempfile  # only when writing: status and verify start faster without it
 
     try:
@@ -70,25 +78,54 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
         if owner is not None and hasattr(os, "chown"):
             try:
                 os.chown(tmp_name, *owner)
             except PermissionError:
                 pass
+    except OSError as exc:
+        discard([tmp_name] if tmp_name else [])
+        raise environment_error("write", path, exc) from None
+    return tmp_name
+
+
+def install(tmp_name: str, path: Path, sync_dir: bool = True) -> None:
+    """Rename the staged TMP_NAME over PATH (atomic); the directory fsynced unless SYNC_DIR is false."""
+    try:
         os.replace(tmp_name, path)
-        tmp_name = None
         if sync_dir:
             _fsync_dir(path.parent)
     except OSError as exc:
+        discard([tmp_name])
         raise environment_error("write", path, exc) from None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+
+
+def discard(tmp_names: Iterable[str]) -> None:
+    """Remove staged temp files that will not be installed."""
+    for name in tmp_names:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def fsync_files(names: Iterable[str | Path]) -> None:
+    """fsync each file, opened again without following symlinks. After a batch of unsynced writes
+    the first call commits the file-system journal with all of them, so the rest cost little."""
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise environment_error("write", Path(name), exc) from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise environment_error("write", Path(name), exc) from None
+        finally:
+            os.close(fd)
 
 
 def remove_temp_files(path: Path) -> list[Path]:

@@ -37,7 +37,7 @@ class FileChange:
     mode: int
     patches: list[str] = field(default_factory=list)
     module: str = ""
-    code: object | None = None
+    code: bytes | None = None
 
 
 def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
@@ -63,8 +63,8 @@ def _new_file_mode(path: Path) -> int:
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
-def _check_source(data: bytes, path: Path) -> object:
-    """DATA compiled as the import system compiles it (kept as the new bytecode); raise
+def _check_source(data: bytes, path: Path) -> bytes:
+    """DATA compiled as the import system compiles it, marshalled (the new bytecode); raise
     SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts bytes the
     import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
     encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)

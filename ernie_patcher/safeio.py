@@ -151,9 +151,10 @@ class SafeDir:
         finally:
             _close(fd)
 
-    def write(self, name: str, data: bytes, mode: int, sync_dir: bool = True) -> None:
-        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename;
-        without SYNC_DIR the caller fsyncs this directory once after a batch of writes."""
+    def write(self, name: str, data: bytes, mode: int, sync_dir: bool = True, sync_file: bool = True) -> None:
+        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename.
+        For a batch of writes the caller may fsync the files (fsync_entries) and this directory
+        (sync) once afterwards instead (SYNC_FILE, SYNC_DIR false)."""
         temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
@@ -164,7 +165,8 @@ class SafeDir:
             try:
                 _write_all(fd, data)
                 os.fchmod(fd, mode)
-                os.fsync(fd)
+                if sync_file:
+                    os.fsync(fd)
             finally:
                 _close(fd)
             os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -176,6 +178,22 @@ class SafeDir:
         finally:
             if temp:
                 self.remove(temp, quiet=True)
+
+    def fsync_entries(self, names: list[str]) -> None:
+        """fsync the regular files NAMES of this directory (no-follow); after a batch of unsynced
+        writes the first commits the file-system journal with all of them."""
+        for name in names:
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
+            except OSError as exc:
+                raise _open_error(self.path / name, exc, "write") from None
+            try:
+                check(self.path / name, os.fstat(fd), want_dir=False)
+                os.fsync(fd)
+            except OSError as exc:
+                raise environment_error("write", self.path / name, exc) from None
+            finally:
+                _close(fd)
 
     def sync(self) -> None:
         try:

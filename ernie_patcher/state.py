@@ -295,14 +295,15 @@ class StateDir:
         """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once."""
         digests = [sha256(data) for data in datas]
         with self._subdir(self.objects.name, create=True) as objects:
-            written = set()
+            written: dict[str, bool] = {}
             for digest, data in zip(digests, datas):
                 if digest in written:
                     continue
                 kept = objects.read(digest, MAX_OBJECT)
-                if kept is None or sha256(kept) != digest:
-                    objects.write(digest, data, 0o444, sync_dir=False)
-                written.add(digest)
+                written[digest] = kept is None or sha256(kept) != digest
+                if written[digest]:
+                    objects.write(digest, data, 0o444, sync_dir=False, sync_file=False)
+            objects.fsync_entries([d for d, new in written.items() if new])
             objects.sync()
         return digests
 
