@@ -16,9 +16,9 @@ from .bytecode import compile_source
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .probes import COMPILE_ERRORS, memo, probe_key, run_probe
+from .probes import COMPILE_ERRORS, ProbeResult, memo, probe_key, run_probe
 from .report import Action
-from .series import SERIES_FILE, Series
+from .series import SERIES_FILE, ProbeSpec, Series
 from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
 from .transaction import Write
 
@@ -94,13 +94,29 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
         memos[patch.spec.id] = {}
         for probe in patch.spec.probes:
             source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
-            result = run_probe(probe, source)
+            result = _probe_planned(probe, source)
             if not result.passed:
                 raise PatcherError(ExitCode.CONFLICT,
                                    f"{patch.spec.id}: probe '{probe.describe()}' would fail after applying "
                                    f"({result.detail})", hint="the patch and its probes disagree; nothing was written")
             memos[patch.spec.id][probe_key(probe)] = memo(result, source)
     return memos
+
+
+def _probe_planned(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
+    """PROBE on the planned bytes: a pure function of the release's file and the patch, so a result
+    kept from an earlier run on the same bytes (probememo) is reused."""
+    if source is None:
+        return run_probe(probe, source)
+    from . import probememo
+
+    digest, key = sha256(source), probe_key(probe)
+    kept = probememo.recall(digest).get(key)
+    if kept is not None:
+        return ProbeResult(probe, kept["passed"], kept["detail"])
+    result = run_probe(probe, source)
+    probememo.remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
+    return result
 
 
 def _record_line(relpath: str, data: bytes) -> str:

@@ -1,30 +1,32 @@
-"""The `ernie-patch` entry point: `verify` and `status` start without click.
+"""The `ernie-patch` entry point: `verify`, `status` and `apply --dry-run` start without click.
 
-Hand-written option parsing for those two commands only, because importing click costs several
+Hand-written option parsing for those commands only, because importing click costs several
 times an interpreter's own start, more than everything `verify` checks. Only the plain forms are
-taken here -- `verify|status [--json] [--python P] [--site D] [--patches D] [--only ID]...
-[--reparse]`; anything else (help, another command, an option this parser does not know, an
-ERNIE_PATCHER_* setting it does not know, a file given as a directory) goes to the click CLI,
-which also reports every error, so usage and error handling stay in one place.
+taken here -- `verify|status|apply [--json] [--python P] [--site D] [--patches D] [--only ID]...`
+with `--reparse` (verify) or `--dry-run [--allow-untested]` (apply, which writes nothing then);
+anything else (help, another command, apply without --dry-run, an option this parser does not
+know, an ERNIE_PATCHER_* setting it does not know, a file given as a directory) goes to the click
+CLI, which also reports every error, so usage and error handling stay in one place.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = ("verify", "status")
+COMMANDS = ("verify", "status", "apply")
 _VALUED = {"--python": "python", "--site": "site", "--patches": "patches", "--only": "only"}
-_FLAGS = {"--json": "as_json", "--reparse": "reparse"}
+_FLAGS = {"--json": "as_json", "--reparse": "reparse", "--dry-run": "dry_run", "--allow-untested": "allow_untested"}
+_ONLY_FOR = {"reparse": "verify", "dry_run": "apply", "allow_untested": "apply"}
 _KNOWN_ENV = {"ERNIE_PATCHER_PYTHON_TIMEOUT", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
               "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT"}
 
 
 def parse(argv: list[str]) -> dict | None:
-    """The options of a plain `verify`/`status` command line; None for anything else."""
+    """The options of a plain `verify`, `status` or `apply --dry-run` command line; None for anything else."""
     if not argv or argv[0] not in COMMANDS:
         return None
     options: dict = {"command": argv[0], "python": None, "site": None, "patches": None, "only": [],
-                     "as_json": False, "reparse": False}
+                     "as_json": False, "reparse": False, "dry_run": False, "allow_untested": False}
     rest = argv[1:]
     while rest:
         word = rest.pop(0)
@@ -43,8 +45,10 @@ def parse(argv: list[str]) -> dict | None:
                 options[_VALUED[name]] = value
         else:
             return None
-    if options["reparse"] and options["command"] != "verify":
+    if any(options[flag] and options["command"] != command for flag, command in _ONLY_FOR.items()):
         return None
+    if options["command"] == "apply" and not options["dry_run"]:
+        return None  # writes go through the click CLI
     for key in ("site", "patches"):
         if options[key] is not None and os.path.exists(options[key]) and not os.path.isdir(options[key]):
             return None  # click refuses a file where a directory is expected
@@ -66,21 +70,23 @@ def run(options: dict) -> None:
     command = options["command"]
     try:
         with signals_as_errors():
-            from .fastpath import answer
+            if command != "apply":
+                from .fastpath import answer
 
-            output = answer(options)
-            if output is not None:
-                sys.stdout.write(output)
-                sys.stdout.flush()
-                sys.exit(0)
+                output = answer(options)
+                if output is not None:
+                    sys.stdout.write(output)
+                    sys.stdout.flush()
+                    sys.exit(0)
             from . import engine
             from .report import Target
 
             target = Target(python=options["python"], site=Path(options["site"]) if options["site"] else None,
                             patches=Path(options["patches"]) if options["patches"] else None)
-
             if command == "verify":
                 report = engine.verify(target, tuple(options["only"]), options["reparse"])
+            elif command == "apply":
+                report = engine.apply(target, tuple(options["only"]), True, options["allow_untested"])
             else:
                 report = engine.status(target, tuple(options["only"]))
     except PatcherError as error:

@@ -69,3 +69,12 @@ def test_before_apply_and_unknown_options_go_to_the_engine_and_click(site: Path)
     assert code == 2 and "click" in loaded
     code, _, loaded = run_quick("verify", "--reparse", "--site", site)
     assert code == 0 and "ernie_patcher.engine" in loaded and "click" not in loaded
+
+
+@pytest.mark.parametrize("args", [("apply", "--dry-run"), ("apply", "--dry-run", "--json", "--only", "omni-ulysses")])
+def test_apply_dry_run_starts_without_click_and_reports_as_the_click_cli(site: Path, args):
+    code, out, loaded = run_quick(*args, "--site", site)
+    assert "click" not in loaded
+    engine = cli(*args, "--site", site)
+    assert (code, out) == (engine.code, engine.stdout)
+    assert not (site / ".ernie-patcher").exists()
