@@ -26,7 +26,8 @@ CACHE = Path(os.environ.get("ERNIE_PATCHER_CACHE", Path.home() / ".cache" / "ern
 WHEELS = CACHE / "wheels"
 RESULTS = ROOT / "bench" / "results" / "largediff.txt"
 UPGRADE = ("diffusers", "0.38.0", "0.39.0")
-FUNCTION = 'def f_{i}(x):\n    """Function {i}."""\n    a = x\n    b = a\n    y = x + {i}{extra}\n    c = y\n    d = c\n    return d\n\n'
+FUNCTION = ('def f_{i}(x):\n    """Function {i}."""\n    a = x\n    b = a\n    y = x + {i}{extra}\n'
+            '    c = y\n    d = c\n    return d\n\n')
 
 
 def timed(command: list[str], tool_root: Path) -> tuple[float, float, float]:

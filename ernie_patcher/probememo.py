@@ -4,9 +4,10 @@ files it has seen.
 A probe is a pure function of its definition and the file's bytes: a result kept under the
 probe's key (probes.probe_key) and the file's sha256 is the result. Only results on files whose
 digest is the one the release's RECORD lists, and on what apply plans from them, are kept, so
-the memo holds nothing a user edits. The memo is in the user's cache directory ($XDG_CACHE_HOME, else ~/.cache), reached through
-safeio (no symlink followed, owner checked, size capped); anything wrong with it -- unwritable,
-unsafe, damaged -- makes the probes run from source, never fails the command.
+the memo holds nothing a user edits. The memo is in the user's cache directory ($XDG_CACHE_HOME,
+else ~/.cache), reached through safeio (no symlink followed, owner checked, size capped);
+anything wrong with it -- unwritable, unsafe, damaged -- makes the probes run from source, never
+fails the command.
 """
 from __future__ import annotations
 

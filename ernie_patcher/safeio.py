@@ -201,8 +201,9 @@ class SafeDir:
         except OSError as exc:
             raise environment_error("write", self.path, exc) from None
 
-    def remove(self, name: str, quiet: bool = False) -> None:
-        """Unlink NAME (a symlink is removed itself, never followed)."""
+    def remove(self, name: str, quiet: bool = False, sync_dir: bool = True) -> None:
+        """Unlink NAME (a symlink is removed itself, never followed); without SYNC_DIR the caller
+        fsyncs this directory (sync) once after a batch of removals."""
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
@@ -210,6 +211,8 @@ class SafeDir:
         except OSError as exc:
             if not quiet:
                 raise environment_error("remove", self.path / name, exc) from None
+            return
+        if not sync_dir:
             return
         try:
             os.fsync(self.fd)

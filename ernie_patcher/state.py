@@ -317,10 +317,13 @@ class StateDir:
         return data
 
     def drop_objects(self, keep: set[str]) -> None:
+        """Remove every stored object but KEEP; the directory is fsynced once."""
         with self._subdir(self.objects.name) as objects:
-            for name in objects.names() if objects is not None else []:
-                if name not in keep:
-                    objects.remove(name)
+            dropped = [n for n in (objects.names() if objects is not None else []) if n not in keep]
+            for name in dropped:
+                objects.remove(name, sync_dir=False)
+            if dropped:
+                objects.sync()
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
         """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
