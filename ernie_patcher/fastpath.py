@@ -20,6 +20,7 @@ from pathlib import Path
 from . import __version__, envprobe
 from .errors import PatcherError
 from .fsops import Lock
+from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
 try:  # the interpreter's own sha256: loading OpenSSL (hashlib) costs more than hashing a few files
     from _sha256 import sha256 as _sha256
@@ -28,7 +29,6 @@ except ImportError:  # Python >= 3.12 names it _sha2; other interpreters have ha
         from _sha2 import sha256 as _sha256
     except ImportError:
         from hashlib import sha256 as _sha256
-from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
 STATE_DIRNAME = ".ernie-patcher"
 HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "strip", "probes"]

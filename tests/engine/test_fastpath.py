@@ -78,3 +78,23 @@ def test_apply_dry_run_starts_without_click_and_reports_as_the_click_cli(site: P
     engine = cli(*args, "--site", site)
     assert (code, out) == (engine.code, engine.stdout)
     assert not (site / ".ernie-patcher").exists()
+
+
+def test_python_option_is_answered_from_the_manifest_too(tmp_path: Path):
+    """--python: the other interpreter describes its environment (envprobe run by it), then the
+    manifest answers, as the engine would."""
+    from support.cli import OMNI_PIPELINE
+    from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
+    from support.realpkgs import VLLM_OMNI, make_venv
+
+    python = make_venv(tmp_path / "venv", VLLM_OMNI)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    diff = file_diff(site, OMNI_PIPELINE, insert_after("import torch", "OMNI_MARK = 'omni-mark'\n"))
+    patches = write_patchset(tmp_path / "set", [PatchDef("omni", "vllm-omni", "vllm_omni", diff, versions="==0.20.0",
+                             probes=[{"file": OMNI_PIPELINE, "kind": "string", "value": "omni-mark"}])])
+    assert cli("apply", "--python", python, "--patches", patches).code == 0
+    code, out, loaded = run_quick("verify", "--json", "--python", python, "--patches", patches)
+    assert loaded == []
+    engine = cli("verify", "--json", "--python", python, "--patches", patches)
+    assert (code, out) == (engine.code, engine.stdout) and json.loads(out)["ok"]
