@@ -49,8 +49,10 @@ test-sp-%:
 	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && \
 	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/sp)
 
+# Start-up ratios (small and ~220-distribution environments), then large diffs against GNU patch.
 bench: $(VENV)/.ready
 	$(VENV)/bin/python bench/startup.py
+	$(VENV)/bin/python bench/largediff.py
 
 matrix: $(VENV)/.ready
 	$(VENV)/bin/python bench/version_matrix.py

@@ -4,15 +4,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .diffparse import FilePatch, parse_patch
 from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .hunks import HunkConflict, apply_hunks
-from .probes import ProbeResult, recall, run_probe
+from .probes import ProbeResult, probe_key, recall, run_probe
 from .series import PatchSpec, ProbeSpec
 from .state import FileRecord, Manifest, RestoreEntry
+
+if TYPE_CHECKING:
+    from .diffparse import FilePatch
+    from .hunks import HunkConflict
 
 APPLIED = "applied"
 NOT_APPLIED = "not-applied"
@@ -156,6 +159,8 @@ class Assessor:
         applied = self._applied_as_recorded(spec, package)
         if applied is not None:
             return applied
+        from .diffparse import parse_patch  # only a patch not applied as recorded is parsed
+
         parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
         result = PatchState(spec, package, NOT_APPLIED, strip=parsed.strip, strip_inferred=parsed.strip_inferred)
         if not spec.covers(package.version):
@@ -177,7 +182,7 @@ class Assessor:
             if result.state == APPLIED:
                 result.state = NOT_APPLIED
             result.reason = f"{spec.package} changed from {recorded.version} to {package.version} since apply"
-        result.probes = [run_probe(p, self._probe_source(package, p.file)) for p in spec.probes]
+        result.probes = [self._probe_fresh(package, p) for p in spec.probes]
         return result
 
     def _applied_as_recorded(self, spec: PatchSpec, package: InstalledPackage) -> PatchState | None:
@@ -209,6 +214,26 @@ class Assessor:
         source = self._probe_source(package, probe.file)
         return recall(probe, source, memos) or run_probe(probe, source)
 
+    def _probe_fresh(self, package: InstalledPackage, probe: ProbeSpec) -> ProbeResult:
+        """PROBE on the file as it is; on a file the release's RECORD vouches for, the result kept
+        from an earlier run on the same bytes (probememo) when there is one."""
+        source = self._probe_source(package, probe.file)
+        if source is None or self.reparse or not self._released(package, probe.file, source):
+            return run_probe(probe, source)
+        from . import probememo
+
+        digest, key = sha256(source), probe_key(probe)
+        kept = probememo.recall(digest).get(key)
+        if kept is not None:
+            return ProbeResult(probe, kept["passed"], kept["detail"])
+        result = run_probe(probe, source)
+        probememo.remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
+        return result
+
+    def _released(self, package: InstalledPackage, relpath: str, data: bytes) -> bool:
+        """Whether DATA is the file RELPATH as the installed release shipped it (RECORD)."""
+        return self.record_digest(package, relpath) == record_digest(data)
+
     def _probe_source(self, package: InstalledPackage, relpath: str) -> bytes | None:
         return read_bytes(package.import_root / relpath)
 
@@ -230,6 +255,8 @@ class Assessor:
         return self._try_apply(package, fp, state)
 
     def _try_apply(self, package: InstalledPackage, fp: FilePatch, state: FileState) -> FileState:
+        from .hunks import HunkConflict, apply_hunks
+
         current = state.current
         if fp.creates:
             if current is not None:

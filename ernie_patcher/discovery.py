@@ -1,10 +1,7 @@
 """Find the target packages in an environment: this interpreter's, another's, or a site directory."""
 from __future__ import annotations
 
-import base64
-import csv
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +34,25 @@ class InstalledPackage:
 
 
 def parse_record(text: str) -> dict[str, str | None]:
-    """RECORD rows: path -> 'sha256=<urlsafe-b64>' (or None when the row has no digest)."""
+    """RECORD rows: path -> 'sha256=<urlsafe-b64>' (or None when the row has no digest).
+
+    A RECORD without quotes or lone carriage returns (nearly all) is split directly; any other is
+    read by the csv module."""
+    text = text.replace("\r\n", "\n")
+    if '"' in text or "\r" in text:
+        return _parse_record_csv(text)
+    entries: dict[str, str | None] = {}
+    for line in text.split("\n"):
+        if line:
+            row = line.split(",")
+            entries[row[0]] = row[1] if len(row) > 1 and row[1] else None
+    return entries
+
+
+def _parse_record_csv(text: str) -> dict[str, str | None]:
+    import csv
+    import io
+
     entries: dict[str, str | None] = {}
     try:
         for row in csv.reader(io.StringIO(text)):
@@ -67,6 +82,8 @@ def record_digest(data: bytes) -> str:
 
 def record_form(hex_digest: str) -> str:
     """A sha256 hex digest in the RECORD format."""
+    import base64
+
     digest = base64.urlsafe_b64encode(bytes.fromhex(hex_digest)).rstrip(b"=").decode()
     return f"sha256={digest}"
 

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
 from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
 from .fsops import Lock, read_bytes, sha256
 from .originals import check_originals, unchecked_note
-from .probes import run_probe
 from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
 from .state import Manifest, RestoreEntry, StateDir, import_name
-from .transaction import Locate, Recovery, Write, commit, recover
+
+if TYPE_CHECKING:  # the write machinery is imported by the commands that write (or recover)
+    from .transaction import Locate, Recovery, Write
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
             (DRIFTED, ExitCode.DRIFTED), (CONFLICT, ExitCode.CONFLICT))
@@ -55,6 +56,8 @@ def _state_access(state: StateDir, write: bool, report: Report, target: Target) 
     exclusive = write or needs_recovery
     with Lock(state.lock_path, exclusive=exclusive):
         if needs_recovery:
+            from .transaction import recover
+
             _note_recovery(report, recover(state, _locator(target)))
         try:
             yield
@@ -206,6 +209,9 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
                    todo: list[PatchState], previous: Manifest | None) -> None:
     from .plan import build_plan  # only apply plans writes: status and verify start faster
 
+    from .probes import run_probe
+    from .transaction import commit
+
     plan = build_plan(todo)
     report.actions = plan.actions(states)
     if report.dry_run:
@@ -252,8 +258,11 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
 
 def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Report) -> tuple[list[Write], list[str]]:
     """What revert would write; with --dry-run nothing is stored or saved on the way."""
+    from .transaction import Write
+
     writes: list[Write] = []
     drifted: list[str] = []
+    kept: list[bytes] = []  # what the files hold now, stored (once each) before the transaction
     for entry in manifest.files.values():
         path = recorded_path(report.env, entry)
         if path is None:
@@ -278,13 +287,17 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
                 report.notes.append(f"--force: {path} had been edited after apply; its bytes were saved to {saved}")
             elif current is not None:
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
-        restore = state.store(current) if current is not None and not report.dry_run else None
+        restore = digest if current is not None and not report.dry_run else None
+        if restore is not None:
+            kept.append(current)
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
                             relpath=entry.relpath, action=entry.action))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
                                      "created by apply"))
+    if kept and not drifted:
+        state.store_many(kept)
     return writes, drifted
 
 
@@ -320,6 +333,8 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
             return report
         if dry_run:
             return report
+        from .transaction import commit
+
         commit(state, "revert", writes, None, manifest)
         state.remove_if_empty()
     return report

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import fcntl
-import glob
-import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ExitCode, PatcherError, environment_error
@@ -16,6 +14,8 @@ LOCK_ATTEMPTS = 5
 
 
 def sha256(data: bytes) -> str:
+    import hashlib  # OpenSSL's, fast on large files; the verify fast path uses the interpreter's own
+
     return hashlib.sha256(data).hexdigest()
 
 
@@ -44,11 +44,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None) -> None:
+def sync_dirs(directories: set[Path]) -> None:
+    """fsync each directory once, making the renames and unlinks of a batch of writes durable."""
+    for directory in sorted(directories):
+        _fsync_dir(directory)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None,
+                 sync_dir: bool = True) -> None:
     """Replace PATH with DATA via a temp file in the same directory and rename, fsynced.
 
     MODE and OWNER default to those of the file being replaced, so a patched file keeps them.
+    Without SYNC_DIR the caller fsyncs the directory (sync_dirs), once for a batch of writes.
     """
+    install(stage(path, data, mode, owner), path, sync_dir)
+
+
+def stage(path: Path, data: bytes, mode: int | None = None, owner: tuple[int, int] | None = None,
+          sync: bool = True) -> str:
+    """A temp file beside PATH holding DATA, with PATH's mode and owner (see atomic_write), fsynced
+    unless SYNC is false (then the caller fsyncs it, fsync_files, before install renames it)."""
     import tempfile  # only when writing: status and verify start faster without it
 
     try:
@@ -63,28 +78,60 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, owner: tuple[
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
         if owner is not None and hasattr(os, "chown"):
             try:
                 os.chown(tmp_name, *owner)
             except PermissionError:
                 pass
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_dir(path.parent)
     except OSError as exc:
+        discard([tmp_name] if tmp_name else [])
         raise environment_error("write", path, exc) from None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+    return tmp_name
+
+
+def install(tmp_name: str, path: Path, sync_dir: bool = True) -> None:
+    """Rename the staged TMP_NAME over PATH (atomic); the directory fsynced unless SYNC_DIR is false."""
+    try:
+        os.replace(tmp_name, path)
+        if sync_dir:
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        discard([tmp_name])
+        raise environment_error("write", path, exc) from None
+
+
+def discard(tmp_names: Iterable[str]) -> None:
+    """Remove staged temp files that will not be installed."""
+    for name in tmp_names:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def fsync_files(names: Iterable[str | Path]) -> None:
+    """fsync each file, opened again without following symlinks. After a batch of unsynced writes
+    the first call commits the file-system journal with all of them, so the rest cost little."""
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise environment_error("write", Path(name), exc) from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise environment_error("write", Path(name), exc) from None
+        finally:
+            os.close(fd)
 
 
 def remove_temp_files(path: Path) -> list[Path]:
     """Delete temp files a killed atomic_write(PATH) left beside PATH; return them."""
+    import glob
+
     try:
         left = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
     except OSError:
@@ -94,10 +141,11 @@ def remove_temp_files(path: Path) -> list[Path]:
     return left
 
 
-def remove_file(path: Path) -> None:
+def remove_file(path: Path, sync_dir: bool = True) -> None:
     try:
         path.unlink()
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -120,21 +168,21 @@ def stale_bytecode(path: Path) -> list[Path]:
         return []
 
 
-def remove_bytecode(path: Path) -> list[Path]:
+def remove_bytecode(path: Path, sync_dir: bool = True) -> list[Path]:
     """Delete PATH's cached bytecode so no interpreter runs the old code (unchecked-hash .pyc too)."""
     removed = stale_bytecode(path)
     for pyc in removed:
-        remove_file(pyc)
+        remove_file(pyc, sync_dir)
     return removed
 
 
-@dataclass
 class Lock:
     """An exclusive (or shared) flock on STATE_DIR/lock; a second writer is refused, never queued."""
 
-    path: Path
-    exclusive: bool = True
-    _fd: int | None = None
+    def __init__(self, path: Path, exclusive: bool = True) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        self._fd: int | None = None
 
     def __enter__(self) -> "Lock":
         for _ in range(LOCK_ATTEMPTS):

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import signal
-import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from .errors import ExitCode, PatcherError
 
@@ -28,12 +27,13 @@ def _raise(signum: int, frame: object) -> None:
 def signals_as_errors() -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise Interrupted (a PatcherError); the previous handlers
     come back afterwards. Outside the main thread signals cannot be handled: nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = {number: signal.getsignal(number) for number in SIGNALS}
+    try:
+        for number in SIGNALS:
+            signal.signal(number, _raise)
+    except ValueError:  # not the main thread (signal.signal refuses before changing anything)
         yield
         return
-    previous = {number: signal.getsignal(number) for number in SIGNALS}
-    for number in SIGNALS:
-        signal.signal(number, _raise)
     try:
         yield
     finally:

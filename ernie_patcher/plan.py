@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .assess import NOT_APPLIED, PatchState, decode
+from .assess import APPLIED, NOT_APPLIED, PatchState, decode
+from .bytecode import compile_source
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .probes import COMPILE_ERRORS, memo, probe_key, run_probe
+from .probes import COMPILE_ERRORS, ProbeResult, memo, probe_key, run_probe
 from .report import Action
-from .series import Series
+from .series import SERIES_FILE, ProbeSpec, Series
 from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
 from .transaction import Write
 
@@ -36,6 +37,7 @@ class FileChange:
     mode: int
     patches: list[str] = field(default_factory=list)
     module: str = ""
+    code: bytes | None = None
 
 
 def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
@@ -61,15 +63,16 @@ def _new_file_mode(path: Path) -> int:
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
-def _check_source(data: bytes, path: Path) -> None:
-    """Raise SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts
-    bytes the import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
+def _check_source(data: bytes, path: Path) -> bytes:
+    """DATA compiled as the import system compiles it, marshalled (the new bytecode); raise
+    SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts bytes the
+    import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
     encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     try:
         data.decode(encoding)
     except (UnicodeDecodeError, LookupError) as exc:
         raise ValueError(f"not valid {encoding} ({exc})") from None
-    compile(data, str(path), "exec", dont_inherit=True)
+    return compile_source(data, path)
 
 
 def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
@@ -80,7 +83,7 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
     for change in changes.values():
         if change.after is not None and change.path.suffix == ".py":
             try:
-                _check_source(change.after, change.path)
+                change.code = _check_source(change.after, change.path)
             except COMPILE_ERRORS as exc:
                 raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: "
                                    f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}",
@@ -91,13 +94,29 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
         memos[patch.spec.id] = {}
         for probe in patch.spec.probes:
             source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
-            result = run_probe(probe, source)
+            result = _probe_planned(probe, source)
             if not result.passed:
                 raise PatcherError(ExitCode.CONFLICT,
                                    f"{patch.spec.id}: probe '{probe.describe()}' would fail after applying "
                                    f"({result.detail})", hint="the patch and its probes disagree; nothing was written")
             memos[patch.spec.id][probe_key(probe)] = memo(result, source)
     return memos
+
+
+def _probe_planned(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
+    """PROBE on the planned bytes: a pure function of the release's file and the patch, so a result
+    kept from an earlier run on the same bytes (probememo) is reused."""
+    if source is None:
+        return run_probe(probe, source)
+    from . import probememo
+
+    digest, key = sha256(source), probe_key(probe)
+    kept = probememo.recall(digest).get(key)
+    if kept is not None:
+        return ProbeResult(probe, kept["passed"], kept["detail"])
+    result = run_probe(probe, source)
+    probememo.remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
+    return result
 
 
 def _record_line(relpath: str, data: bytes) -> str:
@@ -155,13 +174,30 @@ def _manifest(previous: Manifest | None, series: Series, states: list[PatchState
             files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
             applied_at=now(), probes=probe_memos.get(patch.spec.id, {}))
     manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
+    manifest.answer = answer(manifest.answer, series, [p for p in states if p.state == APPLIED] + todo)
     return manifest
 
 
-def _action(change: FileChange, states: list[PatchState]) -> Action:
+def answer(previous: dict, series: Series, applied: list[PatchState]) -> dict:
+    """What the fast path reports for APPLIED patches: the series digest and order, and per id the
+    variant, its range, strip, requirements and probes as the engine would show them."""
+    digest = sha256(read_bytes(series.directory / SERIES_FILE) or b"")
+    patches = dict(previous.get("patches", {})) if previous.get("series_sha256") == digest else {}
+    for patch in applied:
+        spec = patch.spec
+        patches[spec.id] = {
+            "file": spec.file, "package": spec.package, "module": spec.module, "tested": spec.tested,
+            "variants": [[v.file, v.tested] for v in patch.variants or (spec,)], "untested": patch.untested,
+            "strip": spec.strip, "requires": list(spec.requires),
+            "probes": [{"key": probe_key(p), "file": p.file, "kind": p.kind, "check": p.describe()}
+                       for p in spec.probes]}
+    return {"series_sha256": digest, "patch_dir": str(series.directory), "ids": series.ids, "patches": patches}
+
+
+def _action(change: FileChange, offsets: list[int]) -> Action:
+    """What apply does to one file; OFFSETS are where its hunks matched, in every patch."""
     if change.action == "register":
         return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
-    offsets = [o for p in states for f in p.files if f.path == change.path for o in f.offsets]
     moved = [o for o in offsets if o]
     detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
@@ -175,7 +211,11 @@ class Plan:
     probe_memos: dict[str, dict[str, dict]]
 
     def actions(self, states: list[PatchState]) -> list[Action]:
-        return [_action(c, states) for c in self.changes]
+        offsets: dict[Path, list[int]] = {}
+        for patch in states:
+            for file in patch.files:
+                offsets.setdefault(file.path, []).extend(file.offsets)
+        return [_action(c, offsets.get(c.path, [])) for c in self.changes]
 
     def manifest(self, previous: Manifest | None, series: Series, states: list[PatchState],
                  todo: list[PatchState]) -> Manifest:
@@ -183,9 +223,10 @@ class Plan:
 
     def writes(self, state: StateDir) -> list[Write]:
         """The writes for the transaction; the current bytes of each file are stored first."""
-        return [Write(c.path, c.after, c.mode, state.store(c.before) if c.before is not None else None,
+        stored = iter(state.store_many([c.before for c in self.changes if c.before is not None]))
+        return [Write(c.path, c.after, c.mode, next(stored) if c.before is not None else None,
                       package=c.package, module=import_name(c.package, c.module), version=c.version,
-                      relpath=c.relpath, action=c.action) for c in self.changes]
+                      relpath=c.relpath, action=c.action, code=c.code) for c in self.changes]
 
 
 def build_plan(todo: list[PatchState]) -> Plan:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .assess import PatchState
-from .discovery import Environment
 from .errors import ExitCode, PatcherError
-from .series import Series
+
+if TYPE_CHECKING:  # verify and status start faster without the assessment machinery
+    from .assess import PatchState
+    from .discovery import Environment
+    from .series import Series
 
 
 @dataclass(frozen=True)

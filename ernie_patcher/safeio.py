@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -152,9 +151,11 @@ class SafeDir:
         finally:
             _close(fd)
 
-    def write(self, name: str, data: bytes, mode: int) -> None:
-        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename."""
-        temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    def write(self, name: str, data: bytes, mode: int, sync_dir: bool = True, sync_file: bool = True) -> None:
+        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename.
+        For a batch of writes the caller may fsync the files (fsync_entries) and this directory
+        (sync) once afterwards instead (SYNC_FILE, SYNC_DIR false)."""
+        temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                          dir_fd=self.fd)
@@ -164,20 +165,45 @@ class SafeDir:
             try:
                 _write_all(fd, data)
                 os.fchmod(fd, mode)
-                os.fsync(fd)
+                if sync_file:
+                    os.fsync(fd)
             finally:
                 _close(fd)
             os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             temp = ""
-            os.fsync(self.fd)
+            if sync_dir:
+                os.fsync(self.fd)
         except OSError as exc:
             raise environment_error("write", self.path / name, exc) from None
         finally:
             if temp:
                 self.remove(temp, quiet=True)
 
-    def remove(self, name: str, quiet: bool = False) -> None:
-        """Unlink NAME (a symlink is removed itself, never followed)."""
+    def fsync_entries(self, names: list[str]) -> None:
+        """fsync the regular files NAMES of this directory (no-follow); after a batch of unsynced
+        writes the first commits the file-system journal with all of them."""
+        for name in names:
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
+            except OSError as exc:
+                raise _open_error(self.path / name, exc, "write") from None
+            try:
+                check(self.path / name, os.fstat(fd), want_dir=False)
+                os.fsync(fd)
+            except OSError as exc:
+                raise environment_error("write", self.path / name, exc) from None
+            finally:
+                _close(fd)
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path, exc) from None
+
+    def remove(self, name: str, quiet: bool = False, sync_dir: bool = True) -> None:
+        """Unlink NAME (a symlink is removed itself, never followed); without SYNC_DIR the caller
+        fsyncs this directory (sync) once after a batch of removals."""
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
@@ -185,6 +211,8 @@ class SafeDir:
         except OSError as exc:
             if not quiet:
                 raise environment_error("remove", self.path / name, exc) from None
+            return
+        if not sync_dir:
             return
         try:
             os.fsync(self.fd)

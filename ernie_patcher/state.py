@@ -65,18 +65,23 @@ class PatchRecord:
 
 @dataclass
 class Manifest:
+    """What apply did. ANSWER is what `verify`/`status` report for the applied patches, recorded by
+    apply (plan.answer) so the fast path (fastpath.py) can report without the series parser; it
+    is used only while the series file and every digest are as recorded."""
+
     series: str
     patch_dir: str
     patches: dict[str, PatchRecord] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     tool_version: str = __version__
     updated: str = field(default_factory=now)
+    answer: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
                 "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}}
+                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer}
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
@@ -88,7 +93,8 @@ class Manifest:
             manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
                            patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
                            files={k: FileRecord(**v) for k, v in data["files"].items()},
-                           tool_version=str(data["tool_version"]), updated=str(data["updated"]))
+                           tool_version=str(data["tool_version"]), updated=str(data["updated"]),
+                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {})
         except (KeyError, TypeError, AttributeError) as exc:
             raise corrupt(where, f"missing or malformed field ({exc})") from None
         for record in [*manifest.patches.values(), *manifest.files.values()]:
@@ -283,12 +289,23 @@ class StateDir:
 
     def store(self, data: bytes) -> str:
         """Keep DATA under its digest (once); return the digest."""
-        digest = sha256(data)
+        return self.store_many([data])[0]
+
+    def store_many(self, datas: list[bytes]) -> list[str]:
+        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once."""
+        digests = [sha256(data) for data in datas]
         with self._subdir(self.objects.name, create=True) as objects:
-            kept = objects.read(digest, MAX_OBJECT)
-            if kept is None or sha256(kept) != digest:
-                objects.write(digest, data, 0o444)
-        return digest
+            written: dict[str, bool] = {}
+            for digest, data in zip(digests, datas):
+                if digest in written:
+                    continue
+                kept = objects.read(digest, MAX_OBJECT)
+                written[digest] = kept is None or sha256(kept) != digest
+                if written[digest]:
+                    objects.write(digest, data, 0o444, sync_dir=False, sync_file=False)
+            objects.fsync_entries([d for d, new in written.items() if new])
+            objects.sync()
+        return digests
 
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
@@ -300,10 +317,13 @@ class StateDir:
         return data
 
     def drop_objects(self, keep: set[str]) -> None:
+        """Remove every stored object but KEEP; the directory is fsynced once."""
         with self._subdir(self.objects.name) as objects:
-            for name in objects.names() if objects is not None else []:
-                if name not in keep:
-                    objects.remove(name)
+            dropped = [n for n in (objects.names() if objects is not None else []) if n not in keep]
+            for name in dropped:
+                objects.remove(name, sync_dir=False)
+            if dropped:
+                objects.sync()
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
         """Keep a copy of bytes `revert --force` is about to overwrite; return where."""

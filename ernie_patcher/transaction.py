@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ExitCode, PatcherError
-from .fsops import atomic_write, read_bytes, remove_bytecode, remove_file, remove_temp_files, sha256
+from .fsops import (atomic_write, discard, fsync_files, install, read_bytes, remove_bytecode, remove_file,
+                    remove_temp_files, sha256, stage, sync_dirs)
 from .interrupts import Interrupted, signals_as_errors
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
@@ -42,6 +43,8 @@ class Write:
     """Put DATA at PATH (None: remove it); RESTORE is the stored digest of what PATH holds now.
 
     PACKAGE, MODULE, VERSION, RELPATH and ACTION name the file for the journal, as the manifest does.
+    CODE is DATA compiled and marshalled (apply's compile check), reused as its new bytecode; None
+    compiles it then.
     """
 
     path: Path
@@ -53,6 +56,7 @@ class Write:
     version: str
     relpath: str
     action: str
+    code: bytes | None = None
 
     def journal_entry(self) -> RestoreEntry:
         written = sha256(self.data) if self.data is not None else None
@@ -185,13 +189,36 @@ def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous:
 
 
 def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) -> None:
-    for number, write in enumerate(writes, start=1):
-        if write.data is None:
-            remove_file(write.path)
-        else:
-            atomic_write(write.path, write.data, mode=write.mode)
-        remove_bytecode(write.path)
-        checkpoint(f"file-{number}-written")
+    """Every file, then the manifest. New contents are first staged in temp files beside their
+    targets and fsynced together (one journal commit, not one per file); then each is renamed in
+    place, its stale bytecode removed and fresh bytecode written; every directory touched is
+    fsynced once before the manifest says the files are in place."""
+    from . import bytecode
+
+    staged: dict[int, str] = {}
+    try:
+        for index, write in enumerate(writes):
+            if write.data is not None:
+                staged[index] = stage(write.path, write.data, mode=write.mode, sync=False)
+        fsync_files(staged.values())
+        touched: set[Path] = set()
+        compiled: list[Path] = []
+        for number, write in enumerate(writes, start=1):
+            flags = bytecode.release_flags(write.path) if write.data is not None else None
+            if write.data is None:
+                remove_file(write.path, sync_dir=False)
+            else:
+                install(staged.pop(number - 1), write.path, sync_dir=False)
+            touched.add(write.path.parent)
+            if remove_bytecode(write.path, sync_dir=False) or flags is not None:
+                touched.add(write.path.parent / "__pycache__")
+            if flags is not None:
+                compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags)])
+            checkpoint(f"file-{number}-written")
+    finally:
+        discard(staged.values())
+    fsync_files(compiled)
+    sync_dirs(touched)
     state.write_manifest(manifest)
     checkpoint("manifest-written")
     state.remove(state.journal_path)

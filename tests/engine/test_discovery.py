@@ -2,6 +2,7 @@
 bytecode removal, and created files registered for pip uninstall."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -104,18 +105,49 @@ def test_stale_bytecode_is_removed_including_unchecked_hash(site: Path, tmp_path
     target = site / OMNI_PIPELINE
     other = site / TRANSFORMER
     for mode in ("timestamp", "unchecked-hash"):
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", mode, "-o", "0", "-o", "1",
-                        str(target), str(other)], check=True)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-f", "--invalidation-mode", mode,
+                        "-o", "0", "-o", "1", str(target), str(other)], check=True)
     cache = target.parent / "__pycache__"
     assert any(p.name.startswith("pipeline_ernie_image.") for p in cache.iterdir())
     assert cli("apply", "--site", site, "--patches", patches).code == 0
-    assert not any(p.name.startswith("pipeline_ernie_image.") for p in cache.iterdir())
+    fresh = Path(importlib.util.cache_from_source(str(target)))
+    assert [p for p in cache.iterdir() if p.name.startswith("pipeline_ernie_image.")] == [fresh], \
+        "the stale bytecode (both optimisation levels) is gone, only the fresh one is there"
+    assert unchecked_hash_of(fresh) == importlib.util.source_hash(target.read_bytes()), \
+        "the fresh bytecode keeps the release's unchecked-hash mode, for the patched bytes"
     assert any(p.name.startswith("transformer_ernie_image.") for p in (other.parent / "__pycache__").iterdir()), \
         "bytecode of files the patch does not touch must stay"
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-f", "--invalidation-mode", "unchecked-hash",
+                    "-o", "1", str(target)], check=True)
     assert cli("revert", "--site", site).code == 0
-    assert not any(p.name.startswith("pipeline_ernie_image.") for p in cache.iterdir())
+    assert [p for p in cache.iterdir() if p.name.startswith("pipeline_ernie_image.")] == [fresh]
+    assert unchecked_hash_of(fresh) == importlib.util.source_hash(target.read_bytes())
+
+
+def unchecked_hash_of(pyc: Path) -> bytes:
+    """The source hash an unchecked-hash .pyc of this interpreter names (asserting its header)."""
+    header = pyc.read_bytes()[:16]
+    assert header[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(header[4:8], "little") == 0b01
+    return header[8:16]
+
+
+def test_after_apply_and_revert_importing_the_written_modules_compiles_nothing(site: Path):
+    """pip compiled the release (timestamp bytecode); apply and revert leave valid bytecode for every
+    file they write: the import system loads it and never calls source_to_code."""
+    written = [site / TRANSFORMER, site / OMNI_PIPELINE]
+    check = ("import sys, importlib.machinery as m\n"
+             "calls = []\n"
+             "original = m.SourceFileLoader.source_to_code\n"
+             "m.SourceFileLoader.source_to_code = lambda self, *a, **k: calls.append(a[1]) or original(self, *a, **k)\n"
+             "for path in sys.argv[1:]:\n"
+             "    m.SourceFileLoader('checked', path).get_code('checked')\n"
+             "print(calls)\n")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *map(str, written)], check=True)
+    for command in ("apply", "revert"):
+        assert cli(command, "--site", site).code == 0
+        done = subprocess.run([sys.executable, "-B", "-c", check, *map(str, written)], capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.strip() == "[]", f"after {command}, compiled again: {done.stdout}"
 
 
 def test_missing_package_is_exit_3(tmp_path: Path):

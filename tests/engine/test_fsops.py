@@ -34,3 +34,29 @@ def test_temp_file_is_fsynced_before_it_replaces_the_target(tmp_path: Path, monk
     temp = events[renamed[0]][1]
     assert temp.endswith(fsops.TEMP_SUFFIX) and Path(temp).parent == tmp_path.resolve()
     assert ("fsync", temp) in events[:renamed[0]], f"temp file not fsynced before the rename: {events}"
+
+
+def test_apply_fsyncs_every_staged_file_before_renaming_it_in_place(site: Path, monkeypatch: pytest.MonkeyPatch):
+    """apply stages all new contents and fsyncs them together: each still reaches the disk before
+    its rename, so a crash never leaves a renamed but empty file."""
+    from support.cli import cli
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", os.path.realpath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsops.os, "fsync", fsync)
+    monkeypatch.setattr(fsops.os, "replace", replace)
+    assert cli("apply", "--site", site).code == 0
+    renamed = [(i, path) for i, (kind, path) in enumerate(events) if kind == "replace"]
+    assert len(renamed) >= 5, events
+    for index, temp in renamed:
+        assert temp.endswith(fsops.TEMP_SUFFIX)
+        assert ("fsync", temp) in events[:index], f"{temp} not fsynced before its rename"

@@ -1,0 +1,56 @@
+"""status before apply reuses probe results kept for the release's own files (probememo) and parses
+a file again whenever it is not the release's, or the memo is damaged or unsafe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ernie_patcher import probememo, probes
+from support.cli import DISPATCH, cli
+
+
+@pytest.fixture
+def parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the sources the probes parse; the memo in a fresh cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sizes: list[int] = []
+    real = probes._parse.__wrapped__
+
+    def parse(source: bytes):
+        sizes.append(len(source))
+        return real(source)
+
+    monkeypatch.setattr(probes, "_parse", parse)
+    return sizes
+
+
+def test_second_status_parses_nothing_and_reports_the_same(site: Path, parsed: list[int]):
+    first = cli("status", "--site", site, "--json")
+    assert parsed, "the first status parses the release's files"
+    parsed.clear()
+    second = cli("status", "--site", site, "--json")
+    assert parsed == [] and (second.code, second.stdout) == (first.code, first.stdout)
+
+
+def test_an_edited_file_is_parsed_again(site: Path, parsed: list[int]):
+    cli("status", "--site", site)
+    (site / DISPATCH).write_bytes((site / DISPATCH).read_bytes() + b"\n# edited\n")
+    parsed.clear()
+    cli("status", "--site", site)
+    assert len((site / DISPATCH).read_bytes()) in parsed
+
+
+@pytest.mark.parametrize("damage", ["garbage", "symlink"])
+def test_a_damaged_or_unsafe_memo_is_ignored(site: Path, parsed: list[int], tmp_path: Path, damage: str):
+    first = cli("status", "--site", site, "--json")
+    memo = probememo.directory()
+    if damage == "garbage":
+        for kept in memo.iterdir():
+            kept.write_text('{"x": {"passed": "yes"}, ')
+    else:
+        memo.rename(tmp_path / "elsewhere")
+        memo.symlink_to(tmp_path / "elsewhere")
+    parsed.clear()
+    again = cli("status", "--site", site, "--json")
+    assert parsed and (again.code, again.stdout) == (first.code, first.stdout)
