@@ -5,35 +5,28 @@ import json
 import sys
 from typing import Collection, TextIO
 
-from . import __version__
+from .jsondoc import document, emit
 from .report import Report
 from .errors import ExitCode, PatcherError
 
-JSON_SCHEMA = 1
 _STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
            "unsupported": "magenta", "missing": "red"}
 
 
 def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
     error = error or (report.error if report else None)
-    code = error.code if error else (report.exit_code if report else ExitCode.OK)
-    document = {
-        "schema": JSON_SCHEMA, "tool": "ernie-patcher", "version": __version__, "command": command,
-        "ok": code == ExitCode.OK, "exit_code": int(code), "error": error.to_dict() if error else None,
-        "python": None, "state_dir": None, "dry_run": False, "patches": [], "actions": [], "notes": [],
-    }
-    if report is not None:
-        document.update({
-            "python": report.env.python, "state_dir": str(report.env.state_dir), "dry_run": report.dry_run,
-            "patch_set": str(report.series.directory) if report.series else None,
-            "patches": [p.to_dict() for p in report.patches], "actions": [a.to_dict() for a in report.actions],
-            "notes": report.notes, "manifest_patches": report.manifest_patches,
-        })
-    return document
+    if report is None:
+        return document(command, error)
+    return document(
+        command, error, error.code if error else report.exit_code,
+        python=report.env.python, state_dir=str(report.env.state_dir), dry_run=report.dry_run,
+        patch_set=str(report.series.directory) if report.series else None,
+        patches=[p.to_dict() for p in report.patches], actions=[a.to_dict() for a in report.actions],
+        notes=report.notes, manifest_patches=report.manifest_patches,
+    )
 
 
-def emit_json(document: dict, out: TextIO | None = None) -> None:
-    (out or sys.stdout).write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+emit_json = emit
 
 
 def _heading(report: Report) -> str:
@@ -205,14 +198,55 @@ def fancy_terminal(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
-def render(report: Report, as_json: bool) -> None:
+def verdict(report: Report) -> str:
+    """The whole outcome in one line (--quiet): what a build log needs."""
+    if report.command == "verify":
+        return _verify_summary(report)
+    counts: dict[str, int] = {}
+    for patch in report.patches:
+        counts[patch.state] = counts.get(patch.state, 0) + 1
+    states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no patches"
+    verb = f"{report.command} (dry run)" if report.dry_run else report.command
+    written = f"; {len(report.actions)} file actions{' planned' if report.dry_run else ''}" if report.actions else ""
+    return f"{verb}: {states}{written}"
+
+
+def _verbose_lines(report: Report) -> list[str]:
+    """Every file and every probe of every patch (-v)."""
+    lines = []
+    for patch in report.patches:
+        for change in patch.files:
+            offsets = f" offsets {','.join(map(str, change.offsets))}" if change.offsets else ""
+            lines.append(f"  {patch.spec.id}: file {change.relpath}: {change.state}{offsets}"
+                         f"{' - ' + change.detail if change.detail else ''}")
+        for probe in patch.probes:
+            mark = "pass" if probe.passed else "FAIL"
+            lines.append(f"  {patch.spec.id}: probe {mark} {probe.probe.describe()} [{probe.probe.file}]"
+                         f"{' - ' + probe.detail if probe.detail else ''}")
+    return lines
+
+
+def render(report: Report, as_json: bool, verbosity: int = 0) -> None:
+    """REPORT on stdout (JSON, a terminal, or plain text); VERBOSITY -1 is one verdict line, 1 adds
+    every file and probe. An error goes to stderr, its details not repeating the reasons shown."""
     if as_json:
         emit_json(to_json(report, report.command))
+        return
+    if verbosity < 0:
+        if report.error is None and not (report.command == "verify" and report.exit_code != ExitCode.OK):
+            print(verdict(report))
+        elif report.error:
+            print(_error_lines(report.error)[0], file=sys.stderr)
+        else:
+            print(f"error: {_verify_failure(report)}", file=sys.stderr)
         return
     if fancy_terminal(sys.stdout):
         render_rich(report)
     else:
         render_plain(report, sys.stdout)
+    if verbosity > 0:
+        for line in _verbose_lines(report):
+            print(line)
     if report.error:
         render_error(report.error, shown=set(_reasons(report)))
     elif report.command == "verify" and report.exit_code != ExitCode.OK:
