@@ -15,7 +15,7 @@ Exit codes:
   0  ok, or nothing to do
   1  verify: patches missing or wrong
   2  usage error, or an invalid patch set / series file
-  3  a target package or file is missing
+  3  a target package or file is missing (or --site is not a directory)
   4  installed version outside a patch's tested range
   5  a hunk does not apply (conflict)
   6  files changed since apply, or changed by someone else
