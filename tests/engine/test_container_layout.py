@@ -15,13 +15,26 @@ from support.realpkgs import CACHE, wheel
 DOCKERFILE = ROOT / "examples" / "Dockerfile"
 
 
-def _wheelhouse() -> Path:
-    """ernie-patcher's wheel and its dependencies' wheels, built/downloaded once per source state."""
-    house = CACHE / "wheelhouse"
-    house.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(house),
-                    str(ROOT)], check=True)
+def _wheelhouse(tmp_path: Path) -> Path:
+    """ernie-patcher's wheel, built from this checkout, and its dependencies' wheels (downloaded once)."""
+    deps = CACHE / "wheelhouse-deps"
+    if not (deps / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                        "--only-binary=:all:", "-d", str(deps), *_dependencies()], check=True)
+        (deps / ".complete").write_text("ok\n")
+    house = tmp_path / "wheelhouse"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "-w", str(house), str(ROOT)], check=True, cwd=tmp_path)
+    for wheel_file in deps.glob("*.whl"):
+        (house / wheel_file.name).symlink_to(wheel_file)
     return house
+
+
+def _dependencies() -> list[str]:
+    """The runtime requirements pyproject.toml declares (what the offline install must find)."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def _dockerfile_step() -> str:
@@ -32,7 +45,7 @@ def _dockerfile_step() -> str:
 
 
 def test_dockerfile_layout_applies_and_verifies_offline(tmp_path: Path):
-    house = _wheelhouse()
+    house = _wheelhouse(tmp_path)
     env_dir = tmp_path / "image"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
