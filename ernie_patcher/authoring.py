@@ -87,6 +87,7 @@ class AuthoringRequest:
     wheel: Path | None = None
     summary: str = ""
     force: bool = False
+    progress: bool = False  # let pip show its download progress on stderr (a terminal)
 
 
 def create_patch(request: AuthoringRequest) -> Created:
@@ -104,7 +105,7 @@ def create_patch(request: AuthoringRequest) -> Created:
     relpaths = [resolve_path(package, raw) for raw in request.paths]
     _refuse_managed(env, package, relpaths)
     with tempfile.TemporaryDirectory(prefix="ernie-patch-create-") as tmp:
-        wheel = request.wheel or download_wheel(package, request.python, Path(tmp))
+        wheel = request.wheel or download_wheel(package, request.python, Path(tmp), request.progress)
         _check_wheel_release(wheel, package)
         pristine = pristine_files(wheel, relpaths)
     text, changes = build_diff(package, relpaths, pristine)
@@ -197,31 +198,40 @@ def _refuse_managed(env: Environment, package: InstalledPackage, relpaths: list[
                                hint="run `ernie-patch revert`, make your edit on the pristine file, then create")
 
 
-def pip_command(python: str | None) -> list[str]:
-    """The target interpreter's pip when it has one, else the pip of the interpreter running this."""
-    if python:
-        try:
-            probe = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, timeout=120)
-            if probe.returncode == 0:
-                return [python, "-m", "pip"]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return [sys.executable, "-m", "pip"]
-
-
-def download_wheel(package: InstalledPackage, python: str | None, dest: Path) -> Path:
-    """`pip download --no-deps PACKAGE==VERSION` (wheels only) into DEST; the wheel's path."""
-    requirement = f"{package.name}=={package.version}"
-    command = [*pip_command(python), "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+def _has_pip(python: str) -> bool:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+        return subprocess.run([python, "-m", "pip", "--version"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pip_command(python: str | None, requirement: str) -> list[str]:
+    """The target interpreter's pip when it has one, else the pip of the interpreter running this;
+    an error naming --wheel when neither has pip (uv environments have none)."""
+    for candidate in ([python] if python else []) + [sys.executable]:
+        if _has_pip(candidate):
+            return [candidate, "-m", "pip"]
+    where = f"{python} nor {sys.executable}" if python else sys.executable
+    raise PatcherError(ExitCode.ENVIRONMENT, f"cannot download {requirement}: no pip in {where}",
+                       hint=f"pass --wheel FILE with the wheel of {requirement} (e.g. from `pip download --no-deps "
+                            f"{requirement}` on a machine with pip, or `uv pip download`), or install pip")
+
+
+def download_wheel(package: InstalledPackage, python: str | None, dest: Path, progress: bool = False) -> Path:
+    """`pip download --no-deps PACKAGE==VERSION` (wheels only) into DEST; the wheel's path. With
+    PROGRESS, pip's own output (its progress bar) goes to stderr."""
+    requirement = f"{package.name}=={package.version}"
+    command = [*pip_command(python, requirement), "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", *([] if progress else ["-q"]), "-d", str(dest), requirement]
+    output = {"stdout": sys.stderr, "stderr": None} if progress else {"capture_output": True}
+    try:
+        done = subprocess.run(command, text=True, timeout=PIP_TIMEOUT, **output)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"pip download {requirement} could not run: {exc}",
                            hint="pass --wheel FILE with the wheel of this release") from None
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
+        tail = [line for line in (done.stderr or "").strip().splitlines() if line.strip()][-3:]
         raise PatcherError(ExitCode.ENVIRONMENT, f"pip download {requirement} found no wheel of the installed release",
                            details=tail, hint="check access to the package index (a local build such as "
                            "'+npu' is not published), or pass --wheel FILE with the wheel it was installed from")

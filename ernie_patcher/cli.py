@@ -15,7 +15,7 @@ Exit codes:
   0  ok, or nothing to do
   1  verify: patches missing or wrong
   2  usage error, or an invalid patch set / series file
-  3  a target package or file is missing
+  3  a target package or file is missing (or --site is not a directory)
   4  installed version outside a patch's tested range
   5  a hunk does not apply (conflict)
   6  files changed since apply, or changed by someone else
@@ -27,28 +27,63 @@ Exit codes:
 """
 
 
+ENV_PREFIX = "ERNIE_PATCHER_"
+
+
+def _complete_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of patch ids (and, for `diff`, patch file names) from the set in use."""
+    from .series import load_series
+
+    try:
+        series = load_series(ctx.params.get("patches"))
+    except Exception:  # completion must never fail the shell
+        return []
+    names = series.ids + ([p.file for p in series.patches] if param.name == "patch_id" else [])
+    return [click.shell_completion.CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+def _patches_option() -> Callable:
+    return click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                        envvar=ENV_PREFIX + "PATCHES", is_eager=True,
+                        help="Use the patch set in DIR (a series.toml and .patch files) instead of the built-in one "
+                             "[env: ERNIE_PATCHER_PATCHES].")
+
+
 def _target_options(func: Callable) -> Callable:
     options = [
-        click.option("--python", "python", metavar="PATH",
-                     help="Patch the environment of this interpreter (default: the one running ernie-patch)."),
+        click.option("--python", "python", metavar="PATH", envvar=ENV_PREFIX + "PYTHON",
+                     help="Patch the environment of this interpreter, or of this environment directory "
+                          "(a venv) [default: the one running ernie-patch; env: ERNIE_PATCHER_PYTHON]."),
         click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-                     help="Patch packages installed in DIR (e.g. by pip install --target DIR)."),
-        click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-                     help="Use the patch set in DIR (a series.toml and .patch files) instead of the built-in one."),
+                     envvar=ENV_PREFIX + "SITE",
+                     help="Patch packages installed in DIR (e.g. by pip install --target DIR) "
+                          "[env: ERNIE_PATCHER_SITE]."),
+        _patches_option(),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
+        click.option("-q", "--quiet", "quiet", is_flag=True,
+                     help="One verdict line on stdout (errors: one line on stderr)."),
+        click.option("-v", "--verbose", "verbose", is_flag=True, help="Also list every file and probe."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _fail(command: str, error: PatcherError, as_json: bool = False) -> None:
-    """Report an error that left no report (JSON on stdout, or the reason on stderr) and exit."""
-    from .render import emit_json, render_error, to_json
+def _verbosity(quiet: bool, verbose: bool) -> int:
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose cannot be used together")
+    return -1 if quiet else int(verbose)
+
+
+def _fail(command: str, error: PatcherError, as_json: bool = False, shown: bool = False) -> None:
+    """Report an error that left no report (JSON on stdout, or the reason on stderr unless SHOWN
+    already) and exit."""
+    from .jsondoc import document, emit
+    from .render import render_error
 
     if as_json:
-        emit_json(to_json(None, command, error))
-    else:
+        emit(document(command, error))
+    elif not shown:
         render_error(error)
     sys.exit(int(error.code))
 
@@ -73,7 +108,10 @@ def internal_error(command: str, exc: BaseException) -> PatcherError:
                              "undone by the next run")
 
 
-def _run(command: str, as_json: bool, call: Callable) -> None:
+def _run(command: str, as_json: bool, call: Callable, verbosity: int = 0,
+         exit_code: Callable | None = None) -> None:
+    """Run CALL (the engine) under signal handling, render its report and exit with its code
+    (or EXIT_CODE(report))."""
     from .interrupts import signals_as_errors
     from .render import render
 
@@ -84,8 +122,8 @@ def _run(command: str, as_json: bool, call: Callable) -> None:
         _fail(command, error, as_json)
     except Exception as exc:  # a bug: one line and a traceback file, never a bare traceback
         _fail(command, internal_error(command, exc), as_json)
-    render(report, as_json)
-    sys.exit(int(report.exit_code))
+    render(report, as_json, verbosity)
+    sys.exit(int(exit_code(report) if exit_code else report.exit_code))
 
 
 def _target(python: str | None, site: Path | None, patches: Path | None):
@@ -95,97 +133,180 @@ def _target(python: str | None, site: Path | None, patches: Path | None):
 
 
 class _Group(click.Group):
-    def main(self, *args, **kwargs):  # type: ignore[override]
+    def main(self, args=None, *rest, **kwargs):  # type: ignore[override]
+        argv = [str(a) for a in args] if args is not None else sys.argv[1:]
+        as_json = "--json" in argv
+        command = next((word for word in argv if word in self.commands), "")
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(argv, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            exc.show()
-            sys.exit(int(ExitCode.USAGE))
+            if not as_json:
+                exc.show()
+            _fail(command, PatcherError(ExitCode.USAGE, exc.format_message(),
+                                        hint="ernie-patch --help lists the commands and options"), as_json, shown=True)
         except click.exceptions.Abort:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(int(ExitCode.INTERRUPTED))
-        except Exception as exc:  # a bug in a command without --json handling: still one line
-            from .render import render_error
-
-            render_error(internal_error(" ".join(sys.argv[1:2]) or "", exc))
-            sys.exit(int(ExitCode.INTERNAL))
+            _fail(command, PatcherError(ExitCode.INTERRUPTED, "interrupted"), as_json)
+        except Exception as exc:  # a bug in a command outside _run: still one line (or one JSON document)
+            _fail(command, internal_error(command, exc), as_json)
 
 
 @click.group(cls=_Group, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ernie-patch")
 def main() -> None:
-    """Apply, verify and revert the ERNIE-Image Ascend NPU patches to diffusers and vllm-omni."""
+    """Apply, verify and revert the ERNIE-Image Ascend NPU patches to diffusers and vllm-omni.
+
+    \b
+    Examples:
+      ernie-patch status                     # the environment of this interpreter
+      ernie-patch apply && ernie-patch verify
+      ernie-patch status --python /opt/venv  # another environment (directory or bin/python)
+      ernie-patch list                       # the patches of the set
+
+    \b
+    Shell completion (commands, options and patch ids), e.g. for bash:
+      eval "$(_ERNIE_PATCH_COMPLETE=bash_source ernie-patch)"
+    (zsh_source and fish_source for zsh and fish).
+    """
+
+
+_ONLY_HELP = "Only these patches (repeatable)."
 
 
 @main.command(epilog=EXIT_CODES)
 @_target_options
-@click.option("--only", multiple=True, metavar="ID", help="Only these patches (repeatable).")
-def status(python, site, patches, as_json, only) -> None:
-    """Show what is installed where and the state of each patch."""
+@click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
+@click.option("--exit-code", "gate", is_flag=True,
+              help="Exit 0 only when every patch is applied; else the code of the worst state "
+                   "(1 not applied, 3 missing, 4 unsupported, 5 conflict, 6 drifted), for a CI gate.")
+def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
+    """Show what is installed where and the state of each patch.
+
+    \b
+    Examples:
+      ernie-patch status
+      ernie-patch status --exit-code -q      # CI gate: 0 only when all applied
+      ernie-patch status --site /opt/site --json
+    """
     from .engine import status as run
 
-    _run("status", as_json, lambda: run(_target(python, site, patches), tuple(only)))
+    _run("status", as_json, lambda: run(_target(python, site, patches), tuple(only)), _verbosity(quiet, verbose),
+         (lambda report: report.gate_code()) if gate else None)
 
 
 @main.command(epilog=EXIT_CODES)
 @_target_options
-@click.option("--only", multiple=True, metavar="ID", help="Only these patches (and the ones they require).")
+@click.option("--only", multiple=True, metavar="ID", help="Only these patches (and the ones they require).",
+              shell_complete=_complete_ids)
 @click.option("--dry-run", is_flag=True, help="Plan every hunk and report; write nothing.")
 @click.option("--allow-untested", is_flag=True, help="Try patches outside their tested version range (conflicts are still refused).")
-def apply(python, site, patches, as_json, only, dry_run, allow_untested) -> None:
-    """Apply the patches: all or nothing, idempotent."""
+def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested) -> None:
+    """Apply the patches: all or nothing, idempotent.
+
+    \b
+    Examples:
+      ernie-patch apply --dry-run            # plan every hunk, write nothing
+      ernie-patch apply -q && ernie-patch verify -q
+      ernie-patch apply --only diffusers-rope
+    """
     from .engine import apply as run
 
-    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested))
+    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested),
+         _verbosity(quiet, verbose))
 
 
 @main.command(epilog=EXIT_CODES)
 @_target_options
-@click.option("--only", multiple=True, metavar="ID", help="Only these patches.")
+@click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
 @click.option("--reparse", is_flag=True,
               help="Parse every probed file again instead of reusing results recorded at apply for identical bytes.")
-def verify(python, site, patches, as_json, only, reparse) -> None:
-    """Prove the patches are in place: versions, file digests and AST probes."""
+def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> None:
+    """Prove the patches are in place: versions, file digests and AST probes.
+
+    \b
+    Examples:
+      ernie-patch verify                     # exit 0 only when every patch is in place
+      ernie-patch verify -q                  # one line, for a build log or a HEALTHCHECK
+      ernie-patch verify --json > verify.json
+    """
     from .engine import verify as run
 
-    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only), reparse))
+    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only), reparse),
+         _verbosity(quiet, verbose))
 
 
 @main.command(epilog=EXIT_CODES)
 @_target_options
 @click.option("--dry-run", is_flag=True, help="Report what would be restored; write nothing.")
 @click.option("--force", is_flag=True, help="Restore originals even over files edited since apply (a copy is kept).")
-def revert(python, site, patches, as_json, dry_run, force) -> None:
-    """Put every changed byte back exactly as it was before apply."""
+def revert(python, site, patches, as_json, quiet, verbose, dry_run, force) -> None:
+    """Put every changed byte back exactly as it was before apply.
+
+    \b
+    Examples:
+      ernie-patch revert --dry-run           # what would be restored
+      ernie-patch revert
+    """
     from .engine import revert as run
 
-    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force))
+    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force), _verbosity(quiet, verbose))
+
+
+@main.command("list", epilog=EXIT_CODES)
+@_patches_option()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def list_command(patches: Path | None, as_json: bool) -> None:
+    """List the patches of the set: id, package, tested versions, file, what it requires.
+
+    \b
+    Examples:
+      ernie-patch list
+      ernie-patch list --patches ./my-patches --json
+    """
+    from .series import load_series
+
+    try:
+        series = load_series(patches)
+    except PatcherError as error:
+        _fail("list", error, as_json)
+    from .render_authoring import render_list
+
+    render_list(series, as_json)
 
 
 @main.command("diff", epilog=EXIT_CODES)
-@click.argument("patch_id", metavar="ID|FILE")
-@click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Read the patch set in DIR instead of the built-in one.")
+@click.argument("patch_id", metavar="ID|FILE", shell_complete=_complete_ids)
+@_patches_option()
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Highlight the diff: on a terminal (auto), always, or never.")
-def diff_command(patch_id: str, patches: Path | None, color: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (the text under diff.text).")
+def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool) -> None:
     """Show one patch of the set (a patch file name shows that versioned variant).
 
     On a terminal the diff is highlighted under a header line (id, package range, strip level);
     otherwise the exact text of the patch file is written, so it can be piped.
+
+    \b
+    Examples:
+      ernie-patch diff diffusers-rope
+      ernie-patch diff diffusers_attention_dispatch.v0_41.patch | less
     """
     from .patchview import show_patch
 
     try:
         view = show_patch(patch_id, patches)
     except PatcherError as error:
-        _fail("diff", error)
-    from .render_authoring import render_diff
+        _fail("diff", error, as_json)
+    from .render_authoring import render_diff, render_diff_json
 
-    render_diff(view, color == "always" or (color == "auto" and sys.stdout.isatty()))
+    if as_json:
+        render_diff_json(view)
+    else:
+        render_diff(view, color == "always" or (color == "auto" and sys.stdout.isatty()))
     if view.problem is not None:
+        if as_json:
+            sys.exit(int(view.problem.code))
         _fail("diff", view.problem)
 
 
@@ -195,7 +316,8 @@ def diff_command(patch_id: str, patches: Path | None, color: str) -> None:
 @click.option("--name", required=True, metavar="NAME", help="Patch id; the diff is written to NAME.patch.")
 @click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Patch set to add to (created if missing) [default: ./patches].")
-@click.option("--python", "python", metavar="PATH", help="The edited files are in this interpreter's environment.")
+@click.option("--python", "python", metavar="PATH",
+              help="The edited files are in this interpreter's environment (or this environment directory).")
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="The edited files are in DIR (e.g. made by pip install --target DIR).")
 @click.option("--module", metavar="NAME", help="Import name, when it is not PACKAGE with '-' as '_'.")
@@ -214,11 +336,17 @@ def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None
     The pristine side is the file of the same release, from `pip download --no-deps
     PACKAGE==VERSION`, checked against the installed RECORD digest. The patch is added to
     DIR/series.toml with versions "==VERSION" and strip 1.
+
+    \b
+    Examples:
+      ernie-patch create diffusers diffusers/models/attention_dispatch.py --name my-attention
+      ernie-patch create vllm-omni vllm_omni/diffusion/x.py --name my-fix --wheel ./vllm_omni-0.30.0-py3-none-any.whl
     """
     from .authoring import AuthoringRequest, create_patch
 
     request = AuthoringRequest(package=package, paths=paths, name=name, patches=patches, python=python,
-                               site=site, module=module, wheel=wheel, summary=summary, force=force)
+                               site=site, module=module, wheel=wheel, summary=summary, force=force,
+                               progress=not as_json and sys.stderr.isatty())
     try:
         created = create_patch(request)
     except PatcherError as error:

@@ -94,6 +94,9 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
     if python and site:
         raise PatcherError(ExitCode.USAGE, "--python and --site cannot be used together")
     unique = sorted(set(packages))
+    if site is not None and not Path(site).is_dir():
+        raise PatcherError(ExitCode.MISSING, f"--site {site} is not a directory",
+                           hint="pass the directory pip install --target wrote to, or use --python")
     if python:
         from .interpreter import describe
 

@@ -13,7 +13,15 @@ from .errors import ExitCode, PatcherError
 TIMEOUT_ENV = "ERNIE_PATCHER_PYTHON_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
 OLDEST = (3, 8)  # importlib.metadata
-HINT = "pass --python the path of a Python >= 3.8 executable of the environment to patch"
+HINT = "pass --python a Python >= 3.8 executable of the environment to patch, or the environment's directory"
+# Runs first in the other interpreter, in syntax every Python parses, so an old one says its
+# version instead of failing on the probe's own syntax.
+_PREAMBLE = """import sys
+if sys.version_info[:2] < %r:
+    sys.stdout.write('{"too_old": "%%d.%%d.%%d"}' %% tuple(sys.version_info[:3]))
+    sys.exit(0)
+exec(compile(%r, "ernie_patcher_envprobe", "exec"))
+"""
 
 
 def _timeout() -> float:
@@ -36,14 +44,14 @@ def _refuse(python: str, what: str, stdout: str, stderr: str) -> PatcherError:
     said = f"it printed {_said(stdout)} on stdout"
     if stderr.strip():
         said += f" and {_said(stderr)} on stderr"
-    details = stderr.strip().splitlines()[-5:]
+    details = [line if len(line) <= 200 else line[:200] + "..." for line in stderr.strip().splitlines()[-5:]]
     return PatcherError(ExitCode.ENVIRONMENT, f"interpreter {python} {what}: {said}", details=details, hint=HINT)
 
 
 def _run(python: str, request: dict) -> tuple[int, str, str]:
     import subprocess  # only for --python: the CLI starts faster without it
 
-    source = Path(envprobe.__file__).read_text(encoding="utf-8")
+    source = _PREAMBLE % (OLDEST, Path(envprobe.__file__).read_text(encoding="utf-8"))
     try:
         process = subprocess.Popen([python, "-c", source, json.dumps(request)], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -96,15 +104,33 @@ def _version(text: str) -> tuple[int, ...]:
         return ()
 
 
+def resolve(python: str) -> str:
+    """The interpreter PYTHON names: itself, or the Python of the environment directory it names
+    (a venv, virtualenv or uv environment: DIR/bin/python)."""
+    if not os.path.isdir(python):
+        return python
+    for name in ("bin/python", "bin/python3", "Scripts/python.exe"):
+        candidate = os.path.join(python, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise PatcherError(ExitCode.ENVIRONMENT, f"--python {python} is a directory with no bin/python: "
+                       "not a virtual environment", hint=HINT)
+
+
 def describe(python: str, request: dict) -> dict:
     """The environment description of interpreter PYTHON (see envprobe.describe), checked."""
+    python = resolve(python)
     code, out, err = _run(python, request)
     if code != 0:
-        raise _refuse(python, f"failed to describe its environment (exit {code})", out, err)
+        raise _refuse(python, f"failed to describe its environment (exit {code}; is it a Python >= "
+                      f"{'.'.join(map(str, OLDEST))} interpreter?)", out, err)
     try:
         described = json.loads(out)
     except (ValueError, RecursionError):
         raise _refuse(python, "printed no JSON description of its environment", out, err) from None
+    if isinstance(described, dict) and isinstance(described.get("too_old"), str):
+        raise PatcherError(ExitCode.ENVIRONMENT, f"interpreter {python} is Python {described['too_old'][:20]}, "
+                           f"older than {'.'.join(map(str, OLDEST))}", hint=HINT)
     if not _shape_ok(described, request):
         raise _refuse(python, "printed JSON that is not an environment description", out, err)
     if _version(described["python_version"]) < OLDEST:

@@ -30,6 +30,11 @@ class PatchView:
         strip = "-" if self.strip is None else f"{self.strip}{' (inferred)' if self.strip_inferred else ''}"
         return f"{self.id}: {self.package} {self.versions}, strip {strip}, {self.file}"
 
+    def to_dict(self) -> dict:
+        return {"id": self.id, "file": self.file.name, "package": self.package, "versions": self.versions,
+                "summary": self.summary, "strip": self.strip, "strip_inferred": self.strip_inferred,
+                "paths": list(self.paths), "other_variants": list(self.other_variants), "text": self.text}
+
 
 def _find(series: Series, wanted: str) -> tuple[PatchSpec, tuple[PatchSpec, ...]]:
     """WANTED is a patch id (its first variant) or a patch file name (that variant)."""

@@ -3,37 +3,30 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TextIO
+from typing import Collection, TextIO
 
-from . import __version__
+from .jsondoc import document, emit
 from .report import Report
 from .errors import ExitCode, PatcherError
 
-JSON_SCHEMA = 1
 _STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
            "unsupported": "magenta", "missing": "red"}
 
 
 def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
     error = error or (report.error if report else None)
-    code = error.code if error else (report.exit_code if report else ExitCode.OK)
-    document = {
-        "schema": JSON_SCHEMA, "tool": "ernie-patcher", "version": __version__, "command": command,
-        "ok": code == ExitCode.OK, "exit_code": int(code), "error": error.to_dict() if error else None,
-        "python": None, "state_dir": None, "dry_run": False, "patches": [], "actions": [], "notes": [],
-    }
-    if report is not None:
-        document.update({
-            "python": report.env.python, "state_dir": str(report.env.state_dir), "dry_run": report.dry_run,
-            "patch_set": str(report.series.directory) if report.series else None,
-            "patches": [p.to_dict() for p in report.patches], "actions": [a.to_dict() for a in report.actions],
-            "notes": report.notes, "manifest_patches": report.manifest_patches,
-        })
-    return document
+    if report is None:
+        return document(command, error)
+    return document(
+        command, error, error.code if error else report.exit_code,
+        python=report.env.python, state_dir=str(report.env.state_dir), dry_run=report.dry_run,
+        patch_set=str(report.series.directory) if report.series else None,
+        patches=[p.to_dict() for p in report.patches], actions=[a.to_dict() for a in report.actions],
+        notes=report.notes, manifest_patches=report.manifest_patches,
+    )
 
 
-def emit_json(document: dict, out: TextIO | None = None) -> None:
-    (out or sys.stdout).write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+emit_json = emit
 
 
 def _heading(report: Report) -> str:
@@ -83,8 +76,9 @@ def _patch_rows(report: Report) -> list[list[str]]:
 
 
 def _reasons(report: Report) -> list[str]:
-    """Which variant a patch with several versioned variants uses, then the reasons for its state."""
-    return [_variant_line(p) for p in report.patches if len(p.variants) > 1] + \
+    """Which variant a patch with several versioned variants uses (when its package is installed),
+    then the reasons for each patch's state."""
+    return [_variant_line(p) for p in report.patches if len(p.variants) > 1 and p.package is not None] + \
         [f"{p.spec.id}: {p.reason}" for p in report.patches if p.reason]
 
 
@@ -103,9 +97,10 @@ def _strip_text(patch) -> str:
 HEADERS = ["patch", "package", "installed", "tested", "state", "fit", "strip", "probes"]
 
 
-def _error_lines(error: PatcherError) -> list[str]:
+def _error_lines(error: PatcherError, shown: Collection[str] = ()) -> list[str]:
+    """The error's reason, its details not already in SHOWN (printed under the table), what to try."""
     lines = [f"error: {error.reason}"]
-    lines += [f"  {d}" for d in error.details]
+    lines += [f"  {d}" for d in error.details if d not in shown]
     if error.hint:
         lines.append(f"  try: {error.hint}")
     return lines
@@ -131,22 +126,48 @@ def render_plain(report: Report, out: TextIO) -> None:
         print(_verify_summary(report), file=out)
 
 
-def render_rich(report: Report) -> None:
+def _table_width(rows: list[list[str]]) -> int:
+    """Columns a rich table of ROWS needs with no cell folded: cells, one space of padding each side,
+    and a border between and around the columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def _compact_lines(rows: list[list[str]]) -> list[str]:
+    """One patch per two lines, for a terminal too narrow for the table: nothing is folded mid-word."""
+    lines = []
+    for patch, package, installed, tested, state, fit, strip, probes in rows:
+        style = _STYLES.get(state, "")
+        lines.append(f"[bold]{patch}[/]  [{style}]{state}[/]" if style else f"[bold]{patch}[/]  {state}")
+        facts = [f"{package} {installed}" if installed != "-" else f"{package} not installed", f"tested {tested}"]
+        facts += [f"fit {fit}"] * bool(fit) + [f"strip {strip}"] * bool(strip) + [f"probes {probes}"] * (probes != "-")
+        lines.append("  " + ", ".join(facts))
+    return lines
+
+
+def render_rich(report: Report) -> list[str]:
+    """The report on a terminal: a table when it fits the width, else a compact list. Returns the
+    reason lines shown, so an error's details do not repeat them."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title=_heading(report), title_justify="left", show_lines=False)
-    for header in HEADERS:
-        table.add_column(header, overflow="fold")
-    for row in _patch_rows(report):
-        style = _STYLES.get(row[4], "")
-        row[4] = f"[{style}]{row[4]}[/]" if style else row[4]
-        table.add_row(*row)
-    if report.patches:
+    rows = _patch_rows(report)
+    if not rows:
+        console.print(_heading(report), highlight=False)
+    elif _table_width(rows) <= console.width:
+        table = Table(title=_heading(report), title_justify="left", show_lines=False)
+        for header in HEADERS:
+            table.add_column(header, no_wrap=True)
+        for row in rows:
+            style = _STYLES.get(row[4], "")
+            row[4] = f"[{style}]{row[4]}[/]" if style else row[4]
+            table.add_row(*row)
         console.print(table)
     else:
-        console.print(_heading(report))
+        console.print(_heading(report), highlight=False)
+        for line in _compact_lines(rows):
+            console.print(line, highlight=False)
     for reason in _reasons(report):
         console.print(f"  {reason}", highlight=False)
     for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
@@ -160,23 +181,73 @@ def render_rich(report: Report) -> None:
     if report.command == "verify":
         style = "green" if report.exit_code == ExitCode.OK else "red"
         console.print(f"[{style}]{_verify_summary(report)}[/]", highlight=False)
+    return _reasons(report)
 
 
-def render_error(error: PatcherError, out: TextIO | None = None) -> None:
-    """The reason on one line first, then details and what to try (on stderr)."""
-    for line in _error_lines(error):
+def render_error(error: PatcherError, out: TextIO | None = None, shown: Collection[str] = ()) -> None:
+    """The reason on one line first, then details (those not in SHOWN) and what to try (on stderr)."""
+    for line in _error_lines(error, shown):
         print(line, file=out or sys.stderr)
 
 
-def render(report: Report, as_json: bool) -> None:
+def fancy_terminal(stream: TextIO) -> bool:
+    """Rich output (colour, tables with borders) only on a terminal that asks for it: not under
+    NO_COLOR (any value, see no-color.org) nor TERM=dumb."""
+    import os
+
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def verdict(report: Report) -> str:
+    """The whole outcome in one line (--quiet): what a build log needs."""
+    if report.command == "verify":
+        return _verify_summary(report)
+    counts: dict[str, int] = {}
+    for patch in report.patches:
+        counts[patch.state] = counts.get(patch.state, 0) + 1
+    states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no patches"
+    verb = f"{report.command} (dry run)" if report.dry_run else report.command
+    written = f"; {len(report.actions)} file actions{' planned' if report.dry_run else ''}" if report.actions else ""
+    return f"{verb}: {states}{written}"
+
+
+def _verbose_lines(report: Report) -> list[str]:
+    """Every file and every probe of every patch (-v)."""
+    lines = []
+    for patch in report.patches:
+        for change in patch.files:
+            offsets = f" offsets {','.join(map(str, change.offsets))}" if change.offsets else ""
+            lines.append(f"  {patch.spec.id}: file {change.relpath}: {change.state}{offsets}"
+                         f"{' - ' + change.detail if change.detail else ''}")
+        for probe in patch.probes:
+            mark = "pass" if probe.passed else "FAIL"
+            lines.append(f"  {patch.spec.id}: probe {mark} {probe.probe.describe()} [{probe.probe.file}]"
+                         f"{' - ' + probe.detail if probe.detail else ''}")
+    return lines
+
+
+def render(report: Report, as_json: bool, verbosity: int = 0) -> None:
+    """REPORT on stdout (JSON, a terminal, or plain text); VERBOSITY -1 is one verdict line, 1 adds
+    every file and probe. An error goes to stderr, its details not repeating the reasons shown."""
     if as_json:
         emit_json(to_json(report, report.command))
         return
-    if sys.stdout.isatty():
+    if verbosity < 0:
+        if report.error is None and not (report.command == "verify" and report.exit_code != ExitCode.OK):
+            print(verdict(report))
+        elif report.error:
+            print(_error_lines(report.error)[0], file=sys.stderr)
+        else:
+            print(f"error: {_verify_failure(report)}", file=sys.stderr)
+        return
+    if fancy_terminal(sys.stdout):
         render_rich(report)
     else:
         render_plain(report, sys.stdout)
+    if verbosity > 0:
+        for line in _verbose_lines(report):
+            print(line)
     if report.error:
-        render_error(report.error)
+        render_error(report.error, shown=set(_reasons(report)))
     elif report.command == "verify" and report.exit_code != ExitCode.OK:
         print(f"error: {_verify_failure(report)}", file=sys.stderr)

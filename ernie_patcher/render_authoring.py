@@ -1,12 +1,13 @@
-"""Output of `diff` and `create`: rich on a terminal (imported only then), plain text otherwise, JSON."""
+"""Output of `list`, `diff` and `create`: rich on a terminal (imported only then), plain text otherwise, JSON."""
 from __future__ import annotations
 
 import sys
 from typing import TextIO
 
-from . import __version__
+from .jsondoc import document, emit
 from .authoring import Created
 from .patchview import PatchView
+from .series import Series
 
 DIFF_THEME = "ansi_dark"
 
@@ -33,8 +34,7 @@ def render_diff(view: PatchView, color: bool, out: TextIO | None = None) -> None
 
 
 def created_json(created: Created) -> dict:
-    return {"schema": 1, "tool": "ernie-patcher", "version": __version__, "command": "create", "ok": True,
-            "exit_code": 0, "error": None, "created": created.to_dict()}
+    return document("create", created=created.to_dict())
 
 
 def created_lines(created: Created) -> list[str]:
@@ -60,9 +60,45 @@ def created_lines(created: Created) -> list[str]:
 def render_created(created: Created, as_json: bool, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     if as_json:
-        import json
-
-        out.write(json.dumps(created_json(created), indent=2) + "\n")
+        emit(created_json(created), out)
         return
     for line in created_lines(created):
         print(line, file=out)
+
+
+def render_diff_json(view: PatchView, out: TextIO | None = None) -> None:
+    """`diff --json`: the patch text and what it is, under `diff`; a diff that does not parse has its
+    reason under `error` (the text is still given)."""
+    emit(document("diff", view.problem, patch_set=str(view.file.parent), diff=view.to_dict()), out)
+
+
+def series_entries(series: Series) -> list[dict]:
+    """One entry per patch id, its versioned variants inside."""
+    entries = []
+    for patch_id in series.ids:
+        variants = series.variants(patch_id)
+        first = variants[0]
+        entries.append({"id": patch_id, "package": first.package, "module": first.module,
+                        "summary": first.summary, "requires": list(first.requires),
+                        "variants": [{"file": v.file, "versions": v.tested, "strip": v.strip,
+                                      "probes": len(v.probes)} for v in variants]})
+    return entries
+
+
+def render_list(series: Series, as_json: bool, out: TextIO | None = None) -> None:
+    """The patch set: one line per patch (id, package, tested versions, file), then what it requires."""
+    out = out or sys.stdout
+    entries = series_entries(series)
+    if as_json:
+        emit(document("list", patch_set=str(series.directory), series=entries), out)
+        return
+    print(f"patch set {series.name}: {series.directory}", file=out)
+    for entry in entries:
+        for n, variant in enumerate(entry["variants"]):
+            name = entry["id"] if n == 0 else ""
+            package = entry["package"] if n == 0 else ""
+            print(f"  {name:<22} {package:<10} {variant['versions']:<19} {variant['file']}".rstrip(), file=out)
+        extra = [f"requires {', '.join(entry['requires'])}"] * bool(entry["requires"])
+        extra += [entry["summary"]] * bool(entry["summary"])
+        for line in extra:
+            print(f"  {'':<22} {line}", file=out)

@@ -46,3 +46,14 @@ class Report:
     error: PatcherError | None = None
     dry_run: bool = False
     manifest_patches: list[str] = field(default_factory=list)
+
+    def gate_code(self) -> ExitCode:
+        """`status --exit-code`: OK when every patch is applied, else the code of the worst state
+        (drifted 6, conflict 5, unsupported 4, missing 3, not applied 1), for a CI gate."""
+        codes = [GATE_CODES.get(p.state, ExitCode.NOT_VERIFIED) for p in self.patches]
+        return max(codes, default=ExitCode.OK) if self.exit_code == ExitCode.OK else self.exit_code
+
+
+GATE_CODES = {"applied": ExitCode.OK, "not-applied": ExitCode.NOT_VERIFIED, "missing": ExitCode.MISSING,
+              "unsupported": ExitCode.UNSUPPORTED_VERSION, "conflict": ExitCode.CONFLICT,
+              "drifted": ExitCode.DRIFTED}

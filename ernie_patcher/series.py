@@ -119,8 +119,12 @@ class Series:
         """Every entry of PATCH_ID in series order: one, or several versioned variants."""
         found = tuple(p for p in self.patches if p.id == patch_id)
         if not found:
-            raise PatcherError(ExitCode.USAGE, f"unknown patch id {patch_id!r}",
-                               hint=f"known ids: {', '.join(self.ids)}")
+            from difflib import get_close_matches
+
+            close = get_close_matches(patch_id, self.ids, n=1)
+            raise PatcherError(ExitCode.USAGE, f"unknown patch id {patch_id!r}" + (f" (did you mean {close[0]!r}?)"
+                                                                               if close else ""),
+                               hint=f"known ids: {', '.join(self.ids)} (ernie-patch list shows the set)")
         return found
 
     def get(self, patch_id: str) -> PatchSpec:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ernie_patcher.jsondoc import SCHEMA
 from support.cli import DISPATCH, OMNI_PIPELINE, TRANSFORMER, cli, run
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.tree import file_record_digest, record_sha256, snapshot
@@ -193,7 +194,7 @@ def test_json_is_one_schema_versioned_document(site: Path, tmp_path: Path, comma
     patches = own_set(site, tmp_path / "set")
     extra = [] if command == "revert" else ["--patches", patches]
     document = cli(command, "--site", site, *extra, "--json").json()
-    assert document["schema"] == 1 and document["command"] == command
+    assert document["schema"] == SCHEMA and document["command"] == command
     for patch in document["patches"]:
         assert {"id", "package", "installed_version", "state", "files", "probes"} <= set(patch)
         assert patch["state"] in {"applied", "not-applied", "drifted", "conflict", "unsupported", "missing"}

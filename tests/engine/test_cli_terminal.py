@@ -1,0 +1,153 @@
+"""What an operator sees: on a terminal of 120, 80 and 60 columns every id, package and version
+range is whole and no line is wider than the terminal; NO_COLOR and TERM=dumb get plain text;
+`--python` takes an environment directory; an old or non-Python interpreter is one line, exit 7."""
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from ernie_patcher.series import load_series
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+BOX = set("┏┓┗┛┃━┡┩╇┳┻│─└┘┌┐├┤┼╋")
+ERNIE_PATCH = [sys.executable, "-m", "ernie_patcher"]
+
+
+def on_terminal(*args: str, columns: int, env: dict | None = None) -> tuple[int, list[str]]:
+    """Run ernie-patch with stdout and stderr on a pseudo-terminal COLUMNS wide; its lines without escapes."""
+    leader, follower = pty.openpty()
+    environment = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color", **(env or {})}
+    environment.pop("NO_COLOR", None) if "NO_COLOR" not in (env or {}) else None
+    process = subprocess.Popen([*ERNIE_PATCH, *map(str, args)], stdout=follower, stderr=follower,
+                               stdin=subprocess.DEVNULL, env=environment)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    code = process.wait(timeout=120)
+    text = ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+    return code, text.splitlines()
+
+
+def _set():
+    return load_series(None)
+
+
+@pytest.mark.parametrize("columns", [120, 80, 60])
+def test_terminal_lines_fit_and_keep_ids_whole(site: Path, columns: int):
+    code, lines = on_terminal("status", "--site", site, columns=columns)
+    assert code == 0, lines
+    assert max(len(line) for line in lines) <= columns, "\n".join(lines)
+    words = {w for line in lines for w in re.split(r"[\s│┃,()]+", line)}
+    for spec in _set().patches:
+        assert spec.id in words, (spec.id, lines)
+        assert spec.package in words, (spec.package, lines)
+    assert {"0.38.0", "0.20.0"} <= words, lines
+
+
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}], ids=["NO_COLOR", "TERM=dumb"])
+def test_plain_output_when_asked(site: Path, env: dict):
+    leader, follower = pty.openpty()
+    environment = {**os.environ, "COLUMNS": "100", "TERM": "xterm-256color", **env}
+    process = subprocess.Popen([*ERNIE_PATCH, "status", "--site", str(site)], stdout=follower, stderr=follower,
+                               env=environment)
+    os.close(follower)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    process.wait(timeout=120)
+    text = data.decode()
+    assert "\x1b[" not in text and not BOX & set(text), text
+    assert "diffusers-rope" in text
+
+
+def test_fancy_output_otherwise(site: Path):
+    """The counterpart of the plain cases: the same terminal without NO_COLOR/TERM=dumb gets a table."""
+    code, lines = on_terminal("status", "--site", site, columns=120)
+    assert code == 0 and BOX & set("".join(lines)), lines
+
+
+def test_variant_note_only_for_an_installed_package(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([*ERNIE_PATCH, "status", "--site", str(empty)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "variant diffusers_" not in result.stdout and "variant vllm_omni_" not in result.stdout
+    assert "covers the installed version" not in result.stdout and "not installed" in result.stdout
+
+
+def test_each_reason_once_when_packages_are_missing(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([*ERNIE_PATCH, "apply", "--site", str(empty)], capture_output=True, text=True)
+    assert result.returncode == 3
+    output = (result.stdout + result.stderr).splitlines()
+    assert output[len(result.stdout.splitlines())].startswith("error: ")  # the verdict line, on stderr
+    for spec in _set().patches:
+        reasons = [line for line in output if line.strip().startswith(f"{spec.id}: ")]
+        assert len(reasons) == 1, (spec.id, output)
+
+
+def test_missing_site_directory_is_an_error(tmp_path: Path):
+    result = subprocess.run([*ERNIE_PATCH, "status", "--site", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stderr.splitlines()[0] == f"error: --site {tmp_path / 'nowhere'} is not a directory"
+
+
+def test_python_takes_an_environment_directory(tmp_path: Path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    by_dir = subprocess.run([*ERNIE_PATCH, "status", "--python", str(env_dir), "--json"], capture_output=True, text=True)
+    by_file = subprocess.run([*ERNIE_PATCH, "status", "--python", str(env_dir / "bin" / "python"), "--json"],
+                             capture_output=True, text=True)
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert by_dir.stdout == by_file.stdout
+    assert str(env_dir) in by_dir.stdout
+
+
+def test_directory_without_an_interpreter_is_one_line_exit_7(tmp_path: Path):
+    result = subprocess.run([*ERNIE_PATCH, "status", "--python", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 7
+    assert result.stderr.splitlines()[0] == (f"error: --python {tmp_path} is a directory with no bin/python: "
+                                             "not a virtual environment")
+
+
+OLD_PYTHONS = [Path(os.path.expanduser(f"~/.pyenv/versions/{v}/bin/python")) for v in ("2.7.18", "3.6.15")]
+
+
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=[p.parts[-3] for p in OLD_PYTHONS])
+def test_old_python_says_its_version(python: Path):
+    if not python.exists():
+        pytest.skip(f"no {python} on this machine")
+    result = subprocess.run([*ERNIE_PATCH, "status", "--python", str(python)], capture_output=True, text=True)
+    assert result.returncode == 7
+    version = python.parts[-3]
+    assert result.stderr.splitlines()[0] == f"error: interpreter {python} is Python {version}, older than 3.8"
+
+
+def test_non_python_executable_is_one_line_exit_7():
+    result = subprocess.run([*ERNIE_PATCH, "verify", "--python", "/bin/ls"], capture_output=True, text=True)
+    assert result.returncode == 7
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: interpreter /bin/ls failed to describe its environment (exit 2; is it a Python")
+    assert all(len(line) <= 210 for line in result.stderr.splitlines()[1:])
