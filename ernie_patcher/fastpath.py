@@ -17,8 +17,9 @@ import stat
 import sys
 from pathlib import Path
 
-from . import __version__, envprobe
+from . import envprobe
 from .errors import PatcherError
+from .jsondoc import document
 from .fsops import Lock
 from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
@@ -215,7 +216,7 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
 
 
 def _answer(options: dict) -> dict:
-    """The report document (render.to_json's shape) of an applied, unchanged environment."""
+    """The report document (jsondoc.document, as render.to_json fills it) of an applied, unchanged environment."""
     patch_dir = Path(options["patches"]) if options["patches"] else _builtin_directory()
     series_bytes = _read(patch_dir / "series.toml")
     _need(series_bytes is not None)
@@ -245,10 +246,8 @@ def _answer(options: dict) -> dict:
             _check_originals(described, manifest, state)
             patches = [_patch(i, manifest["patches"][i], answer["patches"][i], roots, manifest)
                        for i in _selected(answer, options["only"])]
-    return {"schema": 1, "tool": "ernie-patcher", "version": __version__, "command": options["command"],
-            "ok": True, "exit_code": 0, "error": None, "python": python, "state_dir": str(state_dir),
-            "dry_run": False, "patches": patches, "actions": [], "notes": [], "patch_set": str(patch_dir),
-            "manifest_patches": sorted(manifest["patches"])}
+    return document(options["command"], python=python, state_dir=str(state_dir), patches=patches,
+                    patch_set=str(patch_dir), manifest_patches=sorted(manifest["patches"]))
 
 
 def _plain(document: dict) -> str:

@@ -17,8 +17,10 @@ COMMANDS = ("verify", "status", "apply")
 _VALUED = {"--python": "python", "--site": "site", "--patches": "patches", "--only": "only"}
 _FLAGS = {"--json": "as_json", "--reparse": "reparse", "--dry-run": "dry_run", "--allow-untested": "allow_untested"}
 _ONLY_FOR = {"reparse": "verify", "dry_run": "apply", "allow_untested": "apply"}
+# Variables standing for an option (the click CLI reads them the same way: the option wins).
+_OPTION_ENV = {"ERNIE_PATCHER_PYTHON": "python", "ERNIE_PATCHER_SITE": "site", "ERNIE_PATCHER_PATCHES": "patches"}
 _KNOWN_ENV = {"ERNIE_PATCHER_PYTHON_TIMEOUT", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
-              "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT"}
+              "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT", *_OPTION_ENV}
 
 
 def parse(argv: list[str]) -> dict | None:
@@ -47,6 +49,9 @@ def parse(argv: list[str]) -> dict | None:
             return None
     if any(options[flag] and options["command"] != command for flag, command in _ONLY_FOR.items()):
         return None
+    for variable, key in _OPTION_ENV.items():
+        if options[key] is None and os.environ.get(variable):
+            options[key] = os.environ[variable]
     if options["command"] == "apply" and not options["dry_run"]:
         return None  # writes go through the click CLI
     for key in ("site", "patches"):

@@ -76,3 +76,14 @@ def test_list_diff_create_documents(site: Path, tmp_path: Path):
                   "--wheel", wheel(*DIFFUSERS), "--json")
     assert created.code == 0, created.stderr
     assert valid(created.json())["created"]["id"] == "mine"
+
+
+def test_fast_path_documents(site: Path):
+    """verify and status of an applied environment answered from the manifest (no engine, no click)
+    print the same schema's document as the engine does."""
+    assert cli("apply", "--site", site).code == 0
+    for command in ("verify", "status"):
+        fast = run(command, "--site", site, "--json")
+        engine = cli(command, "--site", site, "--json")
+        assert fast.code == 0 and valid(json.loads(fast.stdout))["command"] == command
+        assert [p["id"] for p in json.loads(fast.stdout)["patches"]] == [p["id"] for p in engine.json()["patches"]]
