@@ -1,7 +1,8 @@
 """Run the selftest in the target interpreter and check what it answers; never imports torch itself.
 
 The runtime package is copied to a private temp directory and run there with `-I` (no PYTHONPATH, no
-user site, no current directory on sys.path) and an explicit sys.path entry for that directory only,
+user site, no current directory on sys.path), `-B` (no bytecode written into the target environment)
+and an explicit sys.path entry for that directory only,
 so the target interpreter needs no ernie-patcher and cannot pick up anything of it but the checks.
 Its answer is hostile input: stdout and stderr are read with a size cap, the run has a timeout after
 which its whole process group is ended, and the JSON document is checked field by field.
@@ -125,7 +126,7 @@ def _run(python: str, options: dict[str, Any]) -> tuple[int | None, bytes, bool,
     with tempfile.TemporaryDirectory(prefix="ernie-patch-selftest-") as tmp:
         directory = _copy_runtime(Path(tmp))
         try:
-            process = subprocess.Popen([python, "-I", "-c", BOOTSTRAP, str(directory), json.dumps(options)],
+            process = subprocess.Popen([python, "-I", "-B", "-c", BOOTSTRAP, str(directory), json.dumps(options)],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        start_new_session=True)
         except OSError as exc:

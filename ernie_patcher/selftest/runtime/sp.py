@@ -64,7 +64,7 @@ def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dic
     procs = []
     for rank in range(world):
         log = (out / f"sp{world}-rank{rank}.log").open("w")
-        args = [sys.executable, "-I", "-c", _bootstrap(), paths, json.dumps({"device": device.kind, "out": str(out)})]
+        args = [sys.executable, "-I", "-B", "-c", _bootstrap(), paths, json.dumps({"device": device.kind, "out": str(out)})]
         procs.append(subprocess.Popen(args, env={**env, "RANK": str(rank)}, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=subprocess.STDOUT))
     codes = []
