@@ -110,14 +110,17 @@ def _copy_runtime(into: Path) -> Path:
     return into
 
 
-def _drain(stream: IO[bytes], keep: int, head: bool, into: list[bytes], over: list[bool]) -> None:
-    """Read STREAM to its end; keep its first (HEAD) or last KEEP bytes in INTO; OVER[0] when more came."""
+def _drain(stream: IO[bytes], keep: int, head: bool, into: list[bytes], over: list[bool], pgid: int) -> None:
+    """Read STREAM to its end; keep its first (HEAD) or last KEEP bytes in INTO. A HEAD stream that goes
+    past KEEP sets OVER[0] and ends the process group: its answer is refused anyway."""
     kept = bytearray()
-    while chunk := stream.read(65536):
+    while chunk := stream.read1(65536):
         kept += chunk
         if len(kept) > keep:
-            over[0] = True
             kept = kept[:keep] if head else kept[-keep:]
+            if head and not over[0]:
+                over[0] = True
+                _end_group(pgid)
     into.append(bytes(kept))
 
 
@@ -135,8 +138,8 @@ def _run(python: str, options: dict[str, Any]) -> tuple[int | None, bytes, bool,
         out: list[bytes] = []
         err: list[bytes] = []
         over = [False]
-        readers = [threading.Thread(target=_drain, args=(process.stdout, STDOUT_CAP, True, out, over)),
-                   threading.Thread(target=_drain, args=(process.stderr, STDERR_TAIL, False, err, [False]))]
+        readers = [threading.Thread(target=_drain, args=(process.stdout, STDOUT_CAP, True, out, over, process.pid)),
+                   threading.Thread(target=_drain, args=(process.stderr, STDERR_TAIL, False, err, [False], process.pid))]
         for reader in readers:
             reader.start()
         try:
