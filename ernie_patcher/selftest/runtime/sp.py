@@ -51,14 +51,14 @@ def _free_port() -> int:
 
 def _bootstrap() -> str:
     """The -c program of a worker: this package's parent and --site on sys.path, then the worker."""
-    return ("import sys, runpy; sys.path[:0] = [p for p in sys.argv[1].split('\\0') if p]; "
+    return ("import json, sys, runpy; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p]; "
             f"sys.argv[1:2] = []; runpy.run_module('{__package__}.sp_worker', run_name='__main__')")
 
 
 def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dict[str, Any]]:
     """WORLD workers at SP=WORLD; the result each saved (rank order)."""
     root = str(Path(__file__).resolve().parents[len(__package__.split("."))])
-    paths = "\0".join([site or "", root])
+    paths = json.dumps([site or "", root])
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1")
     procs = []
@@ -94,10 +94,10 @@ def check_sp(device: Device, sp_size: int | None, site: str | None) -> CheckResu
     reference = single["output"]
     error = max((rank["output"].double() - reference.double()).abs().max().item() for rank in ranks)
     relative = error / reference.abs().max().item()
-    hooks = min(int(rank["sp_hooks"]) for rank in ranks)
-    if hooks == 0:
-        raise AssertionError(f"SP={sp_size}: no sequence-parallel split/gather hook on the transformer")
+    exchanges = min(int(rank["all_to_all"]) for rank in ranks)
+    if exchanges == 0:
+        raise AssertionError(f"SP={sp_size}: no all-to-all exchange took place: the run was not sequence-parallel")
     backend = "gloo (CPU platform reporting NPU)" if device.fake else "hccl"
     return _measured("sp", relative, SP_RELATIVE_BAR, "rel",
                      f"vllm-omni ErnieImageTransformer2DModel SP={sp_size} vs SP=1 over {backend}, "
-                     f"{hooks} SP hooks, every rank's output compared, float32")
+                     f"{exchanges} all-to-all exchanges per rank, every rank's output compared, float32")

@@ -21,7 +21,6 @@ TINY_CONFIG: dict[str, Any] = {"in_channels": 8, "num_layers": 2, "num_attention
                                "hidden_size": 64, "text_in_dim": 32, "rope_axes_dim": (4, 6, 6)}
 GRID = (5, 7)  # 35 image tokens + 6 text tokens = 41: not divisible by 2 or 4, so SP must pad
 TEXT_LENS = (3, 6)  # a CFG batch: the shorter prompt is padded and masked
-SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
 def _cpu_platform() -> None:
@@ -92,12 +91,16 @@ def _inputs(device: torch.device) -> dict[str, torch.Tensor]:
     return {name: value.to(device) for name, value in inputs.items()}
 
 
-def _sp_hooks(model: torch.nn.Module) -> int:
-    count = 0
-    for _, module in model.named_modules():
-        registry = getattr(module, "_hook_registry", None)
-        count += sum(1 for name in getattr(registry, "_hooks", {}) if name.startswith(SP_HOOK_PREFIXES))
-    return count
+def _counting_all_to_all(counter: list[int]) -> None:
+    """torch.distributed.all_to_all_single counted into COUNTER[0]: the patched NPU path's Ulysses
+    attention exchanges heads and tokens with it (the upstream _sp_plan hooks are not used there)."""
+    original = torch.distributed.all_to_all_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    torch.distributed.all_to_all_single = counted
 
 
 def main(argv: list[str]) -> int:
@@ -133,9 +136,11 @@ def main(argv: list[str]) -> int:
         _fixed_weights(model)
         registry._apply_sequence_parallel_if_enabled(SimpleNamespace(transformer=model), od_config)
         model = model.to(device).eval()
+        all_to_all = [0]
+        _counting_all_to_all(all_to_all)
         with torch.no_grad():
             output = model(**_inputs(device), return_dict=False)[0]
-    torch.save({"output": output.float().cpu(), "sp_hooks": _sp_hooks(model)},
+    torch.save({"output": output.float().cpu(), "all_to_all": all_to_all[0]},
                os.path.join(options["out"], f"sp{world}-rank{rank}.pt"))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
