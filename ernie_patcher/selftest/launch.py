@@ -201,7 +201,7 @@ def _check(data: object) -> Check:
     return check
 
 
-def _parse(python: str, stdout: bytes, stderr: str) -> tuple[dict[str, Any], list[Check]]:
+def _parse(python: str, stdout: bytes) -> tuple[dict[str, Any], list[Check]]:
     """The document the runtime printed, checked; ValueError says what is wrong with it."""
     document = json.loads(stdout.decode("utf-8"))
     if not isinstance(document, dict) or document.get("schema") != 1:
@@ -233,7 +233,7 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
     if code != 0:
         raise _refuse(python, f"failed (exit {code})", stderr)
     try:
-        document, checks = _parse(python, stdout, stderr)
+        document, checks = _parse(python, stdout)
         versions = {_text(k, 50): _text(v, 100) for k, v in document["versions"].items()}
         return SelftestReport(_text(document.get("python", python), 500), _text(document.get("device"), 200),
                               _text(document.get("dtype"), 10), versions, checks,

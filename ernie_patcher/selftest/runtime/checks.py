@@ -56,7 +56,7 @@ class Skip(Exception):
     """The check cannot run here; the message says why."""
 
 
-def _measured(name: str, error: float, tolerance: float, unit: str, detail: str) -> CheckResult:
+def measured(name: str, error: float, tolerance: float, unit: str, detail: str) -> CheckResult:
     status = "passed" if math.isfinite(error) and error <= tolerance else "failed"
     return CheckResult(name, status, error, tolerance, unit, detail)
 
@@ -115,7 +115,7 @@ def check_rope(device: Device, dtype: torch.dtype) -> CheckResult:
         tolerance = max(tolerance, 8 * UNIT_ROUNDOFF[dtype] * x.abs().max().item())
     if calls[0] == 0:
         raise AssertionError("apply_rotary_emb_npu never called torch_npu.npu_rotary_mul")
-    return _measured("rope", worst, tolerance, "abs",
+    return measured("rope", worst, tolerance, "abs",
                      f"apply_rotary_emb_npu -> npu_rotary_mul(rotary_mode='half'), {calls[0]} call(s), "
                      f"vs x*cos + rotate_half(x)*sin in float64")
 
@@ -179,7 +179,7 @@ def check_fusion_attention(device: Device, dtype: torch.dtype, mask_name: str) -
         raise AssertionError(f"npu_fusion_attention called {calls[0]} time(s), expected once")
     keep4 = None if keep is None else (keep if keep.ndim == 4 else keep[:, None, None, :])
     expected = _attention_reference(q, k, v, keep4, dim**-0.5)
-    return _measured(f"fusion_attention[{mask_name}]", _max_abs(out, expected), _attention_tolerance(dtype, v, seq),
+    return measured(f"fusion_attention[{mask_name}]", _max_abs(out, expected), _attention_tolerance(dtype, v, seq),
                      "abs", f"_native_npu_attention -> npu_fusion_attention, mask {mask_name}, {tuple(q.shape)} BSND")
 
 
@@ -209,7 +209,7 @@ def check_laser_attention(device: Device, dtype: torch.dtype) -> CheckResult:
     # MindIE-SD computes on float16 copies and casts the output to float16 and back (la_preprocess_input,
     # la_postprocess_output): the fused-attention bound in float16 plus one rounding to the input dtype.
     tolerance = _attention_tolerance(torch.float16, v, seq) + UNIT_ROUNDOFF[dtype] * v.abs().max().item()
-    return _measured("laser_attention", _max_abs(out, expected), tolerance, "abs",
+    return measured("laser_attention", _max_abs(out, expected), tolerance, "abs",
                      f"_native_npu_attention -> mindiesd.attention_forward(op_type='ascend_laser_attention'), "
                      f"{tuple(q.shape)} BSND")
 
@@ -252,7 +252,7 @@ def check_model(device: Device, dtype: torch.dtype, case_name: str) -> CheckResu
     if rope_calls[0] == 0:
         raise AssertionError("the forward never called torch_npu.npu_rotary_mul: the RoPE patch's NPU branch did not run")
     relative = _max_abs(out, expected) / expected.abs().max().item()
-    return _measured(f"model[{case_name}]", relative, MODEL_RELATIVE_BAR[dtype], "rel",
+    return measured(f"model[{case_name}]", relative, MODEL_RELATIVE_BAR[dtype], "rel",
                      f"tiny ERNIE-Image ({case.notes}), {rope_calls[0]} npu_rotary_mul call(s), vs float32 CPU")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .checks import CheckResult, Skip, _measured
+from .checks import CheckResult, Skip, measured
 from .device import Device
 
 WORKER_TIMEOUT_S = float(os.environ.get("ERNIE_PATCHER_SELFTEST_SP_TIMEOUT", "600"))
@@ -100,6 +100,6 @@ def check_sp(device: Device, sp_size: int | None, site: str | None) -> CheckResu
     if exchanges == 0:
         raise AssertionError(f"SP={sp_size}: no all-to-all exchange took place: the run was not sequence-parallel")
     backend = "gloo (CPU platform reporting NPU)" if device.fake else "hccl"
-    return _measured("sp", relative, SP_RELATIVE_BAR, "rel",
+    return measured("sp", relative, SP_RELATIVE_BAR, "rel",
                      f"vllm-omni ErnieImageTransformer2DModel SP={sp_size} vs SP=1 over {backend}, "
                      f"{exchanges} all-to-all exchanges per rank, every rank's output compared, float32")
