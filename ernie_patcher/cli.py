@@ -21,6 +21,7 @@ Exit codes:
   6  files changed since apply, or changed by someone else
   7  environment problem (permissions, disk, lock held, corrupt or unsafe
      state, an interpreter given by --python that does not answer properly)
+  8  selftest: a numeric check failed (the error line names it)
   70 internal error (a bug): one line, the traceback is saved to a file
   130 interrupted (SIGINT): files being written were put back first
   143 terminated (SIGTERM): files being written were put back first
@@ -354,6 +355,53 @@ def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None
     from .render_authoring import render_created
 
     render_created(created, as_json)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("--python", "python", metavar="PATH", envvar=ENV_PREFIX + "PYTHON",
+              help="Run the checks in this interpreter, or this environment directory's "
+                   "[default: the one running ernie-patch; env: ERNIE_PATCHER_PYTHON].")
+@click.option("--site", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+              envvar=ENV_PREFIX + "SITE",
+              help="Put DIR (e.g. made by pip install --target DIR) first on the checks' sys.path "
+                   "[env: ERNIE_PATCHER_SITE].")
+@click.option("--device", type=click.Choice(["auto", "npu", "cpu"]), default="auto", show_default=True,
+              help="npu: Ascend via torch_npu; cpu: the fake NPU device and CPU references; auto: npu if usable.")
+@click.option("--sp", type=click.IntRange(min=2), metavar="N",
+              help="Also run vllm-omni's ERNIE-Image transformer at sequence parallelism N vs 1.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Precision of the device runs (the laser-attention route needs bf16).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def selftest(python: str | None, site: Path | None, device: str, sp: int | None, dtype: str, as_json: bool) -> None:
+    """Check the patched code numerically on the device against CPU references.
+
+    Runs in the target interpreter (its torch, torch_npu, mindiesd, diffusers, vllm-omni) as a
+    subprocess; ernie-patch itself imports none of them. Run it after apply.
+
+    \b
+    Examples:
+      ernie-patch selftest                   # NPU when torch_npu sees one, else CPU + fake NPU
+      ernie-patch selftest --sp 2            # also the SP transformer, SP=2 vs SP=1
+      ernie-patch selftest --python /opt/venv --json > selftest.json
+    """
+    from .jsondoc import emit
+    from .render import render_error
+    from .selftest.launch import render_table, run_selftest
+
+    try:
+        report = run_selftest(python, site, device, sp, dtype)
+    except PatcherError as error:
+        _fail("selftest", error, as_json)
+    except Exception as exc:  # a bug: one line and a traceback file
+        _fail("selftest", internal_error("selftest", exc), as_json)
+    error = report.error()
+    if as_json:
+        emit(report.to_json())
+    else:
+        print(render_table(report))
+    if error is not None and not as_json:
+        render_error(error)
+    sys.exit(int(report.exit_code))
 
 
 if __name__ == "__main__":

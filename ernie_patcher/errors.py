@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     CONFLICT = 5
     DRIFTED = 6
     ENVIRONMENT = 7
+    SELFTEST_FAILED = 8
     INTERNAL = 70
     INTERRUPTED = 130
     TERMINATED = 143

@@ -2,7 +2,7 @@
 the real patched attention_dispatch.py imported in this process.
 
 _native_npu_attention is called directly with CPU tensors; its kernels are the CPU references
-(tests/numerics/reference/) supplied the way diffusers itself supplies them: `npu_fusion_attention` as
+(ernie_patcher/selftest/runtime/) supplied the way diffusers itself supplies them: `npu_fusion_attention` as
 the module global that diffusers' guarded `from torch_npu import npu_fusion_attention` sets, and
 mindiesd through sys.modules, where the patch's lazy `from mindiesd import attention_forward` finds it.
 The references' device check is off here (these are routing and numerics tests on CPU tensors); the
@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.version import Version
 
-from tests.numerics.reference import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
 
 FP32_TOLERANCE = 1e-6
 HALF_DTYPES = [torch.bfloat16, torch.float16]

@@ -4,9 +4,9 @@ CPU: the patched model is bit-identical to the pristine one, also when torch_npu
 reference at sys.modules["torch_npu"] that refuses non-NPU tensors and counts its calls): the NPU
 branches are chosen by the tensors' device, never by what is installed.
 
-NPU: the NPU branches run on a fake "npu" device (tests/numerics/fake_npu.py: PrivateUse1 renamed
+NPU: the NPU branches run on a fake "npu" device (ernie_patcher/selftest/runtime/fake_npu.py: PrivateUse1 renamed
 "npu" as torch_npu does, CPU data behind it) against CPU references of npu_rotary_mul,
-npu_fusion_attention and mindiesd.attention_forward (tests/numerics/reference/). Their output matches
+npu_fusion_attention and mindiesd.attention_forward (ernie_patcher/selftest/runtime/). Their output matches
 the pristine CPU output in fp32, and the patched NPU path is bit-identical to the pristine code run on
 the same fake device. In fp32 every attention call goes to npu_fusion_attention: MindIE-SD's laser
 attention takes float16 / bfloat16 only and refuses float32.
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.numerics import tiny_ernie
+from ernie_patcher.selftest.runtime import tiny_ernie
 
 CASES = list(tiny_ernie.CASES)
 FP32_TOLERANCE = 1e-6

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.numerics.reference import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
 
 FP32_TOLERANCE = 1e-6
 

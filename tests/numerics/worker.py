@@ -5,7 +5,7 @@
 Scenarios:
   cpu      plain CPU forward; then again with the CPU reference torch_npu importable
            (sys.modules["torch_npu"]) and refusing non-NPU tensors, counting its kernel calls.
-  npu      forward on the fake NPU device (tests/numerics/fake_npu.py) with reference torch_npu and
+  npu      forward on the fake NPU device (ernie_patcher/selftest/runtime/fake_npu.py) with reference torch_npu and
            mindiesd importable: once with the "native" attention backend (SDPA), once with "_native_npu".
   npu_bf16 the same in bfloat16 (weights and floating inputs cast after seeding, as a bf16 pipeline
            loads them); outputs are returned in bfloat16.
@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import torch
 
-from tests.numerics import tiny_ernie
-from tests.numerics.reference import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import tiny_ernie
+from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
 
 TRANSFORMER = "diffusers.models.transformers.transformer_ernie_image"
 DISPATCH = "diffusers.models.attention_dispatch"
@@ -86,7 +86,7 @@ def _to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run_npu(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Fake-NPU forwards in DTYPE with reference torch_npu and mindiesd; "native" then "_native_npu" backend."""
-    from tests.numerics import fake_npu
+    from ernie_patcher.selftest.runtime import fake_npu
 
     transformer, dispatch = _import_targets()
     fake_npu.install()

@@ -8,7 +8,7 @@ mindiesd/layers/flash_attn/attention_forward.py) and its `fused_attn_score` oper
 (FlashAttentionScore, mindiesd/layers/flash_attn/fused_attn_score.py) inverts the keep-mask and calls
 `torch_npu.npu_fusion_attention(..., atten_mask=~mask, input_layout="BNSD", scale=scale,
 pre_tockens=2147483647, next_tockens=2147483647, head_num=N)`. Here that chain runs on the CPU
-references of tests/numerics/reference: `mindiesd_ref` for argument checks and the laser route, and
+references in ernie_patcher/selftest/runtime: `mindiesd_ref` for argument checks and the laser route, and
 `torch_npu_ref.fusion_attention`, which refuses every atten_mask shape the real kernel refuses
 (only BNSS, B1SS, 11SS and SS; no [B, 1, 1, S]) and non-boolean masks. Both count their calls, so a
 test can tell the NPU path really ran.
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tests.numerics.reference import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
 
 MAX_TOKENS = 2147483647
 

@@ -8,7 +8,7 @@ CPU tensor: every aten op on it (and every factory call asking for device "npu")
 through __torch_dispatch__ and hands back NpuTensors. The code under test is not altered in any way.
 
 `install()` is process-wide and irreversible (PyTorch allows the backend to be renamed once), so it is
-only called in worker subprocesses, never in the pytest process.
+only called in worker or selftest subprocesses, never in the pytest or ernie-patch process.
 """
 from __future__ import annotations
 

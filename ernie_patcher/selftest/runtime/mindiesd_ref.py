@@ -101,7 +101,7 @@ def laser_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def build_module(strict_device: bool = True) -> types.ModuleType:
     """A fresh module to put at sys.modules["mindiesd"]; `calls` counts calls by the op_type used
     ("runtime" / "static" when no manual op_type applies)."""
-    module = types.ModuleType("mindiesd", "CPU reference of mindiesd.attention_forward (tests only).")
+    module = types.ModuleType("mindiesd", "CPU reference of mindiesd.attention_forward (tests and the selftest on CPU).")
     module.__spec__ = importlib.machinery.ModuleSpec("mindiesd", loader=None)  # found by importlib.util.find_spec
     module.calls = collections.Counter()
     module.ParametersInvalid = ParametersInvalid

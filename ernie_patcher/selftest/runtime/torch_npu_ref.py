@@ -144,7 +144,7 @@ def build_module(strict_device: bool = True) -> types.ModuleType:
 
     strict_device=True refuses tensors that do not report an NPU device (the real kernels' behaviour).
     """
-    module = types.ModuleType("torch_npu", "CPU reference of torch_npu kernels (tests only).")
+    module = types.ModuleType("torch_npu", "CPU reference of torch_npu kernels (tests and the selftest on CPU).")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)  # found by importlib.util.find_spec
     module.calls = collections.Counter()
 

@@ -1,0 +1,262 @@
+"""Run the selftest in the target interpreter and check what it answers; never imports torch itself.
+
+The runtime package is copied to a private temp directory and run there with `-I` (no PYTHONPATH, no
+user site, no current directory on sys.path), `-B` (no bytecode written into the target environment)
+and an explicit sys.path entry for that directory only,
+so the target interpreter needs no ernie-patcher and cannot pick up anything of it but the checks.
+Its answer is hostile input: stdout and stderr are read with a size cap, the run has a timeout after
+which its whole process group is ended, and the JSON document is checked field by field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import ExitCode, PatcherError
+
+RUNTIME = Path(__file__).resolve().parent / "runtime"
+PACKAGE = "ernie_patcher_selftest_runtime"
+TIMEOUT_ENV = "ERNIE_PATCHER_SELFTEST_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
+STDOUT_CAP = 1 << 20  # the document is a few KiB; more is refused, not parsed
+STDERR_TAIL = 1 << 16  # the last 64 KiB of stderr are kept for the error's details
+STATUSES = ("passed", "failed", "skipped")
+MAX_CHECKS = 200
+HINT = ("install torch in that interpreter (pip install 'ernie-patcher[selftest]' there), "
+        "or pass --python the interpreter of the patched environment")
+BOOTSTRAP = (f"import sys, runpy; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
+             f"runpy.run_module('{PACKAGE}', run_name='__main__', alter_sys=True)")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check as the target interpreter reported it, validated."""
+
+    name: str
+    status: str
+    error: float | None
+    tolerance: float | None
+    unit: str
+    detail: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "error": self.error, "tolerance": self.tolerance,
+                "unit": self.unit, "detail": self.detail, "seconds": self.seconds}
+
+
+@dataclass
+class SelftestReport:
+    """What the selftest found; `exit_code` is 0 when every check passed or was skipped with a reason."""
+
+    python: str
+    device: str
+    dtype: str
+    versions: dict[str, str]
+    checks: list[Check]
+    seconds: float
+    failed: list[Check] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.failed = [check for check in self.checks if check.status == "failed"]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.SELFTEST_FAILED if self.failed else ExitCode.OK
+
+    def error(self) -> PatcherError | None:
+        """The one-line error naming the failed checks, or None."""
+        if not self.failed:
+            return None
+        first = self.failed[0]
+        names = ", ".join(check.name for check in self.failed)
+        measured = f"{first.error:.3g} > tolerance {first.tolerance:.3g}" if first.error is not None else first.detail
+        return PatcherError(ExitCode.SELFTEST_FAILED,
+                            f"selftest failed: {names} ({first.name}: {measured[:300]})",
+                            details=[f"{c.name}: {c.detail}" for c in self.failed],
+                            hint="run `ernie-patch verify`; attach `ernie-patch selftest --json` to a bug report")
+
+    def to_json(self) -> dict[str, Any]:
+        """The command's JSON document (jsondoc): the checks under `selftest`."""
+        from ..jsondoc import document
+
+        return document("selftest", self.error(), self.exit_code, python=self.python,
+                        selftest={"device": self.device, "dtype": self.dtype, "versions": self.versions,
+                                  "seconds": self.seconds, "checks": [check.to_dict() for check in self.checks]})
+
+
+def _timeout() -> float:
+    try:
+        return max(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)), 1.0)
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def _copy_runtime(into: Path) -> Path:
+    """The runtime package's .py files copied into INTO/PACKAGE (a private directory: mode 0700)."""
+    package = into / PACKAGE
+    package.mkdir()
+    for source in RUNTIME.glob("*.py"):
+        shutil.copyfile(source, package / source.name)
+    return into
+
+
+def _drain(stream: IO[bytes], keep: int, head: bool, into: list[bytes], over: list[bool], pgid: int) -> None:
+    """Read STREAM to its end; keep its first (HEAD) or last KEEP bytes in INTO. A HEAD stream that goes
+    past KEEP sets OVER[0] and ends the process group: its answer is refused anyway."""
+    kept = bytearray()
+    while chunk := stream.read1(65536):
+        kept += chunk
+        if len(kept) > keep:
+            kept = kept[:keep] if head else kept[-keep:]
+            if head and not over[0]:
+                over[0] = True
+                _end_group(pgid)
+    into.append(bytes(kept))
+
+
+def _run(python: str, options: dict[str, Any]) -> tuple[int | None, bytes, bool, str]:
+    """(exit code or None on timeout, stdout, stdout over the cap, stderr tail) of one selftest run."""
+    with tempfile.TemporaryDirectory(prefix="ernie-patch-selftest-") as tmp:
+        directory = _copy_runtime(Path(tmp))
+        try:
+            process = subprocess.Popen([python, "-I", "-B", "-c", BOOTSTRAP, str(directory), json.dumps(options)],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
+        except OSError as exc:
+            raise PatcherError(ExitCode.ENVIRONMENT, f"cannot run interpreter {python}: {exc.strerror or exc}",
+                               hint=HINT) from None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        over = [False]
+        readers = [threading.Thread(target=_drain, args=(process.stdout, STDOUT_CAP, True, out, over, process.pid)),
+                   threading.Thread(target=_drain, args=(process.stderr, STDERR_TAIL, False, err, [False], process.pid))]
+        for reader in readers:
+            reader.start()
+        try:
+            code: int | None = process.wait(timeout=_timeout())
+        except subprocess.TimeoutExpired:
+            code = None
+        except BaseException:
+            _end_group(process.pid)
+            process.wait()
+            raise
+        _end_group(process.pid)  # workers it started and left behind go too
+        process.wait()
+        for reader in readers:
+            reader.join()
+    return code, out[0] if out else b"", over[0], (err[0] if err else b"").decode(errors="replace")
+
+
+def _end_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _refuse(python: str, what: str, stderr: str) -> PatcherError:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    said = f": it printed {lines[-1][:200]!r} on stderr" if lines else ""
+    return PatcherError(ExitCode.ENVIRONMENT, f"selftest in interpreter {python} {what}{said}",
+                        details=lines[-10:], hint=HINT)
+
+
+def _number(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    return float(value)
+
+
+def _text(value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"not a string: {type(value).__name__}")
+    return value[:limit]
+
+
+def _check(data: object) -> Check:
+    if not isinstance(data, dict):
+        raise ValueError("a check is not an object")
+    status = data.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"check status {status!r} is none of {STATUSES}")
+    check = Check(_text(data.get("name"), 100), status, _number(data.get("error")), _number(data.get("tolerance")),
+                  _text(data.get("unit", ""), 10), _text(data.get("detail", ""), 2000),
+                  _number(data.get("seconds", 0.0)) or 0.0)
+    if status == "passed" and (check.error is None or check.tolerance is None or check.error > check.tolerance):
+        raise ValueError(f"check {check.name!r} says passed without an error within its tolerance")
+    if status == "skipped" and not check.detail:
+        raise ValueError(f"check {check.name!r} is skipped without a reason")
+    return check
+
+
+def _parse(python: str, stdout: bytes) -> tuple[dict[str, Any], list[Check]]:
+    """The document the runtime printed, checked; ValueError says what is wrong with it."""
+    document = json.loads(stdout.decode("utf-8"))
+    if not isinstance(document, dict) or document.get("schema") != 1:
+        raise ValueError("not a selftest document (schema 1)")
+    if document.get("error") is not None:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"selftest in interpreter {python}: "
+                                                 f"{_text(document['error'], 300)}", hint=HINT)
+    checks = document.get("checks")
+    if not isinstance(checks, list) or not 0 < len(checks) <= MAX_CHECKS:
+        raise ValueError("no list of checks")
+    versions = document.get("versions")
+    if not isinstance(versions, dict):
+        raise ValueError("no versions")
+    return document, [_check(item) for item in checks]
+
+
+def run_selftest(python: str | None, site: Path | None, device: str, sp: int | None, dtype: str,
+                 threads: int | None = None) -> SelftestReport:
+    """Run the checks in PYTHON (default: this interpreter) with SITE first on its sys.path."""
+    if python:
+        from ..interpreter import resolve
+
+        python = resolve(python)
+    python = python or sys.executable
+    options = {"device": device, "dtype": dtype, "sp": sp, "threads": threads,
+               "site": str(site.resolve()) if site else None}
+    code, stdout, over, stderr = _run(python, options)
+    if code is None:
+        raise _refuse(python, f"did not finish within {_timeout():g} s ({TIMEOUT_ENV}) and was ended with its "
+                              "process group", stderr)
+    if over:
+        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout", stderr)
+    if code != 0:
+        raise _refuse(python, f"failed (exit {code})", stderr)
+    try:
+        document, checks = _parse(python, stdout)
+        versions = {_text(k, 50): _text(v, 100) for k, v in document["versions"].items()}
+        return SelftestReport(_text(document.get("python", python), 500), _text(document.get("device"), 200),
+                              _text(document.get("dtype"), 10), versions, checks,
+                              _number(document.get("seconds", 0.0)) or 0.0)
+    except (ValueError, RecursionError, UnicodeDecodeError, AttributeError) as exc:
+        raise _refuse(python, f"printed no valid selftest document ({str(exc)[:200]})", stderr) from None
+
+
+def render_table(report: SelftestReport) -> str:
+    """The checks as plain text, one line each, and a summary line."""
+    lines = [f"ernie-patch selftest: {report.python}", f"device: {report.device}, dtype {report.dtype}",
+             f"{'check':36} {'status':8} {'error':>10} {'tolerance':>10}  detail"]
+    for check in report.checks:
+        error = "" if check.error is None else f"{check.error:.3g}"
+        tolerance = "" if check.tolerance is None else f"{check.tolerance:.3g}"
+        unit = f" {check.unit}" if check.unit and check.tolerance is not None else ""
+        lines.append(f"{check.name:36} {check.status:8} {error:>10} {tolerance:>10}{unit}  {check.detail}")
+    counts = {status: sum(1 for c in report.checks if c.status == status) for status in STATUSES}
+    lines.append(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+                 f"in {report.seconds:.1f} s")
+    return "\n".join(lines)
