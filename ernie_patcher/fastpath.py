@@ -285,4 +285,7 @@ def answer(options: dict) -> str | None:
         return None
     if options["as_json"]:
         return json.dumps(document, indent=2, sort_keys=False) + "\n"
+    if options.get("quiet"):
+        return _plain(document).splitlines()[-1] + "\n" if document["command"] == "verify" else \
+            f"status: {len(document['patches'])} applied\n"
     return _plain(document)

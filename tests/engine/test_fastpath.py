@@ -33,6 +33,7 @@ def run_quick(*args: str | Path) -> tuple[int, str, list[str]]:
 
 
 @pytest.mark.parametrize("args", [("verify",), ("status",), ("verify", "--json"), ("status", "--json"),
+                                  ("verify", "-q"), ("status", "--quiet"),
                                   ("verify", "--only", "omni-ulysses"), ("status", "--json", "--only=diffusers-rope")])
 def test_applied_environment_is_answered_without_the_engine_and_exactly_as_the_engine(site: Path, args):
     assert cli("apply", "--site", site).code == 0
