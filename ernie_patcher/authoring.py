@@ -379,7 +379,7 @@ def series_entry(created: Created, summary: str) -> str:
 
 
 def _new_series_text(directory: Path) -> str:
-    return (f"# Patch set for ernie-patch; see `ernie-patch diff ID` and docs/authoring.md.\n"
+    return (f"# Patch set for ernie-patch; see `ernie-patch list`, `ernie-patch diff ID` and the README (Patch sets of your own).\n"
             f"schema = 1\nname = {toml_string(directory.name or 'patches')}\n")
 
 
