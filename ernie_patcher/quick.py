@@ -115,4 +115,4 @@ def main() -> None:
         run(options)
     from .cli import main as click_main
 
-    click_main()
+    click_main(prog_name="ernie-patch")

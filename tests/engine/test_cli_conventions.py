@@ -115,3 +115,9 @@ def test_create_without_pip_says_so_and_names_wheel(site: Path, tmp_path: Path, 
     assert result.code == 7
     assert result.reason == f"error: cannot download diffusers==0.38.0: no pip in {sys.executable}"
     assert "--wheel FILE" in result.stderr
+
+
+def test_usage_names_the_command_however_it_is_started():
+    """`python -m ernie_patcher` and the console script say `ernie-patch` in usage messages alike."""
+    result = run("status", "--bogus")
+    assert result.code == 2 and result.stderr.startswith("Usage: ernie-patch status [OPTIONS]"), result.stderr
