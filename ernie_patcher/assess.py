@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .probes import ProbeResult, probe_key, recall, run_probe
+from .probes import ProbeResult, recall, run_probe
 from .series import PatchSpec, ProbeSpec
 from .state import FileRecord, Manifest, RestoreEntry
 
@@ -220,15 +220,9 @@ class Assessor:
         source = self._probe_source(package, probe.file)
         if source is None or self.reparse or not self._released(package, probe.file, source):
             return run_probe(probe, source)
-        from . import probememo
+        from .probememo import probe_kept
 
-        digest, key = sha256(source), probe_key(probe)
-        kept = probememo.recall(digest).get(key)
-        if kept is not None:
-            return ProbeResult(probe, kept["passed"], kept["detail"])
-        result = run_probe(probe, source)
-        probememo.remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
-        return result
+        return probe_kept(probe, source)
 
     def _released(self, package: InstalledPackage, relpath: str, data: bytes) -> bool:
         """Whether DATA is the file RELPATH as the installed release shipped it (RECORD)."""

@@ -108,15 +108,9 @@ def _probe_planned(probe: ProbeSpec, source: bytes | None) -> ProbeResult:
     kept from an earlier run on the same bytes (probememo) is reused."""
     if source is None:
         return run_probe(probe, source)
-    from . import probememo
+    from .probememo import probe_kept
 
-    digest, key = sha256(source), probe_key(probe)
-    kept = probememo.recall(digest).get(key)
-    if kept is not None:
-        return ProbeResult(probe, kept["passed"], kept["detail"])
-    result = run_probe(probe, source)
-    probememo.remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
-    return result
+    return probe_kept(probe, source)
 
 
 def _record_line(relpath: str, data: bytes) -> str:

@@ -59,3 +59,18 @@ def remember(file_digest: str, results: dict[str, dict]) -> None:
                        sync_file=False)
     except (PatcherError, OSError):
         pass
+
+
+def probe_kept(probe, source: bytes):
+    """PROBE on SOURCE (bytes the memo may hold results for): the kept result when there is one,
+    else the probe run and its result kept."""
+    from .fsops import sha256
+    from .probes import ProbeResult, probe_key, run_probe
+
+    digest, key = sha256(source), probe_key(probe)
+    kept = recall(digest).get(key)
+    if kept is not None:
+        return ProbeResult(probe, kept["passed"], kept["detail"])
+    result = run_probe(probe, source)
+    remember(digest, {key: {"passed": result.passed, "detail": result.detail}})
+    return result

@@ -1,7 +1,6 @@
 """Turn reports into output: JSON for machines, rich tables on a terminal, plain text otherwise."""
 from __future__ import annotations
 
-import json
 import sys
 from typing import Collection, TextIO
 
