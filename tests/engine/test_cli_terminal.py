@@ -20,13 +20,10 @@ BOX = set("┏┓┗┛┃━┡┩╇┳┻│─└┘┌┐├┤┼╋")
 ERNIE_PATCH = [sys.executable, "-m", "ernie_patcher"]
 
 
-def on_terminal(*args: str, columns: int, env: dict | None = None) -> tuple[int, list[str]]:
-    """Run ernie-patch with stdout and stderr on a pseudo-terminal COLUMNS wide; its lines without escapes."""
+def _pty_output(args: list[str], environment: dict) -> tuple[int, str]:
+    """Run ARGS with stdout and stderr on a pseudo-terminal; its exit code and raw output."""
     leader, follower = pty.openpty()
-    environment = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color", **(env or {})}
-    environment.pop("NO_COLOR", None) if "NO_COLOR" not in (env or {}) else None
-    process = subprocess.Popen([*ERNIE_PATCH, *map(str, args)], stdout=follower, stderr=follower,
-                               stdin=subprocess.DEVNULL, env=environment)
+    process = subprocess.Popen(args, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, env=environment)
     os.close(follower)
     chunks = []
     while True:
@@ -38,9 +35,15 @@ def on_terminal(*args: str, columns: int, env: dict | None = None) -> tuple[int,
             break
         chunks.append(chunk)
     os.close(leader)
-    code = process.wait(timeout=120)
-    text = ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
-    return code, text.splitlines()
+    return process.wait(timeout=120), b"".join(chunks).decode()
+
+
+def on_terminal(*args: str, columns: int, env: dict | None = None) -> tuple[int, list[str]]:
+    """Run ernie-patch on a pseudo-terminal COLUMNS wide; its lines without escapes."""
+    environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    environment.update({"COLUMNS": str(columns), "TERM": "xterm-256color", **(env or {})})
+    code, text = _pty_output([*ERNIE_PATCH, *map(str, args)], environment)
+    return code, ANSI.sub("", text).replace("\r\n", "\n").splitlines()
 
 
 def _set():
@@ -61,22 +64,8 @@ def test_terminal_lines_fit_and_keep_ids_whole(site: Path, columns: int):
 
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}], ids=["NO_COLOR", "TERM=dumb"])
 def test_plain_output_when_asked(site: Path, env: dict):
-    leader, follower = pty.openpty()
     environment = {**os.environ, "COLUMNS": "100", "TERM": "xterm-256color", **env}
-    process = subprocess.Popen([*ERNIE_PATCH, "status", "--site", str(site)], stdout=follower, stderr=follower,
-                               env=environment)
-    os.close(follower)
-    data = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    process.wait(timeout=120)
-    text = data.decode()
+    _, text = _pty_output([*ERNIE_PATCH, "status", "--site", str(site)], environment)
     assert "\x1b[" not in text and not BOX & set(text), text
     assert "diffusers-rope" in text
 

@@ -9,10 +9,8 @@ import pytest
 from ernie_patcher import fsops
 
 
-def test_temp_file_is_fsynced_before_it_replaces_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Without the fsync a crash after the rename can leave an empty or partial file in place."""
-    target = tmp_path / "module.py"
-    target.write_bytes(b"old\n")
+def fsync_and_replace_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record, in order, every fsync (by the path of its fd) and every rename (by its source) fsops makes."""
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -26,6 +24,14 @@ def test_temp_file_is_fsynced_before_it_replaces_the_target(tmp_path: Path, monk
 
     monkeypatch.setattr(fsops.os, "fsync", fsync)
     monkeypatch.setattr(fsops.os, "replace", replace)
+    return events
+
+
+def test_temp_file_is_fsynced_before_it_replaces_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without the fsync a crash after the rename can leave an empty or partial file in place."""
+    target = tmp_path / "module.py"
+    target.write_bytes(b"old\n")
+    events = fsync_and_replace_events(monkeypatch)
     fsops.atomic_write(target, b"new\n")
 
     assert target.read_bytes() == b"new\n"
@@ -41,19 +47,7 @@ def test_apply_fsyncs_every_staged_file_before_renaming_it_in_place(site: Path, 
     its rename, so a crash never leaves a renamed but empty file."""
     from support.cli import cli
 
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        events.append(("replace", os.path.realpath(src)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(fsops.os, "fsync", fsync)
-    monkeypatch.setattr(fsops.os, "replace", replace)
+    events = fsync_and_replace_events(monkeypatch)
     assert cli("apply", "--site", site).code == 0
     renamed = [(i, path) for i, (kind, path) in enumerate(events) if kind == "replace"]
     assert len(renamed) >= 5, events
