@@ -67,6 +67,8 @@ def test_environment_variables_set_the_target(site: Path, tmp_path: Path):
     by_env = run("status", "--json", env={"ERNIE_PATCHER_SITE": str(site)})
     by_option = run("status", "--site", site, "--json")
     assert by_env.code == 0 and by_env.stdout == by_option.stdout
+    by_env_click = run("status", "-v", "--json", env={"ERNIE_PATCHER_SITE": str(site)})  # -v: the click CLI
+    assert by_env_click.code == 0 and by_env_click.stdout == by_option.stdout
     python = run("status", "--json", env={"ERNIE_PATCHER_PYTHON": "/bin/true"})
     assert python.code == 7
     own = tmp_path / "set"
