@@ -85,8 +85,9 @@ def pyc_bytes(path: Path, data: bytes, code: bytes, flags: int) -> bytes:
 
 def compile_source(data: bytes, path: Path) -> bytes:
     """What the import system compiles from DATA at PATH, marshalled: a code object of a large
-    module takes a hundred times its marshalled size in memory, so it is never kept."""
-    return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True))
+    module takes a hundred times its marshalled size in memory, so it is never kept. Optimization
+    0 whatever this interpreter's -O: the result goes in the plain .pyc, not an .opt-N one."""
+    return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True, optimize=0))
 
 
 def write(path: Path, data: bytes, code: bytes | None, flags: int) -> Path | None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from . import __version__
 from .assess import APPLIED, NOT_APPLIED, PatchState, decode
-from .bytecode import compile_source
+from .compilepool import CompileFailure, compile_many
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
 from .fsops import read_bytes, sha256
-from .probes import COMPILE_ERRORS, ProbeResult, memo, probe_key, run_probe
+from .probes import ProbeResult, memo, probe_key, run_probe
 from .report import Action
 from .series import SERIES_FILE, ProbeSpec, Series
 from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
@@ -63,16 +63,38 @@ def _new_file_mode(path: Path) -> int:
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
-def _check_source(data: bytes, path: Path) -> bytes:
-    """DATA compiled as the import system compiles it, marshalled (the new bytecode); raise
-    SyntaxError/ValueError unless DATA imports as Python source: compile() alone accepts bytes the
-    import system refuses (e.g. latin-1 in a comment of a file without a coding line)."""
-    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+def _encoding_refusal(data: bytes) -> CompileFailure | None:
+    """Why DATA would not import as Python source although compile() may accept it (e.g. latin-1
+    in a comment of a file without a coding line), else None."""
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError as exc:  # a coding line naming no codec
+        return CompileFailure("SyntaxError", str(exc))
     try:
         data.decode(encoding)
     except (UnicodeDecodeError, LookupError) as exc:
-        raise ValueError(f"not valid {encoding} ({exc})") from None
-    return compile_source(data, path)
+        return CompileFailure("ValueError", f"not valid {encoding} ({exc})")
+    return None
+
+
+def _compile_checks(changes: list[FileChange]) -> None:
+    """Compile the planned bytes of every Python file (in parallel: compilepool) as the import system
+    would; keep each result as its new bytecode; raise on the first that would not import."""
+    sources = [c for c in changes if c.after is not None and c.path.suffix == ".py"]
+    for change in sources:
+        refusal = _encoding_refusal(change.after or b"")
+        if refusal:
+            raise _not_compiling(change, refusal.kind, refusal.message)
+    for change, result in zip(sources, compile_many([(c.path, c.after or b"") for c in sources])):
+        if isinstance(result, CompileFailure):
+            raise _not_compiling(change, result.kind, result.message)
+        change.code = result
+
+
+def _not_compiling(change: FileChange, kind: str, message: str) -> PatcherError:
+    return PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: "
+                        f"{kind}: {message[:200] or 'no detail'}",
+                        hint="the patch set is broken for this release; nothing was written")
 
 
 def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
@@ -80,14 +102,7 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
 
     Returns each patch's probe results on the planned bytes, kept in the manifest for verify.
     """
-    for change in changes.values():
-        if change.after is not None and change.path.suffix == ".py":
-            try:
-                change.code = _check_source(change.after, change.path)
-            except COMPILE_ERRORS as exc:
-                raise PatcherError(ExitCode.CONFLICT, f"patched {change.path} would not compile: "
-                                   f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}",
-                                   hint="the patch set is broken for this release; nothing was written") from None
+    _compile_checks(list(changes.values()))
     planned = {c.relpath: c.after for c in changes.values()}
     memos: dict[str, dict[str, dict]] = {}
     for patch in todo:

@@ -11,15 +11,35 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import ExitCode, PatcherError, environment_error
+
+Item = TypeVar("Item")
 
 TEMP_SUFFIX = ".ernie-tmp"
 MAX_JSON = 16 << 20  # manifest and journal
 MAX_OBJECT = 256 << 20  # a stored original: one source file of a package (or its RECORD)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+SYNC_THREADS = 8
+
+
+def each_concurrently(function: Callable[[Item], object], items: Sequence[Item]) -> None:
+    """FUNCTION on every item, several at a time in threads: an fsync waits for the disk with the
+    GIL released, and concurrent fsyncs share the file system's journal commits (about a third of
+    the time of one after another). The first error is raised once all have run."""
+    if len(items) < 4:
+        for item in items:
+            function(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(items))) as pool:
+        for _ in pool.map(function, items):
+            pass
 
 
 def unsafe(path: Path, why: str) -> PatcherError:
@@ -180,20 +200,21 @@ class SafeDir:
                 self.remove(temp, quiet=True)
 
     def fsync_entries(self, names: list[str]) -> None:
-        """fsync the regular files NAMES of this directory (no-follow); after a batch of unsynced
-        writes the first commits the file-system journal with all of them."""
-        for name in names:
-            try:
-                fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
-            except OSError as exc:
-                raise _open_error(self.path / name, exc, "write") from None
-            try:
-                check(self.path / name, os.fstat(fd), want_dir=False)
-                os.fsync(fd)
-            except OSError as exc:
-                raise environment_error("write", self.path / name, exc) from None
-            finally:
-                _close(fd)
+        """fsync the regular files NAMES of this directory (no-follow), concurrently."""
+        each_concurrently(self._fsync_entry, names)
+
+    def _fsync_entry(self, name: str) -> None:
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            raise _open_error(self.path / name, exc, "write") from None
+        try:
+            check(self.path / name, os.fstat(fd), want_dir=False)
+            os.fsync(fd)
+        except OSError as exc:
+            raise environment_error("write", self.path / name, exc) from None
+        finally:
+            _close(fd)
 
     def sync(self) -> None:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -153,6 +153,7 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
     put back before the process exits. A second signal during that rollback stops it and leaves the
     journal, which the next run finishes.
     """
+    writes = _with_bytecode(writes)
     journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
                       manifest=previous.to_json() if previous else None)
     with signals_as_errors():
@@ -164,6 +165,21 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
             _roll_back(state, journal, writes, previous, error if isinstance(error, PatcherError) else None)
             raise
     state.drop_objects(_referenced(manifest))
+
+
+def _with_bytecode(writes: list[Write]) -> list[Write]:
+    """WRITES with the new bytecode of every Python file whose release keeps bytecode compiled, all
+    at once before anything is written (compilepool); one that does not compile gets none later."""
+    from . import bytecode
+    from .compilepool import compile_many
+
+    todo = [index for index, write in enumerate(writes)
+            if write.data is not None and write.code is None and bytecode.release_flags(write.path) is not None]
+    compiled = list(writes)
+    for index, result in zip(todo, compile_many([(writes[i].path, writes[i].data or b"") for i in todo])):
+        if isinstance(result, bytes):
+            compiled[index] = replace(writes[index], code=result)
+    return compiled
 
 
 def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous: Manifest | None,

@@ -54,3 +54,31 @@ def test_apply_fsyncs_every_staged_file_before_renaming_it_in_place(site: Path, 
     for index, temp in renamed:
         assert temp.endswith(fsops.TEMP_SUFFIX)
         assert ("fsync", temp) in events[:index], f"{temp} not fsynced before its rename"
+
+
+def test_fsyncs_run_concurrently_and_still_refuse_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A batch of fsyncs goes to several threads; a planted symlink among them is still an error
+    naming it, and every other file is still fsynced."""
+    from ernie_patcher.errors import PatcherError
+
+    names = []
+    for index in range(12):
+        (tmp_path / f"f{index}").write_bytes(b"x")
+        names.append(tmp_path / f"f{index}")
+    (tmp_path / "planted").symlink_to(tmp_path / "f0")
+    threads: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        import threading
+        import time
+
+        threads.add(threading.get_ident())
+        time.sleep(0.01)
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsops.os, "fsync", fsync)
+    fsops.fsync_files(names)
+    assert len(threads) > 1, "the fsyncs ran one after another in one thread"
+    with pytest.raises(PatcherError, match="planted"):
+        fsops.fsync_files([*names[:6], tmp_path / "planted", *names[6:]])
