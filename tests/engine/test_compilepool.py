@@ -181,3 +181,17 @@ def test_a_file_that_does_not_compile_among_many_refuses_apply(site: Path, tmp_p
     assert pooled == [2]
     assert not (site / STATE).exists()
     assert snapshot(site) == before
+
+
+def test_bytecode_written_under_python_O_is_still_unoptimized(site: Path, tmp_path: Path):
+    """The plain .pyc (no .opt-N tag) must hold code with its asserts, whatever -O ernie-patch runs with."""
+    module = _largest_modules(site, 1)[0]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(module)], check=True)
+    diff = file_diff(site, str(module.relative_to(site)), _append("assert ERNIE_PATCH_MARK, 'kept'\n"))
+    patches = write_patchset(tmp_path / "set", [PatchDef("one", "diffusers", "diffusers", diff)])
+    done = subprocess.run([sys.executable, "-O", "-m", "ernie_patcher", "apply", "--site", str(site),
+                           "--patches", str(patches)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert _bytecode_body(module) == compile_source(module.read_bytes(), module)
+    assert "kept" in repr(marshal.loads(_bytecode_body(module)).co_consts)
