@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .bytecode import compile_source
 from .probes import COMPILE_ERRORS
+from .settings import count
 
 if TYPE_CHECKING:
     import subprocess
@@ -58,9 +59,9 @@ Compiled = bytes | CompileFailure
 
 def jobs() -> int:
     """Worker processes to use: ERNIE_PATCHER_JOBS, else the CPUs this process may run on."""
-    wanted = os.environ.get(JOBS_ENV, "").strip()
-    if wanted.isdigit() and int(wanted) > 0:
-        return min(int(wanted), MAX_JOBS)
+    wanted = count(JOBS_ENV)
+    if wanted is not None:
+        return min(wanted, MAX_JOBS)
     try:
         return min(len(os.sched_getaffinity(0)), MAX_JOBS)
     except (AttributeError, OSError):

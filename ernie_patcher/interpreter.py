@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import envprobe
 from .errors import ExitCode, PatcherError
+from .settings import seconds
 
 TIMEOUT_ENV = "ERNIE_PATCHER_PYTHON_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
@@ -25,10 +26,7 @@ exec(compile(%r, "ernie_patcher_envprobe", "exec"))
 
 
 def _timeout() -> float:
-    try:
-        return max(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)), 0.1)
-    except ValueError:
-        return DEFAULT_TIMEOUT
+    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=0.1)
 
 
 def _said(text: str) -> str:

@@ -5,9 +5,10 @@ A probe is a pure function of its definition and the file's bytes: a result kept
 probe's key (probes.probe_key) and the file's sha256 is the result. Only results on files whose
 digest is the one the release's RECORD lists, and on what apply plans from them, are kept, so
 the memo holds nothing a user edits. The memo is in the user's cache directory ($XDG_CACHE_HOME,
-else ~/.cache), reached through safeio (no symlink followed, owner checked, size capped);
-anything wrong with it -- unwritable, unsafe, damaged -- makes the probes run from source, never
-fails the command.
+else ~/.cache), or where ERNIE_PATCHER_PROBE_CACHE says (`off`: nowhere, e.g. in an image
+build), reached through safeio (no symlink followed, owner checked, size capped); anything wrong
+with it -- unwritable, unsafe, damaged -- makes the probes run from source, never fails the
+command.
 """
 from __future__ import annotations
 
@@ -19,9 +20,16 @@ from .errors import PatcherError
 from .safeio import SafeDir
 
 MAX_MEMO = 1 << 20
+CACHE_ENV = "ERNIE_PATCHER_PROBE_CACHE"
 
 
-def directory() -> Path:
+def directory() -> Path | None:
+    """Where the memo is; None when ERNIE_PATCHER_PROBE_CACHE is `off`."""
+    chosen = os.environ.get(CACHE_ENV, "").strip()
+    if chosen.lower() == "off":
+        return None
+    if chosen:
+        return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ernie-patcher" / "probe-results"
 
@@ -33,8 +41,11 @@ def _valid(kept: object) -> bool:
 
 def recall(file_digest: str) -> dict[str, dict]:
     """Kept results for the file with FILE_DIGEST: probe key -> {"passed", "detail"}."""
+    where = directory()
+    if where is None:
+        return {}
     try:
-        memo = SafeDir.open(directory())
+        memo = SafeDir.open(where)
         if memo is None:
             return {}
         with memo:
@@ -47,8 +58,10 @@ def recall(file_digest: str) -> dict[str, dict]:
 
 def remember(file_digest: str, results: dict[str, dict]) -> None:
     """Keep RESULTS (probe key -> {"passed", "detail"}) for the file with FILE_DIGEST, beside the kept ones."""
+    where = directory()
+    if where is None:
+        return
     try:
-        where = directory()
         where.parent.mkdir(parents=True, exist_ok=True)
         memo = SafeDir.open(where, create=True)
         if memo is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import ExitCode, PatcherError
+from ..settings import seconds
 
 RUNTIME = Path(__file__).resolve().parent / "runtime"
 PACKAGE = "ernie_patcher_selftest_runtime"
@@ -96,10 +97,7 @@ class SelftestReport:
 
 
 def _timeout() -> float:
-    try:
-        return max(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)), 1.0)
-    except ValueError:
-        return DEFAULT_TIMEOUT
+    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=1.0)
 
 
 def _copy_runtime(into: Path) -> Path:

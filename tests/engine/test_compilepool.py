@@ -15,7 +15,7 @@ import pytest
 
 from ernie_patcher import compilepool
 from ernie_patcher.bytecode import compile_source
-from ernie_patcher.compilepool import CompileFailure, compile_many, compile_one
+from ernie_patcher.compilepool import compile_many, compile_one
 from support.cli import ROOT, cli
 from support.patchsets import PatchDef, file_diff, write_patchset
 from support.tree import snapshot

@@ -37,6 +37,11 @@ def _dependencies() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
+def _dockerfile_env() -> dict[str, str]:
+    """The Dockerfile's ENV lines (NAME=VALUE)."""
+    return dict(re.findall(r"^ENV ([A-Z_]+)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE))
+
+
 def _dockerfile_step() -> str:
     """The Dockerfile's patching step, so the test runs what the example says."""
     runs = re.findall(r"^RUN (ernie-patch .*)$", DOCKERFILE.read_text(), re.MULTILINE)
@@ -53,12 +58,17 @@ def test_dockerfile_layout_applies_and_verifies_offline(tmp_path: Path):
                    check=True)
     subprocess.run([*pip, "--no-index", "--find-links", str(house), "ernie-patcher"], check=True)
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ERNIE_PATCHER_", "PYTHON"))}
-    environment.update(NO_COLOR="1", TERM="dumb", PATH=f"{env_dir / 'bin'}:{os.environ['PATH']}")
+    home = tmp_path / "home"
+    home.mkdir()
+    environment.pop("XDG_CACHE_HOME", None)
+    environment.update(NO_COLOR="1", TERM="dumb", PATH=f"{env_dir / 'bin'}:{os.environ['PATH']}", HOME=str(home),
+                       **_dockerfile_env())
     result = subprocess.run(["sh", "-c", _dockerfile_step()], stdin=subprocess.DEVNULL, capture_output=True,
                             text=True, env=environment, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert "verified: 5/5 patches applied" in result.stdout
     assert "\x1b[" not in result.stdout + result.stderr
+    assert list(home.rglob("*")) == [], "the build left files in the home directory (an image layer)"
     quiet = subprocess.run([str(env_dir / "bin" / "ernie-patch"), "verify", "--quiet"], capture_output=True,
                            text=True, env=environment)
     assert quiet.returncode == 0 and quiet.stdout.count("\n") == 1, quiet.stdout

@@ -23,11 +23,11 @@ PROBE = ("import sys, atexit, json\n"
          "main()\n")
 
 
-def run_quick(*args: str | Path) -> tuple[int, str, list[str]]:
+def run_quick(*args: str | Path, env: dict[str, str] | None = None) -> tuple[int, str, list[str]]:
     """`ernie-patch ARGS` through the installed entry point, as a process; the heavy modules it loaded."""
     code = f"HEAVY = {HEAVY!r}\n{PROBE}"
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=environ(), cwd=ROOT, timeout=300)
+                          env=environ(env), cwd=ROOT, timeout=300)
     loaded = next(json.loads(line[7:]) for line in done.stderr.splitlines() if line.startswith("LOADED="))
     return done.returncode, done.stdout, loaded
 
@@ -41,6 +41,27 @@ def test_applied_environment_is_answered_without_the_engine_and_exactly_as_the_e
     assert loaded == [], f"the fast path imported {loaded}"
     engine = cli(*args, "--site", site)
     assert (code, out) == (engine.code, engine.stdout)
+
+
+def _documented_settings() -> list[str]:
+    """The variables of the README's table that set a number, not an option."""
+    import re
+
+    table = (ROOT / "README.md").read_text(encoding="utf-8").split("### Environment variables", 1)[1]
+    table = table.split("\n\n", 2)[1]
+    names = re.findall(r"^\| `(ERNIE_PATCHER_[A-Z_]+)` \| (.*)$", table, re.MULTILINE)
+    return [name for name, meaning in names if not meaning.startswith("`--")]
+
+
+def test_every_documented_setting_keeps_the_fast_path(site: Path):
+    settings = _documented_settings()
+    assert "ERNIE_PATCHER_JOBS" in settings and "ERNIE_PATCHER_PYTHON_TIMEOUT" in settings
+    assert cli("apply", "--site", site).code == 0
+    for name in settings:
+        code, _, loaded = run_quick("verify", "--site", site, env={name: "3"})
+        assert code == 0 and loaded == [], f"{name} set sends verify to the engine: {loaded}"
+    code, _, loaded = run_quick("verify", "--site", site, env={"ERNIE_PATCHER_UNKNOWN": "1"})
+    assert "click" in loaded, "an unknown variable must go to the click CLI, which knows every one"
 
 
 def test_a_hand_edit_goes_to_the_engine_which_reports_it(site: Path):

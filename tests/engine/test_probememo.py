@@ -54,3 +54,19 @@ def test_a_damaged_or_unsafe_memo_is_ignored(site: Path, parsed: list[int], tmp_
     parsed.clear()
     again = cli("status", "--site", site, "--json")
     assert parsed and (again.code, again.stdout) == (first.code, first.stdout)
+
+
+def test_the_memo_goes_where_the_variable_says_or_nowhere(site: Path, parsed: list[int], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    chosen = tmp_path / "chosen"
+    monkeypatch.setenv(probememo.CACHE_ENV, str(chosen))
+    first = cli("status", "--site", site, "--json")
+    assert any(chosen.iterdir()) and not (tmp_path / "cache").exists()
+    monkeypatch.setenv(probememo.CACHE_ENV, "off")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        parsed.clear()
+        again = cli("status", "--site", site, "--json")
+        assert parsed, "with the memo off the probes parse the files, every time"
+        assert (again.code, again.stdout) == (first.code, first.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen", "site"], "a memo was written although it is off"
