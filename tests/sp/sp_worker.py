@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-import cpu_platform
 import npu_kernels
+from ernie_patcher.selftest.runtime import cpu_platform
+from ernie_patcher.selftest.runtime.sp_worker import fixed_weights
 from tiny import GRID, TEXT_LENS, TINY_CONFIG
 
 PLATFORM = cpu_platform.install()
@@ -118,20 +119,6 @@ def init_parallel(rank: int, world_size: int, sp: int, cfg: int) -> None:
     parallel_state.initialize_model_parallel(
         cfg_parallel_size=cfg, sequence_parallel_size=sp, ulysses_degree=sp, backend="gloo"
     )
-
-
-def fixed_weights(model: torch.nn.Module) -> None:
-    """The same weights on every rank, none zero (upstream zero-initialises adaLN and final_linear)."""
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * noise)
-            elif param.dim() >= 2:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            else:
-                param.copy_(0.1 * noise)
 
 
 def tiny_text() -> tuple[torch.Tensor, torch.Tensor]:

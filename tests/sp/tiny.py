@@ -1,22 +1,11 @@
-"""Sizes of the tiny ERNIE-Image transformer and its inputs, shared by the SP worker and the tests."""
+"""Sizes of the tiny ERNIE-Image transformer and its inputs: the selftest's own
+(ernie_patcher.selftest.runtime.sp_worker), shared by the SP worker and the tests."""
 from __future__ import annotations
 
-from typing import Any
+from ernie_patcher.selftest.runtime.sp_worker import GRID, TEXT_LENS, TINY_CONFIG  # noqa: F401 (shared)
 
-TINY_CONFIG: dict[str, Any] = {
-    "in_channels": 8,
-    "num_layers": 2,
-    "num_attention_heads": 4,
-    "ffn_hidden_size": 128,
-    "hidden_size": 64,
-    "text_in_dim": 32,
-    "rope_axes_dim": (4, 6, 6),
-}
-GRID = (5, 7)
 IMAGE_TOKENS = GRID[0] * GRID[1]
-"""35 image tokens."""
-TEXT_LENS = (3, 6)
-"""A CFG batch: negative and positive prompt of different lengths (the shorter one is padded and masked)."""
+"""35 image tokens; TEXT_LENS is a CFG batch (the shorter prompt is padded and masked)."""
 JOINT_TOKENS = IMAGE_TOKENS + max(TEXT_LENS)
 """41 = 35 image + 6 text tokens: not divisible by 2 or 4, so the SP runs must pad."""
 

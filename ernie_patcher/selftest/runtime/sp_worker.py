@@ -23,50 +23,7 @@ GRID = (5, 7)  # 35 image tokens + 6 text tokens = 41: not divisible by 2 or 4, 
 TEXT_LENS = (3, 6)  # a CFG batch: the shorter prompt is padded and masked
 
 
-def _cpu_platform() -> None:
-    """vllm-omni's platform replaced by one CPU "device" per process, gloo, SDPA, reporting Ascend NPU.
-
-    vllm-omni binds its platform at import in several modules, so this runs before any vllm_omni.diffusion import.
-    """
-    import vllm_omni.platforms as omni_platforms
-    from vllm_omni.platforms.interface import OmniPlatform, OmniPlatformEnum
-
-    class CpuPlatform(OmniPlatform):
-        _omni_enum = OmniPlatformEnum.CUDA
-        device_name = device_type = "cpu"
-        dispatch_key = "CPU"
-        dist_backend = "gloo"
-
-        def is_npu(self) -> bool:
-            return True
-
-        def is_cuda(self) -> bool:
-            return False
-
-        @classmethod
-        def get_torch_device(cls, local_rank: int | None = None) -> torch.device:
-            return torch.device("cpu")
-
-        @classmethod
-        def get_device_count(cls) -> int:
-            return 1
-
-        @classmethod
-        def set_device(cls, device: torch.device) -> None:
-            return None
-
-        @classmethod
-        def synchronize(cls) -> None:
-            return None
-
-        @classmethod
-        def get_diffusion_attn_backend_cls(cls, selected_backend: str | None, head_size: int, **kwargs: object) -> str:
-            return "vllm_omni.diffusion.attention.backends.sdpa.SDPABackend"
-
-    omni_platforms._current_omni_platform = CpuPlatform()
-
-
-def _fixed_weights(model: torch.nn.Module) -> None:
+def fixed_weights(model: torch.nn.Module) -> None:
     """The same weights on every rank, none zero (upstream zero-initialises adaLN and final_linear)."""
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -113,7 +70,9 @@ def main(argv: list[str]) -> int:
         torch.npu.set_device(rank)
         device, backend = torch.device("npu", rank), "hccl"
     else:
-        _cpu_platform()
+        from .cpu_platform import install, set_npu
+
+        set_npu(install(), True)  # the patched NPU code paths, on vllm-omni's SDPA backend
         device, backend = torch.device("cpu"), "gloo"
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm_omni.diffusion import registry
@@ -133,7 +92,7 @@ def main(argv: list[str]) -> int:
         parallel_state.initialize_model_parallel(cfg_parallel_size=1, sequence_parallel_size=world,
                                                  ulysses_degree=world, backend=backend)
         model = ErnieImageTransformer2DModel(od_config=od_config, **TINY_CONFIG)
-        _fixed_weights(model)
+        fixed_weights(model)
         registry._apply_sequence_parallel_if_enabled(SimpleNamespace(transformer=model), od_config)
         model = model.to(device).eval()
         all_to_all = [0]
