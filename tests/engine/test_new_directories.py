@@ -1,0 +1,131 @@
+"""A user patch set that adds a subpackage (two levels) the installed diffusers 0.38.0 does not have:
+apply creates the directories, the new modules import, verify passes, revert leaves the tree as
+it was (directories and bytecode included); what is in the way is refused before anything is
+written, and what the user added since apply is kept."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.cli import DISPATCH, cli
+from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
+from support.tree import snapshot
+
+TOP = "diffusers/ernie_extra"
+SUB = f"{TOP}/kernels"
+NEW_FILES = {
+    f"{TOP}/__init__.py": ["LEVEL = 1\n"],
+    f"{SUB}/__init__.py": ["from .. import LEVEL as PARENT_LEVEL\n", "LEVEL = PARENT_LEVEL + 1\n"],
+    f"{SUB}/rope.py": ["from . import LEVEL\n", "\n", "\n", "def depth():\n", "    return LEVEL\n"],
+}
+RECORD = "diffusers-0.38.0.dist-info/RECORD"
+# The new modules imported by the real import system, without running diffusers/__init__.py
+# (which needs diffusers' dependencies): the package object only names its directory.
+IMPORT = ("import sys, types; root = types.ModuleType('diffusers'); root.__path__ = [sys.argv[1] + '/diffusers'];"
+          " sys.modules['diffusers'] = root; from diffusers.ernie_extra.kernels import rope; print(rope.depth())")
+
+
+def subpackage_set(site: Path, directory: Path) -> Path:
+    diff = file_diff(site, DISPATCH, insert_after("import torch", "EXTRA_MARK = \"extra-mark\"\n"))
+    diff += "".join(new_file_diff(relpath, lines) for relpath, lines in NEW_FILES.items())
+    return write_patchset(directory, [PatchDef(
+        "extra", "diffusers", "diffusers", diff,
+        probes=[{"file": f"{SUB}/rope.py", "kind": "function", "name": "depth", "params": []},
+                {"file": DISPATCH, "kind": "string", "value": "extra-mark"}])])
+
+
+def import_depth(site: Path) -> subprocess.CompletedProcess:
+    """The new module imported by this venv's python (writing its bytecode, as any import does)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return subprocess.run([sys.executable, "-c", IMPORT, str(site)], capture_output=True, text=True, env=env)
+
+
+def test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree(site: Path, tmp_path: Path):
+    patches = subpackage_set(site, tmp_path / "set")
+    pristine = snapshot(site)
+
+    status = cli("status", "--site", site, "--patches", patches, "--json").json()
+    files = {f["relpath"]: f for f in status["patches"][0]["files"]}
+    assert status["patches"][0]["state"] == "not-applied"
+    assert files[f"{TOP}/__init__.py"]["detail"] == f"creates directory {TOP}"
+    assert files[f"{SUB}/rope.py"]["detail"] == f"creates directories {TOP}, {SUB}"
+    dry = cli("apply", "--site", site, "--patches", patches, "--dry-run", "--json").json()
+    details = {Path(a["path"]).relative_to(site).as_posix(): a["detail"] for a in dry["actions"]}
+    assert details[f"{SUB}/rope.py"].endswith(f"; creates directories {TOP}, {SUB}")
+    assert snapshot(site) == pristine, "a dry run wrote something"
+
+    applied = cli("apply", "--site", site, "--patches", patches, "--json")
+    assert applied.code == 0, applied.stdout
+    assert {a["action"] for a in applied.json()["actions"]} == {"patch", "create", "register"}
+    parent_mode = (site / "diffusers").stat().st_mode
+    for directory in (TOP, SUB):
+        assert (site / directory).is_dir() and not (site / directory).is_symlink()
+        assert (site / directory).stat().st_mode == parent_mode, "a new directory has not its parent's mode"
+    record = (site / RECORD).read_text()
+    assert all(f"{relpath},sha256=" in record for relpath in NEW_FILES), "created files not registered"
+    manifest = json.loads((site / ".ernie-patcher" / "manifest.json").read_text())
+    assert manifest["files"][f"{SUB}/rope.py"]["dirs"] == [TOP, SUB]
+    assert manifest["files"][DISPATCH]["dirs"] == []
+
+    imported = import_depth(site)
+    assert imported.returncode == 0 and imported.stdout.strip() == "2", imported.stderr
+    assert (site / SUB / "__pycache__").is_dir(), "the import wrote no bytecode: the revert check proves less"
+    verified = cli("verify", "--site", site, "--patches", patches)
+    assert verified.code == 0, verified.stdout + verified.stderr
+
+    reverted = cli("revert", "--site", site, "--json")
+    assert reverted.code == 0, reverted.stdout
+    assert not reverted.json()["notes"], reverted.json()["notes"]
+    assert snapshot(site) == pristine, "revert left the tree different (directories, bytecode, files)"
+
+
+def test_revert_keeps_a_new_directory_the_user_added_files_to(site: Path, tmp_path: Path):
+    patches = subpackage_set(site, tmp_path / "set")
+    pristine = snapshot(site)
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    assert import_depth(site).returncode == 0
+    (site / SUB / "mine.py").write_text("MINE = True\n")
+    reverted = cli("revert", "--site", site, "--json")
+    assert reverted.code == 0, reverted.stdout
+    note = " ".join(reverted.json()["notes"])
+    assert "kept 2 directories" in note and str(site / SUB) in note and str(site / TOP) in note, note
+    assert (site / SUB / "mine.py").read_text() == "MINE = True\n"
+    assert sorted(p.name for p in (site / SUB).iterdir()) == ["mine.py"], "created files or bytecode left"
+    assert sorted(p.name for p in (site / TOP).iterdir()) == ["kernels"]
+    (site / SUB / "mine.py").unlink()
+    (site / SUB).rmdir()
+    (site / TOP).rmdir()
+    assert snapshot(site) == pristine
+
+
+@pytest.mark.parametrize("target", ["outside", "inside-dangling"])
+def test_symlink_where_a_directory_is_to_be_created_is_refused(site: Path, tmp_path: Path, target: str):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = site / TOP
+    link.symlink_to(outside if target == "outside" else site / "diffusers" / "not_there")
+    patches = subpackage_set(site, tmp_path / "set")
+    before = snapshot(tmp_path)
+    for command in ("status", "apply"):
+        result = cli(command, "--site", site, "--patches", patches)
+        assert result.code == 7, (command, result.stdout, result.stderr)
+        assert str(link) in result.reason, result.reason
+    assert snapshot(tmp_path) == before, "something was written"
+    assert list(outside.iterdir()) == []
+
+
+def test_regular_file_where_a_directory_is_to_be_created_is_refused(site: Path, tmp_path: Path):
+    (site / TOP).write_text("not a directory\n")
+    patches = subpackage_set(site, tmp_path / "set")
+    before = snapshot(site)
+    status = cli("status", "--site", site, "--patches", patches, "--json").json()
+    assert status["patches"][0]["state"] == "conflict"
+    applied = cli("apply", "--site", site, "--patches", patches)
+    assert applied.code == 5, applied.stdout + applied.stderr
+    assert f"{site / TOP} is not a directory" in applied.reason, applied.reason
+    assert snapshot(site) == before
