@@ -59,7 +59,7 @@ def _check_entry(entry: FileRecord, release: dict[str, str | None], package: Ins
         shipped = next((d for d in entry.dirs if any(r.startswith(d + "/") for r in release)), None)
         if shipped is not None:
             raise corrupt(where, f"directory {shipped} is recorded as created by apply, but the {release_name} "
-                                 "release has files in it (RECORD)")
+                                 "release ships files in it (RECORD)")
         return True
     if shipped is None:
         return False
