@@ -160,7 +160,8 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
     """Put back every file of JOURNAL (at PATHS), the previous MANIFEST, then drop the journal.
 
     Bytecode is removed only of files put back here: a file the interrupted run never wrote is
-    left alone, __pycache__ included (it may be unwritable, and its cache is not stale)."""
+    left alone, __pycache__ included (it may be unwritable, and its cache is not stale). The
+    directories apply created for files now absent are removed when empty, after every file."""
     report = Recovery(operation=journal.operation, started=journal.started)
     for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
         if _put_entry(state, path, entry):

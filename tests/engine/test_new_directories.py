@@ -5,11 +5,13 @@ written, and what the user added since apply is kept."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from support.cli import DISPATCH, cli
+from support.realpkgs import DIFFUSERS, make_venv
 from support.subpackage import NEW_FILES, RECORD, SUB, TOP, import_depth, subpackage_set
 from support.tree import snapshot
 
@@ -52,6 +54,17 @@ def test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree(si
     assert reverted.code == 0, reverted.stdout
     assert not reverted.json()["notes"], reverted.json()["notes"]
     assert snapshot(site) == pristine, "revert left the tree different (directories, bytecode, files)"
+
+
+def test_pip_uninstall_removes_the_new_subpackage_too(tmp_path: Path):
+    python = make_venv(tmp_path / "venv", DIFFUSERS)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    patches = subpackage_set(site, tmp_path / "set")
+    assert cli("apply", "--python", python, "--patches", patches).code == 0
+    assert (site / SUB / "rope.py").is_file()
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "diffusers"], check=True)
+    assert not (site / "diffusers").exists(), sorted(str(p) for p in (site / "diffusers").rglob("*"))[:10]
 
 
 def test_revert_keeps_a_new_directory_the_user_added_files_to(site: Path, tmp_path: Path):
