@@ -138,6 +138,11 @@ def new_directories(package: InstalledPackage, relpath: str) -> tuple[list[str],
     return [], ""
 
 
+def made_dirs_detail(dirs: list[str]) -> str:
+    """The detail of an applied file for which apply created DIRS (as fastpath._patch says it)."""
+    return f"apply created director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}" if dirs else ""
+
+
 def recorded_path(env: Environment, entry: FileRecord | RestoreEntry) -> Path | None:
     """Where a manifest (or journal) entry's file is in ENV now; None when its package is gone."""
     package = env.package(entry.package)
@@ -229,7 +234,7 @@ class Assessor:
             if entry is None or spec.id not in entry.patches or digest != entry.after:
                 return None
             files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
-                                   current=current))
+                                   current=current, detail=made_dirs_detail(entry.dirs)))
         result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
                             untested=not spec.covers(package.version))
         memos = {} if self.reparse else recorded.probes
@@ -276,7 +281,7 @@ class Assessor:
         if managed and entry is not None and spec.id in entry.patches:
             digest = sha256(current) if current is not None else None
             if digest == entry.after:
-                state.state = APPLIED
+                state.state, state.detail = APPLIED, made_dirs_detail(entry.dirs)
                 return state
             if digest != entry.before and self._differs_from_release(package, relpath, current):
                 state.state = DRIFTED

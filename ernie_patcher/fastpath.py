@@ -213,7 +213,9 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
         current = _read(path)
         _need(entry and patch_id in entry["patches"] and (sha256(current) if current is not None else None)
               == entry["after"])
-        files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": "",
+        dirs = [_relative(d) for d in entry.get("dirs", [])]
+        detail = f"apply created director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}" if dirs else ""
+        files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": detail,
                       "action": "create" if entry["action"] == "create" else "modify", "offsets": []})
     probes = []
     for probe in shown["probes"]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import DISPATCH, cli
+from support.cli import DISPATCH, cli, run
+from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
 from support.realpkgs import DIFFUSERS, make_venv
 from support.subpackage import NEW_FILES, RECORD, SUB, TOP, import_depth, subpackage_set
 from support.tree import snapshot
@@ -47,8 +48,13 @@ def test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree(si
     imported = import_depth(site)
     assert imported.returncode == 0 and imported.stdout.strip() == "2", imported.stderr
     assert (site / SUB / "__pycache__").is_dir(), "the import wrote no bytecode: the revert check proves less"
-    verified = cli("verify", "--site", site, "--patches", patches)
+    verified = cli("verify", "--site", site, "--patches", patches, "--json")
     assert verified.code == 0, verified.stdout + verified.stderr
+    files = {f["relpath"]: f for f in verified.json()["patches"][0]["files"]}
+    assert files[f"{SUB}/rope.py"]["detail"] == f"apply created directories {TOP}, {SUB}"
+    assert files[DISPATCH]["detail"] == ""
+    quick = run("verify", "--site", site, "--patches", patches, "--json")  # the fast path, from the manifest
+    assert (quick.code, quick.stdout) == (verified.code, verified.stdout)
 
     reverted = cli("revert", "--site", site, "--json")
     assert reverted.code == 0, reverted.stdout
@@ -112,3 +118,52 @@ def test_regular_file_where_a_directory_is_to_be_created_is_refused(site: Path, 
     assert applied.code == 5, applied.stdout + applied.stderr
     assert f"{site / TOP} is not a directory" in applied.reason, applied.reason
     assert snapshot(site) == before
+
+
+def _dispatch_only(site: Path, directory: Path) -> Path:
+    diff = file_diff(site, DISPATCH, insert_after("import torch", "EXTRA_MARK = \"extra-mark\"\n"))
+    return write_patchset(directory, [PatchDef("extra", "diffusers", "diffusers", diff)])
+
+
+def _rewrite(path: Path, change) -> None:
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def _as_schema(schema: int, records: str):
+    """A change making a state document look as the tool before `dirs` wrote it."""
+    def change(document: dict) -> None:
+        document["schema"] = schema
+        for record in (document[records].values() if isinstance(document[records], dict) else document[records]):
+            del record["dirs"]
+    return change
+
+
+def test_manifest_of_schema_1_is_still_read_and_a_newer_one_refused(site: Path, tmp_path: Path):
+    patches = _dispatch_only(site, tmp_path / "set")
+    pristine = snapshot(site)
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    manifest = site / ".ernie-patcher" / "manifest.json"
+    _rewrite(manifest, _as_schema(1, "files"))
+    for args in (("verify",), ("verify", "--reparse")):
+        result = run(*args, "--site", site, "--patches", patches)
+        assert result.code == 0, (args, result.stdout, result.stderr)
+    saved = manifest.read_text()
+    _rewrite(manifest, lambda d: d.update(schema=3))
+    refused = cli("verify", "--site", site, "--patches", patches)
+    assert refused.code == 7 and "manifest schema 3 is not one of 1, 2" in refused.reason, refused.reason
+    manifest.write_text(saved)
+    assert cli("revert", "--site", site).code == 0
+    assert snapshot(site) == pristine
+
+
+def test_journal_of_schema_2_is_still_recovered(site: Path, tmp_path: Path):
+    patches = _dispatch_only(site, tmp_path / "set")
+    pristine = snapshot(site)
+    killed = run("apply", "--site", site, "--patches", patches, env={"ERNIE_PATCHER_TEST_KILL_AT": "file-1-written"})
+    assert killed.code == -9, killed.stderr
+    _rewrite(site / ".ernie-patcher" / "journal.json", _as_schema(2, "restore"))
+    status = cli("status", "--site", site, "--patches", patches)
+    assert status.code == 0 and "recovered an interrupted apply" in status.stdout, status.stdout + status.stderr
+    assert snapshot(site) == pristine

@@ -3,6 +3,7 @@ checkpoint, and raced by a symlink planted after planning: the site ends as befo
 (directories and bytecode included) or fully patched, and nothing is written outside it."""
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -106,4 +107,23 @@ def test_symlink_planted_after_planning_is_never_written_through(world, tmp_path
     finally:
         (site / TOP).unlink()
     assert not (site / STATE / "journal.json").exists()
+    assert tree(site) == pristine, changed(pristine, tree(site))
+
+
+def test_directory_of_another_user_slipped_in_after_planning_is_refused(world):
+    """A real directory where apply is about to make one, made meanwhile by another user (uid
+    4242): apply refuses to write into it and rolls back; no file is written in it."""
+    site, patches, pristine, patched = world
+    process = spawn("apply", "--site", site, "--patches", patches, env={PAUSE_ENV: "journal-written"})
+    wait_stopped(process)
+    (site / TOP).mkdir()
+    os.chown(site / TOP, 4242, 4242)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate()
+    assert process.returncode == 7, stderr
+    assert f"refusing {site / TOP}: the directory appeared while writing, owned by uid 4242" in stderr, stderr
+    assert not (site / STATE / "journal.json").exists()
+    if (site / TOP).exists():
+        assert list((site / TOP).iterdir()) == [], "a file was written into the other user's directory"
+        (site / TOP).rmdir()
     assert tree(site) == pristine, changed(pristine, tree(site))
