@@ -138,9 +138,18 @@ def new_directories(package: InstalledPackage, relpath: str) -> tuple[list[str],
     return [], ""
 
 
+def _directories(dirs: list[str]) -> str:
+    return f"director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}"
+
+
+def creates_dirs_detail(dirs: list[str]) -> str:
+    """What a file to create in missing directories DIRS says before apply (status, --dry-run)."""
+    return f"creates {_directories(dirs)}" if dirs else ""
+
+
 def made_dirs_detail(dirs: list[str]) -> str:
     """The detail of an applied file for which apply created DIRS (as fastpath._patch says it)."""
-    return f"apply created director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}" if dirs else ""
+    return f"apply created {_directories(dirs)}" if dirs else ""
 
 
 def recorded_path(env: Environment, entry: FileRecord | RestoreEntry) -> Path | None:
@@ -275,8 +284,7 @@ class Assessor:
         if blocked:
             state.state, state.detail = CONFLICT, blocked
             return state
-        if dirs:
-            state.detail = f"creates director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}"
+        state.detail = creates_dirs_detail(dirs)
         entry = self.manifest.files.get(relpath) if self.manifest else None
         if managed and entry is not None and spec.id in entry.patches:
             digest = sha256(current) if current is not None else None

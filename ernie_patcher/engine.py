@@ -1,6 +1,7 @@
 """The four operations — status, apply, verify, revert — returning reports; nothing here prints."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
 from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
-from .fsops import Lock, read_bytes, sha256
+from .fsops import Lock, import_root, read_bytes, sha256
 from .originals import check_originals, unchecked_note
 from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
@@ -346,10 +347,6 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
 
 def _note_kept_directories(report: Report, writes: list[Write]) -> None:
     """Directories apply created that revert left because they are not empty (files added since)."""
-    import os
-
-    from .fsops import import_root
-
     kept = sorted({str(import_root(w.path, w.relpath) / d) for w in writes for d in w.dirs
                    if os.path.lexists(import_root(w.path, w.relpath) / d)})
     if kept:

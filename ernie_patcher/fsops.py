@@ -240,12 +240,11 @@ def remove_below(path: Path, relpath: str) -> bool:
     return found
 
 
-def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> tuple[list[Path], list[Path]]:
+def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> list[Path]:
     """Remove each directory ROOT/RELPATH that is empty once an empty __pycache__ in it is removed,
-    deepest first, through directories opened without following symlinks; (removed, left): a
-    directory still holding something, or replaced by a non-directory, is left."""
+    deepest first, through directories opened without following symlinks; return those removed.
+    A directory still holding something, or replaced by a non-directory, is left."""
     removed: list[Path] = []
-    left: list[Path] = []
     for relpath in sorted(set(relpaths), key=lambda r: (-r.count("/"), r)):
         parent_rel, name = _parent(relpath)
         try:
@@ -257,9 +256,7 @@ def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> tuple[list[Path], 
         with parent:
             if _remove_empty(parent, name):
                 removed.append(root / relpath)
-            elif parent.exists(name):
-                left.append(root / relpath)
-    return removed, left
+    return removed
 
 
 def _remove_empty(parent: SafeDir, name: str) -> bool:

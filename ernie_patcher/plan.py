@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .assess import APPLIED, NOT_APPLIED, PatchState, decode
+from .assess import APPLIED, NOT_APPLIED, PatchState, creates_dirs_detail, decode
 from .bytecode import compile_source
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
@@ -202,7 +202,7 @@ def _action(change: FileChange, offsets: list[int]) -> Action:
     moved = [o for o in offsets if o]
     detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
     if change.dirs:
-        detail += f"; creates director{'ies' if len(change.dirs) > 1 else 'y'} {', '.join(change.dirs)}"
+        detail += f"; {creates_dirs_detail(change.dirs)}"
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
 
 

@@ -4,7 +4,9 @@ Hand-written because pathlib and shutil follow symlinks and the stdlib has no di
 API that refuses them: every entry is reached through an open directory fd (`dir_fd=`) with
 O_NOFOLLOW, checked with fstat (regular file or directory, owned by the running user or root)
 before it is read, written or listed, so a planted symlink, FIFO or foreign file is refused
-(exit 7, naming it) instead of followed, blocked on or trusted.
+(exit 7, naming it) instead of followed, blocked on or trusted. `open_tree` walks the
+directories of a package the same way (no owner check for directories that were there), for
+the files apply writes in directories it creates.
 """
 from __future__ import annotations
 

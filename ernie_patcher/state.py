@@ -104,8 +104,9 @@ class Manifest:
         if not isinstance(data, dict) or data.get("tool") != TOOL:
             raise corrupt(where, "not an ernie-patcher manifest")
         if data.get("schema") not in MANIFEST_READABLE:
-            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not one of "
-                                 f"{', '.join(map(str, MANIFEST_READABLE))} (written by another ernie-patcher version?)")
+            readable = ", ".join(map(str, MANIFEST_READABLE))
+            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not one of {readable} "
+                                 "(written by another ernie-patcher version?)")
         try:
             manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
                            patches={k: PatchRecord(**v) for k, v in data["patches"].items()},

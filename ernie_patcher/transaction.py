@@ -109,7 +109,7 @@ def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...
             by_root.setdefault(import_root(path, relpath), set()).update(dirs)
     removed: list[Path] = []
     for root, dirs in by_root.items():
-        removed += remove_empty_dirs(root, dirs)[0]
+        removed += remove_empty_dirs(root, dirs)
     return {p.parent for p in removed}
 
 
