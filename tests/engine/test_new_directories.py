@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from support.cli import DISPATCH, cli, run
 from support.patchsets import PatchDef, file_diff, insert_after, write_patchset
-from support.realpkgs import DIFFUSERS, make_venv
+from support.realpkgs import DIFFUSERS, make_venv, wheel
 from support.subpackage import NEW_FILES, RECORD, SUB, TOP, import_depth, subpackage_set
 from support.tree import snapshot
 
@@ -166,4 +167,29 @@ def test_journal_of_schema_2_is_still_recovered(site: Path, tmp_path: Path):
     _rewrite(site / ".ernie-patcher" / "journal.json", _as_schema(2, "restore"))
     status = cli("status", "--site", site, "--patches", patches)
     assert status.code == 0 and "recovered an interrupted apply" in status.stdout, status.stdout + status.stderr
+    assert snapshot(site) == pristine
+
+
+def test_whole_release_upgrade_diff_applies_and_reverts_to_the_same_tree(site: Path, tmp_path: Path):
+    """diffusers 0.38.0 -> 0.39.0 as one user patch (diff -ruN of the two real wheels): 52 of its
+    files lie in the 12 directories 0.39.0 adds."""
+    for label, version in (("a", "0.38.0"), ("b", "0.39.0")):
+        with zipfile.ZipFile(wheel("diffusers", version)) as archive:
+            archive.extractall(tmp_path / label, [m for m in archive.namelist() if m.startswith("diffusers/")])
+    patches = tmp_path / "set"
+    patches.mkdir()
+    with (patches / "upgrade.patch").open("wb") as out:
+        assert subprocess.run(["diff", "-ruN", "a/diffusers", "b/diffusers"], cwd=tmp_path, stdout=out).returncode == 1
+    (patches / "series.toml").write_text('schema = 1\nname = "upgrade"\n\n[[patch]]\nid = "upgrade"\n'
+                                         'file = "upgrade.patch"\npackage = "diffusers"\nversions = "==0.38.0"\n'
+                                         "strip = 1\n")
+    pristine = snapshot(site)
+    applied = cli("apply", "--site", site, "--patches", patches, "--json")
+    assert applied.code == 0, applied.stdout
+    made = [a for a in applied.json()["actions"] if "creates director" in a["detail"]]
+    assert len(made) == 52, len(made)
+    new = sorted(set(snapshot(site)) - set(pristine))
+    assert "diffusers/modular_pipelines/stable_diffusion_3" in new
+    assert cli("verify", "--site", site, "--patches", patches).code == 0
+    assert cli("revert", "--site", site).code == 0
     assert snapshot(site) == pristine
