@@ -98,7 +98,8 @@ def _wheel(name: str, version: str) -> Path:
 
 
 def upgrade_site(directory: Path) -> tuple[Path, Path, int]:
-    """A pip --target install of the older release and a patch set holding the diff to the newer."""
+    """A pip --target install of the older release and a patch set holding the whole diff to the
+    newer one (files in subpackages the older release does not have included)."""
     name, old, new = UPGRADE
     site = directory / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
@@ -108,31 +109,12 @@ def upgrade_site(directory: Path) -> tuple[Path, Path, int]:
             wheel.extractall(directory / label, [m for m in wheel.namelist() if m.startswith(f"{name}/")])
     patches = directory / "set"
     patches.mkdir()
-    whole = directory / "whole.patch"
-    _diff(directory, f"a/{name}", f"b/{name}", whole)
-    kept, dropped = _existing_directories_only(whole.read_bytes(), site)
-    (patches / "upgrade.patch").write_bytes(b"".join(kept))
-    files = len(kept)
-    if dropped:
-        print(f"# left out {dropped} file(s) in directories the older release does not have "
-              "(ernie-patch creates files only in existing package directories)", flush=True)
+    _diff(directory, f"a/{name}", f"b/{name}", patches / "upgrade.patch")
+    files = sum(1 for line in (patches / "upgrade.patch").open("rb") if line.startswith(b"diff "))
     (patches / "series.toml").write_text(f'schema = 1\nname = "upgrade"\n\n[[patch]]\nid = "upgrade"\n'
                                          f'file = "upgrade.patch"\npackage = "{name}"\nversions = "=={old}"\n'
                                          'strip = 1\n')
     return site, patches, files
-
-
-def _existing_directories_only(diff: bytes, site: Path) -> tuple[list[bytes], int]:
-    """The per-file sections of DIFF (diff -ruN) whose file lies in a directory SITE already has."""
-    sections = [b"diff " + part for part in diff.split(b"\ndiff ")]
-    sections[0] = sections[0][len(b"diff "):]
-    sections = [s if s.endswith(b"\n") else s + b"\n" for s in sections]
-    kept = []
-    for section in sections:
-        target = section.split(b"\n", 1)[0].split()[-1].decode()  # b/diffusers/...
-        if (site / target.split("/", 1)[1]).parent.is_dir():
-            kept.append(section)
-    return kept, len(sections) - len(kept)
 
 
 _COMPILE_ONLY = ("import sys\nfor name in sys.argv[1:]:\n"

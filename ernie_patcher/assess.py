@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ class FileState:
     current: bytes | None = None
     patched: bytes | None = None
     offsets: list[int] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path) if self.path else None, "relpath": self.relpath, "state": self.state,
@@ -110,6 +112,44 @@ def target_path(package: InstalledPackage, relpath: str) -> Path:
                            f"refusing {path}: it resolves to {real}, outside package {package.module}",
                            hint="a symlink inside the package points elsewhere; the tool only writes inside it")
     return path
+
+
+def new_directories(package: InstalledPackage, relpath: str) -> tuple[list[str], str]:
+    """The directories of RELPATH (a file a patch creates) missing below the module directory,
+    top down, as relpaths; or a reason when one of them is there but is not a directory. A
+    symlink there is refused outright (exit 7): the tool creates directories, it never follows one."""
+    parts = relpath.split("/")
+    for depth in range(2, len(parts)):
+        path = package.import_root.joinpath(*parts[:depth])
+        try:
+            found = os.lstat(path)
+        except FileNotFoundError:
+            return ["/".join(parts[:d]) for d in range(depth, len(parts))], ""
+        except OSError as exc:
+            raise PatcherError(ExitCode.ENVIRONMENT, f"cannot inspect {path}: {exc.strerror}") from None
+        if stat.S_ISLNK(found.st_mode):
+            raise PatcherError(ExitCode.ENVIRONMENT,
+                               f"refusing {package.import_root / relpath}: {path} is a symlink, and the "
+                               "patch creates a directory there",
+                               hint="the tool creates directories only where nothing is; remove the symlink "
+                                    "if it does not belong to the package")
+        if not stat.S_ISDIR(found.st_mode):
+            return [], f"{path} is not a directory; the patch creates {relpath} under it"
+    return [], ""
+
+
+def _directories(dirs: list[str]) -> str:
+    return f"director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}"
+
+
+def creates_dirs_detail(dirs: list[str]) -> str:
+    """What a file to create in missing directories DIRS says before apply (status, --dry-run)."""
+    return f"creates {_directories(dirs)}" if dirs else ""
+
+
+def made_dirs_detail(dirs: list[str]) -> str:
+    """The detail of an applied file for which apply created DIRS (as fastpath._patch says it)."""
+    return f"apply created {_directories(dirs)}" if dirs else ""
 
 
 def recorded_path(env: Environment, entry: FileRecord | RestoreEntry) -> Path | None:
@@ -203,7 +243,7 @@ class Assessor:
             if entry is None or spec.id not in entry.patches or digest != entry.after:
                 return None
             files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
-                                   current=current))
+                                   current=current, detail=made_dirs_detail(entry.dirs)))
         result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
                             untested=not spec.covers(package.version))
         memos = {} if self.reparse else recorded.probes
@@ -234,13 +274,22 @@ class Assessor:
     def _file(self, package: InstalledPackage, fp: FilePatch, spec: PatchSpec, managed: bool) -> FileState:
         relpath = str(fp.path)
         path = target_path(package, relpath)
+        dirs, blocked = ([], "")
+        if fp.creates and path not in self.working and not path.parent.is_dir():
+            dirs, blocked = new_directories(package, relpath)
+            self.working[path] = None
         current = self.current(path)
-        state = FileState(relpath=relpath, path=path, state=NOT_APPLIED, creates=fp.creates, current=current)
+        state = FileState(relpath=relpath, path=path, state=NOT_APPLIED, creates=fp.creates, current=current,
+                          dirs=dirs)
+        if blocked:
+            state.state, state.detail = CONFLICT, blocked
+            return state
+        state.detail = creates_dirs_detail(dirs)
         entry = self.manifest.files.get(relpath) if self.manifest else None
         if managed and entry is not None and spec.id in entry.patches:
             digest = sha256(current) if current is not None else None
             if digest == entry.after:
-                state.state = APPLIED
+                state.state, state.detail = APPLIED, made_dirs_detail(entry.dirs)
                 return state
             if digest != entry.before and self._differs_from_release(package, relpath, current):
                 state.state = DRIFTED
@@ -256,10 +305,6 @@ class Assessor:
             if current is not None:
                 state.state = DRIFTED
                 state.detail = f"{state.path} already exists; the patch creates it"
-                return state
-            if not state.path.parent.is_dir():
-                state.state = CONFLICT
-                state.detail = f"directory {state.path.parent} does not exist in this release"
                 return state
         elif current is None:
             state.state = MISSING

@@ -47,11 +47,14 @@ def _header_flags(pyc: Path) -> int | None:
     return flags if flags in FLAGS else None
 
 
-def release_flags(path: Path) -> int | None:
-    """How the release's bytecode of PATH (else of a module beside it) is invalidated for this
-    interpreter; None when there is none for it (no __pycache__, a symlinked one, another Python)."""
+def release_flags(path: Path, beside: Path | None = None) -> int | None:
+    """How the release's bytecode of PATH (else of a module beside it, or in directory BESIDE: the
+    one apply made PATH's new directories in) is invalidated for this interpreter; None when there
+    is none for it (no __pycache__, a symlinked one, another Python)."""
     if path.suffix != ".py":
         return None
+    if beside is not None:
+        path = beside / path.name
     try:
         own = Path(cache_from_source(str(path), optimization=""))
     except NotImplementedError:  # sys.implementation.cache_tag is None: no bytecode cache
@@ -90,8 +93,20 @@ def compile_source(data: bytes, path: Path) -> bytes:
     return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True, optimize=0))
 
 
-def write(path: Path, data: bytes, code: bytes | None, flags: int) -> Path | None:
+def _cache_directory(cache: Path, create: bool) -> SafeDir | None:
+    """CACHE (a __pycache__) opened no-follow; when CREATE, made in its directory, opened no-follow too."""
+    if not create:
+        return SafeDir.open(cache)
+    parent = SafeDir.open(cache.parent)
+    if parent is None:
+        return None
+    with parent:
+        return SafeDir.open(cache, create=True, parent=parent)
+
+
+def write(path: Path, data: bytes, code: bytes | None, flags: int, new_directory: bool = False) -> Path | None:
     """Write the .pyc of DATA (just written at PATH) in mode FLAGS; CODE (marshalled) None compiles DATA.
+    NEW_DIRECTORY: PATH's directory is one apply made, so its __pycache__ is made too (no-follow).
 
     Bytecode only saves the interpreter work: a file that does not compile, an unsafe or
     unwritable __pycache__ leave none (the stale one is already removed). Returns the .pyc written.
@@ -103,7 +118,7 @@ def write(path: Path, data: bytes, code: bytes | None, flags: int) -> Path | Non
         code = code if code is not None else compile_source(data, path)
         body = pyc_bytes(path, data, code, flags)
         mode = (path.stat().st_mode | 0o200) & 0o666
-        directory = SafeDir.open(pyc.parent)
+        directory = _cache_directory(pyc.parent, new_directory)
         if directory is None:
             return None
         with directory:

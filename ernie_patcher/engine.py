@@ -1,6 +1,7 @@
 """The four operations — status, apply, verify, revert — returning reports; nothing here prints."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
 from .discovery import Environment, discover
 from .errors import ExitCode, PatcherError
-from .fsops import Lock, read_bytes, sha256
+from .fsops import Lock, import_root, read_bytes, sha256
 from .originals import check_originals, unchecked_note
 from .report import Action, Report, Target
 from .series import Choice, PatchSpec, Series, load_series, ranges_text
@@ -270,11 +271,11 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
             continue
         current = read_bytes(path)
         digest = sha256(current) if current is not None else None
-        if digest == entry.before:
+        if digest == entry.before and not entry.dirs:
             report.notes.append(f"{path} already holds its original bytes")
             continue
         original = state.fetch(entry.before) if entry.before is not None else None
-        if digest != entry.after:
+        if digest != entry.after and digest != entry.before:
             if entry.action == "register":
                 report.notes.append(f"{path} was rewritten since apply (package reinstalled?); left as is")
                 continue
@@ -292,10 +293,13 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
             kept.append(current)
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
-                            relpath=entry.relpath, action=entry.action))
+                            relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs)))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
-        report.actions.append(Action(str(path), what, "byte-exact original" if original is not None else
-                                     "created by apply"))
+        detail = "byte-exact original" if original is not None else "created by apply"
+        if entry.dirs:
+            detail += (f"{' (already gone)' if current is None else ''}; and, when empty, the director"
+                       f"{'ies' if len(entry.dirs) > 1 else 'y'} apply created: {', '.join(entry.dirs)}")
+        report.actions.append(Action(str(path), what, detail))
     if kept and not drifted:
         state.store_many(kept)
     return writes, drifted
@@ -337,4 +341,14 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
 
         commit(state, "revert", writes, None, manifest)
         state.remove_if_empty()
+    _note_kept_directories(report, writes)
     return report
+
+
+def _note_kept_directories(report: Report, writes: list[Write]) -> None:
+    """Directories apply created that revert left because they are not empty (files added since)."""
+    kept = sorted({str(import_root(w.path, w.relpath) / d) for w in writes for d in w.dirs
+                   if os.path.lexists(import_root(w.path, w.relpath) / d)})
+    if kept:
+        report.notes.append(f"kept {len(kept)} director{'ies' if len(kept) > 1 else 'y'} apply created, as they "
+                            f"are not empty (files ernie-patch did not create): {', '.join(kept)}")

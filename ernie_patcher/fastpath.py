@@ -119,7 +119,8 @@ def _load(state: SafeDir, name: str) -> dict:
     data = state.read(name, MAX_JSON)
     _need(data is not None)
     document = json.loads(data)
-    _need(isinstance(document, dict) and document.get("tool") == "ernie-patcher" and document.get("schema") == 1)
+    _need(isinstance(document, dict) and document.get("tool") == "ernie-patcher"
+          and document.get("schema") in (1, 2))
     return document
 
 
@@ -168,12 +169,25 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
             if line:
                 cells = line.split(",")
                 rows[cells[0]] = cells[1] if len(cells) > 1 else ""
+        created_dirs = {d for e in entries if e["action"] == "create" for d in e.get("dirs", [])}
+        _need(not created_dirs & _release_dirs(rows, created_dirs))
         for entry in entries:
             if entry["action"] == "create":
                 _need(entry["relpath"] not in rows)
             elif entry["action"] == "modify":
                 before = entry["before"]
                 _need(rows.get(entry["relpath"]) == _record_form(_digest(before)))
+
+
+def _release_dirs(rows: dict, wanted: set[str]) -> set[str]:
+    """The directories some RECORD row of ROWS lies under (only worked out when WANTED is not empty)."""
+    if not wanted:
+        return set()
+    dirs = set()
+    for row in rows:
+        parts = row.split("/")[:-1]
+        dirs.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return dirs
 
 
 def _selected(answer: dict, only: list[str]) -> list[str]:
@@ -199,7 +213,9 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
         current = _read(path)
         _need(entry and patch_id in entry["patches"] and (sha256(current) if current is not None else None)
               == entry["after"])
-        files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": "",
+        dirs = [_relative(d) for d in entry.get("dirs", [])]
+        detail = f"apply created director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}" if dirs else ""
+        files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": detail,
                       "action": "create" if entry["action"] == "create" else "modify", "offsets": []})
     probes = []
     for probe in shown["probes"]:

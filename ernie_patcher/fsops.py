@@ -4,11 +4,11 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Collection, Iterable
+from pathlib import Path, PurePosixPath
 
 from .errors import ExitCode, PatcherError, environment_error
-from .safeio import TEMP_SUFFIX, SafeDir, each_concurrently
+from .safeio import TEMP_SUFFIX, SafeDir, each_concurrently, open_tree
 
 LOCK_ATTEMPTS = 5
 
@@ -20,10 +20,10 @@ def sha256(data: bytes) -> str:
 
 
 def read_bytes(path: Path) -> bytes | None:
-    """The file's bytes, or None when it does not exist."""
+    """The file's bytes, or None when it does not exist (also under a non-directory)."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except IsADirectoryError:
         raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is a directory, expected a file") from None
@@ -175,6 +175,108 @@ def remove_bytecode(path: Path, sync_dir: bool = True) -> list[Path]:
     for pyc in removed:
         remove_file(pyc, sync_dir)
     return removed
+
+
+def import_root(path: Path, relpath: str) -> Path:
+    """The directory RELPATH is relative to, given the file's absolute PATH."""
+    return path.parents[len(PurePosixPath(relpath).parts) - 1]
+
+
+def _parent(relpath: str) -> tuple[str, str]:
+    parent, _, name = relpath.rpartition("/")
+    return parent, name
+
+
+def _open_parent(path: Path, relpath: str, create: Collection[str] = ()) -> SafeDir | None:
+    parent, _ = _parent(relpath)
+    return open_tree(import_root(path, relpath), parent, create)
+
+
+def stage_below(path: Path, relpath: str, data: bytes, mode: int, create: Collection[str]) -> str:
+    """As stage (not fsynced), for a file in directories apply creates: the directories of CREATE
+    are made and every directory below the module is opened without following symlinks
+    (safeio.open_tree), the temp file made through the last one. Returns the temp file's path."""
+    directory = _open_parent(path, relpath, create)
+    if directory is None:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"cannot write {path}: its directory vanished while writing")
+    with directory:
+        return str(directory.path / directory.stage(_parent(relpath)[1], data, mode))
+
+
+def install_below(temp: str, path: Path, relpath: str) -> None:
+    """As install, for a file staged by stage_below: renamed in place through its directory opened
+    again without following symlinks, so a directory swapped meanwhile is refused, not written through."""
+    directory = _open_parent(path, relpath)
+    if directory is None:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"cannot write {path}: its directory vanished while writing")
+    with directory:
+        directory.rename(Path(temp).name, _parent(relpath)[1])
+
+
+def make_dirs(path: Path, relpath: str, create: Collection[str]) -> None:
+    """Make the directories of CREATE that PATH (RELPATH) lies in, as apply made them."""
+    directory = _open_parent(path, relpath, create)
+    if directory is not None:
+        directory.close()
+
+
+def remove_below(path: Path, relpath: str) -> bool:
+    """Remove PATH (RELPATH) and the temp files a killed write left beside it, reached through
+    directories opened without following symlinks; True when the file was there. Where a
+    directory is gone, or is now a symlink or no directory, nothing of ernie-patch's is there."""
+    try:
+        directory = _open_parent(path, relpath)
+    except PatcherError:
+        return False
+    if directory is None:
+        return False
+    name = _parent(relpath)[1]
+    with directory:
+        found = directory.exists(name)
+        for entry in directory.names():
+            if entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX):
+                directory.remove(entry, sync_dir=False)
+        directory.remove(name, sync_dir=False)
+        directory.sync()
+    return found
+
+
+def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> list[Path]:
+    """Remove each directory ROOT/RELPATH that is empty once an empty __pycache__ in it is removed,
+    deepest first, through directories opened without following symlinks; return those removed.
+    A directory still holding something, or replaced by a non-directory, is left."""
+    removed: list[Path] = []
+    for relpath in sorted(set(relpaths), key=lambda r: (-r.count("/"), r)):
+        parent_rel, name = _parent(relpath)
+        try:
+            parent = open_tree(root, parent_rel)
+        except PatcherError:
+            continue  # a parent made a symlink or a file: nothing below it is ours any more
+        if parent is None:
+            continue
+        with parent:
+            if _remove_empty(parent, name):
+                removed.append(root / relpath)
+    return removed
+
+
+def _remove_empty(parent: SafeDir, name: str) -> bool:
+    try:
+        directory = SafeDir(parent.path / name, os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                                        | os.O_CLOEXEC, dir_fd=parent.fd))
+    except OSError:
+        return False
+    with directory:
+        try:
+            os.rmdir("__pycache__", dir_fd=directory.fd)
+        except OSError:
+            pass
+    try:
+        os.rmdir(name, dir_fd=parent.fd)
+    except OSError:
+        return False
+    parent.sync()
+    return True
 
 
 class Lock:

@@ -56,6 +56,10 @@ def _check_entry(entry: FileRecord, release: dict[str, str | None], package: Ins
         if entry.relpath in release:
             raise corrupt(where, f"{entry.relpath} is recorded as created by apply, but the {release_name} "
                                  "release ships it (RECORD)")
+        shipped = next((d for d in entry.dirs if any(r.startswith(d + "/") for r in release)), None)
+        if shipped is not None:
+            raise corrupt(where, f"directory {shipped} is recorded as created by apply, but the {release_name} "
+                                 "release ships files in it (RECORD)")
         return True
     if shipped is None:
         return False

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .assess import APPLIED, NOT_APPLIED, PatchState, decode
+from .assess import APPLIED, NOT_APPLIED, PatchState, creates_dirs_detail, decode
 from .compilepool import CompileFailure, compile_many
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
@@ -38,6 +38,7 @@ class FileChange:
     patches: list[str] = field(default_factory=list)
     module: str = ""
     code: bytes | None = None
+    dirs: list[str] = field(default_factory=list)
 
 
 def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
@@ -55,11 +56,17 @@ def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
                 changes[file.path] = change
             change.after = file.patched
             change.patches.append(patch.spec.id)
+            change.dirs = sorted(set(change.dirs) | set(file.dirs))
     return changes
 
 
 def _new_file_mode(path: Path) -> int:
-    siblings = [p for p in path.parent.glob("*.py") if p.is_file()]
+    """The mode of a .py file in PATH's directory, else in the nearest existing one above it
+    (PATH may lie in directories apply creates), else 0o644."""
+    directory = path.parent
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    siblings = [p for p in directory.glob("*.py") if p.is_file()]
     return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
 
 
@@ -173,7 +180,7 @@ def _manifest(previous: Manifest | None, series: Series, states: list[PatchState
         if entry is None:
             entry = FileRecord(path=str(change.path), package=change.package, version=change.version,
                                relpath=change.relpath, action=change.action, before=before, after=None,
-                               mode=change.mode, module=change.module)
+                               mode=change.mode, module=change.module, dirs=list(change.dirs))
             manifest.files[change.relpath] = entry
         entry.after = sha256(change.after) if change.after is not None else None
         entry.patches = sorted(set(entry.patches) | set(change.patches))
@@ -209,6 +216,8 @@ def _action(change: FileChange, offsets: list[int]) -> Action:
         return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
     moved = [o for o in offsets if o]
     detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
+    if change.dirs:
+        detail += f"; {creates_dirs_detail(change.dirs)}"
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
 
 
@@ -235,7 +244,7 @@ class Plan:
         stored = iter(state.store_many([c.before for c in self.changes if c.before is not None]))
         return [Write(c.path, c.after, c.mode, next(stored) if c.before is not None else None,
                       package=c.package, module=import_name(c.package, c.module), version=c.version,
-                      relpath=c.relpath, action=c.action, code=c.code) for c in self.changes]
+                      relpath=c.relpath, action=c.action, code=c.code, dirs=tuple(c.dirs)) for c in self.changes]
 
 
 def build_plan(todo: list[PatchState]) -> Plan:

@@ -4,15 +4,17 @@ Hand-written because pathlib and shutil follow symlinks and the stdlib has no di
 API that refuses them: every entry is reached through an open directory fd (`dir_fd=`) with
 O_NOFOLLOW, checked with fstat (regular file or directory, owned by the running user or root)
 before it is read, written or listed, so a planted symlink, FIFO or foreign file is refused
-(exit 7, naming it) instead of followed, blocked on or trusted.
+(exit 7, naming it) instead of followed, blocked on or trusted. `open_tree` walks the
+directories of a package the same way (no owner check for directories that were there), for
+the files apply writes in directories it creates.
 """
 from __future__ import annotations
 
 import errno
 import os
 import stat
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from .errors import ExitCode, PatcherError, environment_error
@@ -199,6 +201,32 @@ class SafeDir:
             if temp:
                 self.remove(temp, quiet=True)
 
+    def stage(self, name: str, data: bytes, mode: int) -> str:
+        """A new temp file beside NAME (O_EXCL, no-follow) holding DATA with MODE, not fsynced;
+        its name, for rename."""
+        temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path / name, exc) from None
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            self.remove(temp, quiet=True, sync_dir=False)
+            raise environment_error("write", self.path / name, exc) from None
+        finally:
+            _close(fd)
+        return temp
+
+    def rename(self, temp: str, name: str) -> None:
+        """Rename entry TEMP over NAME, both in this directory (atomic)."""
+        try:
+            os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except OSError as exc:
+            raise environment_error("write", self.path / name, exc) from None
+
     def fsync_entries(self, names: list[str]) -> None:
         """fsync the regular files NAMES of this directory (no-follow), concurrently."""
         each_concurrently(self._fsync_entry, names)
@@ -272,6 +300,79 @@ class SafeDir:
             _close(fd)
             raise
         return fd
+
+
+def _not_a_directory(path: Path, found: os.stat_result | None) -> PatcherError:
+    kind = _kind(found.st_mode) if found is not None else "something else"
+    return PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: it is {kind}, not a directory",
+                        hint="ernie-patch writes only through real directories inside the package; "
+                             f"inspect {path} and remove what does not belong to the package")
+
+
+def open_tree(root: Path, relpath: str, create: Collection[str] = ()) -> SafeDir | None:
+    """The package directory ROOT/RELPATH, None when a component is absent (and not in CREATE).
+
+    The module directory (RELPATH's first part, as discovery found it) is opened by path; every
+    component below it relative to its parent's fd with O_NOFOLLOW|O_DIRECTORY, so a symlink or
+    a non-directory planted anywhere below is refused, never followed. A component named in
+    CREATE (relpaths under ROOT) is made when missing, with os.mkdir relative to that fd and the
+    mode of its parent; one that is there must then be a directory of the user running
+    ernie-patch (made earlier in this run), not one another user slipped in."""
+    parts = PurePosixPath(relpath).parts
+    try:
+        fd = os.open(root / parts[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise environment_error("open directory", root / parts[0], exc) from None
+    current = SafeDir(root / parts[0], fd)
+    try:
+        for depth in range(2, len(parts) + 1):
+            current = _descend(current, root, "/".join(parts[:depth]), create)
+            if current is None:
+                return None
+    except BaseException:
+        if current is not None:
+            current.close()
+        raise
+    return current
+
+
+def _descend(parent: SafeDir, root: Path, relpath: str, create: Collection[str]) -> SafeDir | None:
+    """Component RELPATH of PARENT opened (made first when in CREATE); PARENT is closed."""
+    name, path = relpath.rsplit("/", 1)[-1], root / relpath
+    with parent:
+        mode = os.fstat(parent.fd).st_mode & 0o7777
+        made = False
+        if relpath in create:
+            try:
+                os.mkdir(name, mode & 0o777, dir_fd=parent.fd)
+                made = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise environment_error("create directory", path, exc) from None
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _not_a_directory(path, _lstat(name, {"dir_fd": parent.fd})) from None
+            raise environment_error("open directory", path, exc) from None
+    opened = SafeDir(path, fd)
+    try:
+        found = os.fstat(fd)
+        if relpath in create and found.st_uid != os.geteuid():
+            raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: the directory appeared while writing, "
+                               f"owned by uid {found.st_uid}, not by the user running ernie-patch",
+                               hint=f"another process is changing the package; inspect {path}")
+        if made:
+            os.fchmod(fd, mode)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
 
 
 def _read_all(fd: int, path: Path, cap: int) -> bytes:

@@ -1,4 +1,17 @@
-"""What the tool keeps beside the environment: manifest, journal and the stored original bytes."""
+"""What the tool keeps beside the environment: manifest, journal and the stored original bytes.
+
+Directories apply creates (for a file of a patch in a subpackage the release does not have) are
+recorded, not derived: each created file's record (and its journal entry) lists the directories
+that were missing at planning time (`dirs`). Deriving them -- e.g. "a directory no RECORD row of
+the release lies under" -- would take for the tool's own a directory that existed before apply
+but that no RECORD lists: an empty or data directory, a namespace directory another
+distribution's files share, any directory of an editable install (no RECORD). Revert would then
+remove a directory the user had. Recorded directories are checked instead: each must lie below
+the module directory and above its file, and none may hold a row of the release's RECORD
+(originals.check_originals), so a forged manifest cannot name a release directory either; and
+only an empty directory is ever removed. Manifest schema 2 adds `dirs`; schema 1 manifests (no
+directory created) are still read, and an older tool refuses schema 2 by its number.
+"""
 from __future__ import annotations
 
 import json
@@ -15,8 +28,10 @@ from .errors import ExitCode, PatcherError
 from .fsops import sha256
 from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
-MANIFEST_SCHEMA = 1
-JOURNAL_SCHEMA = 2
+MANIFEST_SCHEMA = 2
+MANIFEST_READABLE = (1, 2)  # 1: before `dirs`
+JOURNAL_SCHEMA = 3
+JOURNAL_READABLE = (2, 3)  # 2: before `dirs`
 ACTIONS = ("create", "modify", "register")
 TOOL = "ernie-patcher"
 
@@ -44,6 +59,7 @@ class FileRecord:
     mode: int
     patches: list[str] = field(default_factory=list)
     module: str = ""
+    dirs: list[str] = field(default_factory=list)
 
 
 def import_name(package: str, module: str) -> str:
@@ -87,8 +103,10 @@ class Manifest:
     def from_json(cls, data: object, where: Path) -> "Manifest":
         if not isinstance(data, dict) or data.get("tool") != TOOL:
             raise corrupt(where, "not an ernie-patcher manifest")
-        if data.get("schema") != MANIFEST_SCHEMA:
-            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not {MANIFEST_SCHEMA}")
+        if data.get("schema") not in MANIFEST_READABLE:
+            readable = ", ".join(map(str, MANIFEST_READABLE))
+            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not one of {readable} "
+                                 "(written by another ernie-patcher version?)")
         try:
             manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
                            patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
@@ -110,7 +128,9 @@ class RestoreEntry:
     environment the recovery runs on (never through an absolute path of the interrupted run: a
     copy of a half-patched environment must be recovered where it is). WRITTEN is what the
     interrupted run was putting there: any other content means the journal is not about this
-    environment, and recovery refuses.
+    environment, and recovery refuses. DIRS are the directories (relpaths under the import root)
+    apply created for the file: made again when the file is put back, removed when empty once it
+    is removed.
     """
 
     package: str
@@ -121,6 +141,7 @@ class RestoreEntry:
     digest: str | None
     written: str | None
     mode: int
+    dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -137,7 +158,7 @@ class Journal:
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Journal":
-        if not isinstance(data, dict) or data.get("tool") != TOOL or data.get("schema") != JOURNAL_SCHEMA:
+        if not isinstance(data, dict) or data.get("tool") != TOOL or data.get("schema") not in JOURNAL_READABLE:
             raise corrupt(where, "not an ernie-patcher journal of a known schema")
         try:
             journal = cls(operation=str(data["operation"]), started=str(data["started"]),
@@ -166,6 +187,8 @@ def _field_ok(name: str, kind: object, value: object) -> bool:
                 and ".." not in value.split("/"))
     if name == "action":
         return value in ACTIONS
+    if name == "dirs":
+        return isinstance(value, list) and all(_field_ok("relpath", str, v) for v in value)
     if name == "probes":
         return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
     if kind == "int":
@@ -189,6 +212,17 @@ def _check_fields(record: object, where: Path) -> None:
         value = getattr(record, item.name)
         if not _field_ok(item.name, item.type, value):
             raise corrupt(where, f"field {item.name!r} of {type(record).__name__} has a bad value {value!r:.60}")
+    dirs = getattr(record, "dirs", [])
+    if dirs and not _dirs_ok(record.relpath, record.action, dirs):
+        raise corrupt(where, f"field 'dirs' of {record.relpath} names directories that are not between "
+                             f"its package module and the file: {dirs!r:.80}")
+
+
+def _dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
+    """Directories apply created for a file it created: each below the module directory (the
+    first part of RELPATH) and above the file, so revert can never remove anything else."""
+    return action == "create" and all(len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/"))
+                                      and relpath.startswith(d + "/") for d in dirs)
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ExitCode, PatcherError
-from .fsops import (atomic_write, discard, fsync_files, install, read_bytes, remove_bytecode, remove_file,
-                    remove_temp_files, sha256, stage, sync_dirs)
+from .fsops import (atomic_write, discard, fsync_files, import_root, install, install_below, make_dirs, read_bytes,
+                    remove_below, remove_bytecode, remove_empty_dirs, remove_file, remove_temp_files, sha256, stage,
+                    stage_below, sync_dirs)
 from .interrupts import Interrupted, signals_as_errors
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
@@ -44,7 +45,9 @@ class Write:
 
     PACKAGE, MODULE, VERSION, RELPATH and ACTION name the file for the journal, as the manifest does.
     CODE is DATA compiled and marshalled (apply's compile check), reused as its new bytecode; None
-    compiles it then.
+    compiles it then. DIRS are the directories (relpaths) apply creates for the file: made before
+    DATA is written through them (never following a symlink), removed when empty after the file
+    is removed.
     """
 
     path: Path
@@ -57,11 +60,13 @@ class Write:
     relpath: str
     action: str
     code: bytes | None = None
+    dirs: tuple[str, ...] = ()
 
     def journal_entry(self) -> RestoreEntry:
         written = sha256(self.data) if self.data is not None else None
         return RestoreEntry(package=self.package, module=self.module, version=self.version, relpath=self.relpath,
-                            action=self.action, digest=self.restore, written=written, mode=self.mode)
+                            action=self.action, digest=self.restore, written=written, mode=self.mode,
+                            dirs=list(self.dirs))
 
 
 @dataclass
@@ -82,6 +87,30 @@ def _put(state: StateDir, path: Path, digest: str | None, mode: int) -> bool:
         return False
     atomic_write(path, state.fetch(digest), mode=mode)
     return True
+
+
+def _put_entry(state: StateDir, path: Path, entry: RestoreEntry) -> bool:
+    """_put of ENTRY at PATH. A file in directories apply created is removed through them without
+    following a symlink (one planted there since leads to nothing ernie-patch wrote), and put
+    back after the directories are made again."""
+    if entry.dirs and entry.digest is None:
+        return remove_below(path, entry.relpath)
+    if entry.dirs:
+        make_dirs(path, entry.relpath, entry.dirs)
+    return _put(state, path, entry.digest, entry.mode)
+
+
+def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...]]]) -> set[Path]:
+    """The directories apply created for FILES (path, relpath, dirs), removed when empty, deepest
+    first; returns the parents of those removed (to fsync)."""
+    by_root: dict[Path, set[str]] = {}
+    for path, relpath, dirs in files:
+        if dirs:
+            by_root.setdefault(import_root(path, relpath), set()).update(dirs)
+    removed: list[Path] = []
+    for root, dirs in by_root.items():
+        removed += remove_empty_dirs(root, dirs)
+    return {p.parent for p in removed}
 
 
 def _referenced(manifest: Manifest | None) -> set[str]:
@@ -131,14 +160,17 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
     """Put back every file of JOURNAL (at PATHS), the previous MANIFEST, then drop the journal.
 
     Bytecode is removed only of files put back here: a file the interrupted run never wrote is
-    left alone, __pycache__ included (it may be unwritable, and its cache is not stale)."""
+    left alone, __pycache__ included (it may be unwritable, and its cache is not stale). The
+    directories apply created for files now absent are removed when empty, after every file."""
     report = Recovery(operation=journal.operation, started=journal.started)
     for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
-        if _put(state, path, entry.digest, entry.mode):
+        if _put_entry(state, path, entry):
             report.restored.append(str(path))
             remove_bytecode(path)
         remove_temp_files(path)
         checkpoint(f"restore-{number}")
+    _remove_created_dirs([(path, entry.relpath, entry.dirs) for entry, path in zip(journal.restore, paths)
+                          if entry.digest is None])
     state.write_manifest(manifest)
     state.remove(state.journal_path)
     state.drop_objects(_referenced(manifest))
@@ -167,14 +199,23 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
     state.drop_objects(_referenced(manifest))
 
 
+def _bytecode_flags(write: Write) -> int | None:
+    """The invalidation mode of WRITE's new bytecode: its release's (for a file in directories apply
+    makes, that of the directory they are made in); None: it gets none."""
+    from . import bytecode
+
+    if write.data is None:
+        return None
+    beside = (import_root(write.path, write.relpath) / write.dirs[0]).parent if write.dirs else None
+    return bytecode.release_flags(write.path, beside)
+
+
 def _with_bytecode(writes: list[Write]) -> list[Write]:
     """WRITES with the new bytecode of every Python file whose release keeps bytecode compiled, all
     at once before anything is written (compilepool); one that does not compile gets none later."""
-    from . import bytecode
     from .compilepool import compile_many
 
-    todo = [index for index, write in enumerate(writes)
-            if write.data is not None and write.code is None and bytecode.release_flags(write.path) is not None]
+    todo = [index for index, write in enumerate(writes) if write.code is None and _bytecode_flags(write) is not None]
     compiled = list(writes)
     for index, result in zip(todo, compile_many([(writes[i].path, writes[i].data or b"") for i in todo])):
         if isinstance(result, bytes):
@@ -215,22 +256,30 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
     try:
         for index, write in enumerate(writes):
             if write.data is not None:
-                staged[index] = stage(write.path, write.data, mode=write.mode, sync=False)
+                staged[index] = (stage_below(write.path, write.relpath, write.data, write.mode, write.dirs)
+                                 if write.dirs else stage(write.path, write.data, mode=write.mode, sync=False))
         fsync_files(staged.values())
         touched: set[Path] = set()
         compiled: list[Path] = []
         for number, write in enumerate(writes, start=1):
-            flags = bytecode.release_flags(write.path) if write.data is not None else None
-            if write.data is None:
+            flags = _bytecode_flags(write)
+            if write.data is None and write.dirs:
+                remove_below(write.path, write.relpath)
+            elif write.data is None:
                 remove_file(write.path, sync_dir=False)
+            elif write.dirs:
+                install_below(staged.pop(number - 1), write.path, write.relpath)
+                touched.update((import_root(write.path, write.relpath) / d).parent for d in write.dirs)
             else:
                 install(staged.pop(number - 1), write.path, sync_dir=False)
             touched.add(write.path.parent)
             if remove_bytecode(write.path, sync_dir=False) or flags is not None:
                 touched.add(write.path.parent / "__pycache__")
             if flags is not None:
-                compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags)])
+                compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,
+                                                         new_directory=bool(write.dirs))])
             checkpoint(f"file-{number}-written")
+        touched |= _remove_created_dirs([(w.path, w.relpath, w.dirs) for w in writes if w.data is None])
     finally:
         discard(staged.values())
     fsync_files(compiled)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import (DISPATCH, KILL_ENV, OMNI_PIPELINE, STATE, TRANSFORMER, changed, cli, command, environ,
+from faultkit import (CREATED, DISPATCH, KILL_ENV, OMNI_PIPELINE, STATE, TRANSFORMER, changed, cli, command, environ,
                       fault_set, run, settled, states, tree)
 from support.tree import snapshot
 
@@ -209,8 +209,19 @@ def _created_relpath_onto_a_shipped_file(site: Path) -> str:
     return _dispatch_entry_copied_onto(site, "diffusers/__init__.py", action="create", before=None)
 
 
+def _release_directory_as_created(site: Path) -> str:
+    """The created file's entry claims apply made its directory, which the release ships files in."""
+    directory = CREATED.rsplit("/", 1)[0]
+
+    def change(document: dict) -> None:
+        document["files"][CREATED]["dirs"] = [directory]
+    _forge(site, change)
+    return directory
+
+
 FORGERIES = {"object-with-other-bytes": _other_bytes_for_dispatch, "relpath-re-pointed": _repointed_relpath,
-             "created-onto-shipped-file": _created_relpath_onto_a_shipped_file}
+             "created-onto-shipped-file": _created_relpath_onto_a_shipped_file,
+             "release-directory-as-created": _release_directory_as_created}
 
 
 @pytest.mark.parametrize("kind", sorted(FORGERIES))
@@ -225,6 +236,23 @@ def test_forged_manifest_fails_verify_and_revert_refuses_it(applied: tuple[Path,
         assert result.reason.startswith(f"error: corrupt state file {manifest}: "), result.reason
         assert relpath in result.reason and "ships" in result.reason, result.reason
     assert settled(site) == before, f"a refused command changed something: {changed(before, settled(site))}"
+
+
+@pytest.mark.parametrize("dirs", [["vllm_omni"], ["vllm_omni/diffusion/models/other"], ["vllm_omni/../x"]])
+def test_created_directories_outside_the_files_path_are_refused(applied: tuple[Path, Path], dirs: list[str]):
+    """`dirs` may name only directories between the module directory and the created file: revert
+    never removes anything else (the module directory itself, a sibling, a path with '..')."""
+    site, patches = applied
+
+    def change(document: dict) -> None:
+        document["files"][CREATED]["dirs"] = dirs
+    _forge(site, change)
+    before = settled(site)
+    for args in (("verify", "--patches", patches), ("revert",)):
+        result = cli(args[0], "--site", site, *args[1:])
+        assert result.code == 7, (args, result.stdout, result.stderr)
+        assert "corrupt state file" in result.reason and "'dirs'" in result.reason, result.reason
+    assert settled(site) == before
 
 
 def test_originals_without_a_record_are_used_and_said_to_be_unchecked(applied: tuple[Path, Path]):
