@@ -83,7 +83,7 @@ MUTATIONS = [
              '    checkpoint("manifest-written")\n',
              (f"{T_CRASH}::test_apply_killed_at_checkpoint",)),
     Mutation("recovery restores nothing", "ernie_patcher/transaction.py",
-             "if _put(state, path, entry.digest, entry.mode):", "if False:",
+             "if _put_entry(state, path, entry):", "if False:",
              (f"{T_LIFE}::test_crash_between_files_is_recovered", f"{T_CRASH}::test_apply_killed_at_checkpoint")),
     Mutation("version gate off", "ernie_patcher/assess.py",
              "            if not self.allow_untested:\n", "            if False:\n",
@@ -92,8 +92,8 @@ MUTATIONS = [
              "if remove_bytecode(write.path, sync_dir=False) or flags is not None:", "if flags is not None:",
              (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
     Mutation("no fresh bytecode", "ernie_patcher/transaction.py",
-             "compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags)])",
-             "pass",
+             "compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,",
+             "compiled += filter(None, [None and bytecode.write(write.path, write.data, write.code, flags,",
              (f"{T_DISC}::test_after_apply_and_revert_importing_the_written_modules_compiles_nothing",)),
     Mutation("bytecode in timestamp mode whatever the release used", "ernie_patcher/bytecode.py",
              "    if flags & HASH_BASED:\n        header += source_hash(data)\n    else:\n",
@@ -118,6 +118,14 @@ MUTATIONS = [
     Mutation("symlinked targets followed", "ernie_patcher/assess.py",
              "if not inside or path.is_symlink():", "if False:",
              (f"{T_HOSTILE}::test_symlink_in_package_pointing_outside_is_refused",)),
+    Mutation("compile workers' results out of order", "ernie_patcher/compilepool.py",
+             "return [results[index] for index in range(len(sources))]",
+             "return [results[index] for index in reversed(range(len(sources)))]",
+             ("tests/engine/test_compilepool.py::test_workers_give_what_compiling_here_gives_in_the_same_order",)),
+    Mutation("directories apply created left behind", "ernie_patcher/transaction.py",
+             "        removed += remove_empty_dirs(root, dirs)\n", "",
+             ("tests/engine/test_new_directories.py::"
+              "test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree",)),
 ]
 
 
