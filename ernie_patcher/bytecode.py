@@ -19,7 +19,7 @@ from importlib.util import MAGIC_NUMBER, cache_from_source, source_hash
 from pathlib import Path
 
 from .errors import PatcherError
-from .safeio import SafeDir
+from .safeio import SafeDir, open_tree
 
 HASH_BASED = 0b01
 CHECK_SOURCE = 0b10
@@ -93,20 +93,24 @@ def compile_source(data: bytes, path: Path) -> bytes:
     return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True, optimize=0))
 
 
-def _cache_directory(cache: Path, create: bool) -> SafeDir | None:
-    """CACHE (a __pycache__) opened no-follow; when CREATE, made in its directory, opened no-follow too."""
-    if not create:
+def _cache_directory(path: Path, cache: Path, below: str | None) -> SafeDir | None:
+    """CACHE (PATH's __pycache__) opened no-follow. BELOW (PATH's relpath, when it lies in
+    directories apply made): its directory reached from the module directory through no symlink
+    (safeio.open_tree) and CACHE made there when missing."""
+    if below is None:
         return SafeDir.open(cache)
-    parent = SafeDir.open(cache.parent)
+    from .fsops import import_root
+
+    parent = open_tree(import_root(path, below), below.rpartition("/")[0])
     if parent is None:
         return None
     with parent:
         return SafeDir.open(cache, create=True, parent=parent)
 
 
-def write(path: Path, data: bytes, code: bytes | None, flags: int, new_directory: bool = False) -> Path | None:
+def write(path: Path, data: bytes, code: bytes | None, flags: int, below: str | None = None) -> Path | None:
     """Write the .pyc of DATA (just written at PATH) in mode FLAGS; CODE (marshalled) None compiles DATA.
-    NEW_DIRECTORY: PATH's directory is one apply made, so its __pycache__ is made too (no-follow).
+    BELOW: PATH's relpath when its directory is one apply made (see _cache_directory).
 
     Bytecode only saves the interpreter work: a file that does not compile, an unsafe or
     unwritable __pycache__ leave none (the stale one is already removed). Returns the .pyc written.
@@ -118,7 +122,7 @@ def write(path: Path, data: bytes, code: bytes | None, flags: int, new_directory
         code = code if code is not None else compile_source(data, path)
         body = pyc_bytes(path, data, code, flags)
         mode = (path.stat().st_mode | 0o200) & 0o666
-        directory = _cache_directory(pyc.parent, new_directory)
+        directory = _cache_directory(path, pyc.parent, below)
         if directory is None:
             return None
         with directory:

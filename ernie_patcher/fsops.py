@@ -20,15 +20,27 @@ def sha256(data: bytes) -> str:
 
 
 def read_bytes(path: Path) -> bytes | None:
-    """The file's bytes, or None when it does not exist (also under a non-directory)."""
+    """The file's bytes, or None when it does not exist (also under a non-directory). Opened
+    non-blocking and refused unless a regular file: a FIFO planted at a target never blocks."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except IsADirectoryError:
-        raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is a directory, expected a file") from None
     except OSError as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is a directory, expected a file")
+        if not stat.S_ISREG(mode):
+            raise PatcherError(ExitCode.ENVIRONMENT, f"{path} is not a regular file (a FIFO, socket or device)",
+                               hint="someone replaced a package file; reinstall the package")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -213,21 +225,19 @@ def install_below(temp: str, path: Path, relpath: str) -> None:
         directory.rename(Path(temp).name, _parent(relpath)[1])
 
 
-def make_dirs(path: Path, relpath: str, create: Collection[str]) -> None:
-    """Make the directories of CREATE that PATH (RELPATH) lies in, as apply made them."""
-    directory = _open_parent(path, relpath, create)
-    if directory is not None:
-        directory.close()
-
-
-def remove_below(path: Path, relpath: str) -> bool:
-    """Remove PATH (RELPATH) and the temp files a killed write left beside it, reached through
-    directories opened without following symlinks; True when the file was there. Where a
-    directory is gone, or is now a symlink or no directory, nothing of ernie-patch's is there."""
+def remove_below(path: Path, relpath: str, undo: bool = False) -> bool:
+    """Remove PATH (RELPATH), its bytecode and the temp files a killed write left beside it, reached
+    through directories opened without following symlinks; True when the file was there. A
+    directory that is gone holds nothing of ernie-patch's. One that is now a symlink or no
+    directory means what apply wrote was moved: revert refuses (PatcherError), an UNDO of this
+    run's writes (rollback, recovery) leaves it, as nothing of this run is reachable there;
+    either way nothing is removed through it."""
     try:
         directory = _open_parent(path, relpath)
     except PatcherError:
-        return False
+        if undo:
+            return False
+        raise
     if directory is None:
         return False
     name = _parent(relpath)[1]
@@ -237,8 +247,33 @@ def remove_below(path: Path, relpath: str) -> bool:
             if entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX):
                 directory.remove(entry, sync_dir=False)
         directory.remove(name, sync_dir=False)
+        _remove_bytecode_in(directory, name)
         directory.sync()
     return found
+
+
+def _remove_bytecode_in(directory: SafeDir, name: str) -> None:
+    """Unlink every .pyc of module NAME in DIRECTORY's __pycache__ (opened no-follow; whoever owns it:
+    an unlink through its fd never follows anything)."""
+    if not name.endswith(".py"):
+        return
+    try:
+        cache = os.open("__pycache__", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=directory.fd)
+    except OSError:
+        return
+    try:
+        for entry in os.listdir(cache):
+            if entry.startswith(name[:-3] + ".") and entry.endswith(".pyc"):
+                try:
+                    os.unlink(entry, dir_fd=cache)
+                except FileNotFoundError:
+                    pass
+        os.fsync(cache)
+    except OSError as exc:
+        raise environment_error("remove", directory.path / "__pycache__", exc) from None
+    finally:
+        os.close(cache)
 
 
 def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> list[Path]:
@@ -267,6 +302,8 @@ def _remove_empty(parent: SafeDir, name: str) -> bool:
     except OSError:
         return False
     with directory:
+        if os.fstat(directory.fd).st_uid != os.geteuid():
+            return False  # made by another user since: not the one apply made
         try:
             os.rmdir("__pycache__", dir_fd=directory.fd)
         except OSError:

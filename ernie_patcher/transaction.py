@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ExitCode, PatcherError
-from .fsops import (atomic_write, discard, fsync_files, import_root, install, install_below, make_dirs, read_bytes,
+from .fsops import (atomic_write, discard, fsync_files, import_root, install, install_below, read_bytes,
                     remove_below, remove_bytecode, remove_empty_dirs, remove_file, remove_temp_files, sha256, stage,
                     stage_below, sync_dirs)
 from .interrupts import Interrupted, signals_as_errors
@@ -94,9 +94,14 @@ def _put_entry(state: StateDir, path: Path, entry: RestoreEntry) -> bool:
     following a symlink (one planted there since leads to nothing ernie-patch wrote), and put
     back after the directories are made again."""
     if entry.dirs and entry.digest is None:
-        return remove_below(path, entry.relpath)
+        return remove_below(path, entry.relpath, undo=True)
     if entry.dirs:
-        make_dirs(path, entry.relpath, entry.dirs)
+        current = read_bytes(path)
+        if current is not None and sha256(current) == entry.digest:
+            return False
+        temp = stage_below(path, entry.relpath, state.fetch(entry.digest), entry.mode, entry.dirs)
+        install_below(temp, path, entry.relpath)
+        return True
     return _put(state, path, entry.digest, entry.mode)
 
 
@@ -166,8 +171,10 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
     for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
         if _put_entry(state, path, entry):
             report.restored.append(str(path))
-            remove_bytecode(path)
-        remove_temp_files(path)
+            if not entry.dirs:  # below directories apply made, _put_entry reaches them no-follow itself
+                remove_bytecode(path)
+        if not entry.dirs:
+            remove_temp_files(path)
         checkpoint(f"restore-{number}")
     _remove_created_dirs([(path, entry.relpath, entry.dirs) for entry, path in zip(journal.restore, paths)
                           if entry.digest is None])
@@ -273,11 +280,12 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
             else:
                 install(staged.pop(number - 1), write.path, sync_dir=False)
             touched.add(write.path.parent)
-            if remove_bytecode(write.path, sync_dir=False) or flags is not None:
+            # below directories apply made, bytecode is reached through them (no-follow), never by path
+            if (not write.dirs and remove_bytecode(write.path, sync_dir=False)) or flags is not None:
                 touched.add(write.path.parent / "__pycache__")
             if flags is not None:
                 compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,
-                                                         new_directory=bool(write.dirs))])
+                                                         below=write.relpath if write.dirs else None)])
             checkpoint(f"file-{number}-written")
         touched |= _remove_created_dirs([(w.path, w.relpath, w.dirs) for w in writes if w.data is None])
     finally:

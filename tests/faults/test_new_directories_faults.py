@@ -123,7 +123,90 @@ def test_directory_of_another_user_slipped_in_after_planning_is_refused(world):
     assert process.returncode == 7, stderr
     assert f"refusing {site / TOP}: the directory appeared while writing, owned by uid 4242" in stderr, stderr
     assert not (site / STATE / "journal.json").exists()
-    if (site / TOP).exists():
-        assert list((site / TOP).iterdir()) == [], "a file was written into the other user's directory"
-        (site / TOP).rmdir()
+    assert (site / TOP).is_dir(), "the rollback removed the other user's directory"
+    assert list((site / TOP).iterdir()) == [], "a file was written into the other user's directory"
+    (site / TOP).rmdir()
     assert tree(site) == pristine, changed(pristine, tree(site))
+
+
+def _victim(root: Path) -> tuple[Path, list[str]]:
+    """A directory outside the site shaped like the new subpackage, bytecode and a temp file in it."""
+    for cache in (root / "__pycache__", root / "kernels" / "__pycache__"):
+        cache.mkdir(parents=True)
+    for name in ("__pycache__/__init__.cpython-311.pyc", "kernels/__pycache__/__init__.cpython-311.pyc",
+                 "kernels/__pycache__/rope.cpython-311.pyc", "kernels/__pycache__/rope.cpython-312.opt-1.pyc",
+                 "kernels/.rope.py.1234.ernie-tmp", "kernels/rope.py"):
+        (root / name).write_bytes(b"not ernie-patch's")
+    return root, sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_revert_through_a_new_directory_swapped_for_a_symlink_refuses_and_touches_nothing_outside(
+        world, tmp_path: Path):
+    """Another user moves the directory apply made and puts a symlink to elsewhere in its place
+    while revert runs: revert refuses (the created files were moved away), nothing is removed or
+    written through the symlink, and once the directory is back the next run finishes."""
+    site, patches, pristine, patched = world
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    outside, before = _victim(tmp_path / "victim")
+    process = spawn("revert", "--site", site, env={PAUSE_ENV: "journal-written"})
+    wait_stopped(process)
+    moved = site / (TOP + ".moved")
+    os.rename(site / TOP, moved)
+    (site / TOP).symlink_to(outside)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate()
+    assert process.returncode == 7, stderr
+    assert f"refusing {site / TOP}: it is a symlink" in stderr, stderr
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+    assert all(p.read_bytes() == b"not ernie-patch's" for p in outside.rglob("*") if p.is_file())
+    (site / TOP).unlink()
+    os.rename(moved, site / TOP)
+    assert cli("revert", "--site", site).code == 0
+    assert tree(site) == pristine, changed(pristine, tree(site))
+
+
+@pytest.mark.parametrize("target", [f"{TOP}/__init__.py", "diffusers/models/attention_dispatch.py"])
+def test_a_fifo_planted_at_a_target_is_refused_without_blocking(world, target: str):
+    site, patches, pristine, patched = world
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    saved = (site / target).read_bytes()
+    (site / target).unlink()
+    os.mkfifo(site / target)
+    try:
+        for command in (("status", "--site", site, "--patches", patches), ("verify", "--site", site, "--patches", patches),
+                        ("revert", "--site", site)):
+            result = run(*command)
+            assert result.code == 7, (command, result.stderr)
+            assert f"{site / target} is not a regular file" in result.stderr, result.stderr
+    finally:
+        (site / target).unlink()
+        (site / target).write_bytes(saved)
+    assert cli("revert", "--site", site).code == 0
+    assert tree(site) == pristine, changed(pristine, tree(site))
+
+
+def test_bytecode_is_never_written_through_a_directory_swapped_after_its_file(tmp_path: Path, monkeypatch):
+    """The race won: right after a module is renamed into a new directory, that directory is moved
+    and a symlink to elsewhere put in its place. Its bytecode is written through the directory
+    reached no-follow from the module directory, so nothing lands outside."""
+    import subprocess
+    import sys
+
+    from ernie_patcher import transaction
+
+    site = install_target(tmp_path / "site", DIFFUSERS)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "diffusers" / "__init__.py")], check=True)
+    patches = subpackage_set(site, tmp_path / "set")
+    outside, before = _victim(tmp_path / "victim")
+    real = transaction.install_below
+
+    def racing(temp: str, path: Path, relpath: str) -> None:
+        real(temp, path, relpath)
+        if relpath == f"{SUB}/rope.py":
+            os.rename(site / TOP, site / (TOP + ".moved"))
+            (site / TOP).symlink_to(outside)
+
+    monkeypatch.setattr(transaction, "install_below", racing)
+    cli("apply", "--site", site, "--patches", patches)
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+    assert all(p.read_bytes() == b"not ernie-patch's" for p in outside.rglob("*") if p.is_file())
