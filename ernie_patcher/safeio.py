@@ -174,24 +174,12 @@ class SafeDir:
             _close(fd)
 
     def write(self, name: str, data: bytes, mode: int, sync_dir: bool = True, sync_file: bool = True) -> None:
-        """Replace NAME with DATA atomically: a new temp file (O_EXCL, no-follow), fsync, rename.
+        """Replace NAME with DATA atomically: a new temp file (stage), fsync, rename.
         For a batch of writes the caller may fsync the files (fsync_entries) and this directory
         (sync) once afterwards instead (SYNC_FILE, SYNC_DIR false)."""
-        temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+        temp = self.stage(name, data, mode, sync=sync_file)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                         dir_fd=self.fd)
-        except OSError as exc:
-            raise environment_error("write", self.path / name, exc) from None
-        try:
-            try:
-                _write_all(fd, data)
-                os.fchmod(fd, mode)
-                if sync_file:
-                    os.fsync(fd)
-            finally:
-                _close(fd)
-            os.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            self.rename(temp, name)
             temp = ""
             if sync_dir:
                 os.fsync(self.fd)
@@ -201,8 +189,8 @@ class SafeDir:
             if temp:
                 self.remove(temp, quiet=True)
 
-    def stage(self, name: str, data: bytes, mode: int) -> str:
-        """A new temp file beside NAME (O_EXCL, no-follow) holding DATA with MODE, not fsynced;
+    def stage(self, name: str, data: bytes, mode: int, sync: bool = False) -> str:
+        """A new temp file beside NAME (O_EXCL, no-follow) holding DATA with MODE, fsynced when SYNC;
         its name, for rename."""
         temp = f".{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
@@ -213,6 +201,8 @@ class SafeDir:
         try:
             _write_all(fd, data)
             os.fchmod(fd, mode)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             self.remove(temp, quiet=True, sync_dir=False)
             raise environment_error("write", self.path / name, exc) from None
