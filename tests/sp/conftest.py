@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from importlib.metadata import PackageNotFoundError, version
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 
 import pytest
 
+from ernie_patcher.selftest.runtime.sp import free_port, wait_ranks
 from tests.support.realpkgs import CACHE, install_target
 
 WORKER = Path(__file__).resolve().parent / "sp_worker.py"
@@ -110,12 +110,6 @@ def selected_patches() -> list[str]:
     return [n.strip() for n in names.split(",") if n.strip()] if names is not None else list(OMNI_PATCHES)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-TAIL_CHARS:] if path.exists() else "(no log)"
 
@@ -139,14 +133,7 @@ def launch(site: Path, out: Path, world_size: int, *worker_args: str) -> list[di
         log = (out / f"rank{rank}.log").open("w")
         cmd = [sys.executable, str(WORKER), *worker_args, "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            codes.append("timeout")
+    codes = wait_ranks(procs, LAUNCH_TIMEOUT_S)
     if any(code != 0 for code in codes):
         logs = "\n".join(f"--- rank {r} (exit {c}) ---\n{_tail(out / f'rank{r}.log')}" for r, c in enumerate(codes))
         raise AssertionError(f"SP workers failed: {' '.join(worker_args)}\n{logs}")

@@ -45,7 +45,7 @@ def skip_reason(device: Device, sp_size: int | None) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -57,11 +57,25 @@ def _bootstrap() -> str:
             f"sys.argv[1:2] = []; runpy.run_module('{__package__}.sp_worker', run_name='__main__')")
 
 
+def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> list[int | str]:
+    """Each rank's exit code, in order; "timeout" for one still running after TIMEOUT s, when
+    every rank is killed (the others wait on it in a collective)."""
+    codes: list[int | str] = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            codes.append("timeout")
+    return codes
+
+
 def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dict[str, Any]]:
     """WORLD workers at SP=WORLD; the result each saved (rank order)."""
     root = str(Path(__file__).resolve().parents[len(__package__.split("."))])
     paths = json.dumps([site or "", root])
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1")
     procs = []
     for rank in range(world):
@@ -69,14 +83,7 @@ def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dic
         args = [sys.executable, "-I", "-B", "-c", _bootstrap(), paths, json.dumps({"device": device.kind, "out": str(out)})]
         procs.append(subprocess.Popen(args, env={**env, "RANK": str(rank)}, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=subprocess.STDOUT))
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=WORKER_TIMEOUT_S))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            codes.append("timeout")
+    codes = wait_ranks(procs, WORKER_TIMEOUT_S)
     if any(code != 0 for code in codes):
         tail = (out / f"sp{world}-rank0.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise AssertionError(f"SP={world} workers failed (exit codes {codes}): {' | '.join(tail)}")
