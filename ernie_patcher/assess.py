@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .discovery import Environment, InstalledPackage, record_digest
 from .errors import ExitCode, PatcherError
-from .fsops import read_bytes, sha256
+from .fsops import creates_dirs_detail, made_dirs_detail, read_bytes, sha256
 from .probes import ProbeResult, recall, run_probe
 from .series import PatchSpec, ProbeSpec
 from .state import FileRecord, Manifest, RestoreEntry
@@ -136,20 +136,6 @@ def new_directories(package: InstalledPackage, relpath: str) -> tuple[list[str],
         if not stat.S_ISDIR(found.st_mode):
             return [], f"{path} is not a directory; the patch creates {relpath} under it"
     return [], ""
-
-
-def _directories(dirs: list[str]) -> str:
-    return f"director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}"
-
-
-def creates_dirs_detail(dirs: list[str]) -> str:
-    """What a file to create in missing directories DIRS says before apply (status, --dry-run)."""
-    return f"creates {_directories(dirs)}" if dirs else ""
-
-
-def made_dirs_detail(dirs: list[str]) -> str:
-    """The detail of an applied file for which apply created DIRS (as fastpath._patch says it)."""
-    return f"apply created {_directories(dirs)}" if dirs else ""
 
 
 def recorded_path(env: Environment, entry: FileRecord | RestoreEntry) -> Path | None:

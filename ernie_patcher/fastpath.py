@@ -20,7 +20,7 @@ from pathlib import Path
 from . import envprobe
 from .errors import PatcherError
 from .jsondoc import document
-from .fsops import Lock
+from .fsops import Lock, made_dirs_detail
 from .safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
 try:  # the interpreter's own sha256: loading OpenSSL (hashlib) costs more than hashing a few files
@@ -170,24 +170,13 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
                 cells = line.split(",")
                 rows[cells[0]] = cells[1] if len(cells) > 1 else ""
         created_dirs = {d for e in entries if e["action"] == "create" for d in e.get("dirs", [])}
-        _need(not created_dirs & _release_dirs(rows, created_dirs))
+        _need(not any(row.startswith(d + "/") for d in created_dirs for row in rows))  # as originals.py
         for entry in entries:
             if entry["action"] == "create":
                 _need(entry["relpath"] not in rows)
             elif entry["action"] == "modify":
                 before = entry["before"]
                 _need(rows.get(entry["relpath"]) == _record_form(_digest(before)))
-
-
-def _release_dirs(rows: dict, wanted: set[str]) -> set[str]:
-    """The directories some RECORD row of ROWS lies under (only worked out when WANTED is not empty)."""
-    if not wanted:
-        return set()
-    dirs = set()
-    for row in rows:
-        parts = row.split("/")[:-1]
-        dirs.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
-    return dirs
 
 
 def _selected(answer: dict, only: list[str]) -> list[str]:
@@ -214,7 +203,7 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
         _need(entry and patch_id in entry["patches"] and (sha256(current) if current is not None else None)
               == entry["after"])
         dirs = [_relative(d) for d in entry.get("dirs", [])]
-        detail = f"apply created director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}" if dirs else ""
+        detail = made_dirs_detail(dirs)
         files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": detail,
                       "action": "create" if entry["action"] == "create" else "modify", "offsets": []})
     probes = []

@@ -189,6 +189,20 @@ def remove_bytecode(path: Path, sync_dir: bool = True) -> list[Path]:
     return removed
 
 
+def _directories(dirs: list[str]) -> str:
+    return f"director{'ies' if len(dirs) > 1 else 'y'} {', '.join(dirs)}"
+
+
+def creates_dirs_detail(dirs: list[str]) -> str:
+    """What a file to create in missing directories DIRS says before apply (status, --dry-run)."""
+    return f"creates {_directories(dirs)}" if dirs else ""
+
+
+def made_dirs_detail(dirs: list[str]) -> str:
+    """The detail of an applied file for which apply created DIRS (the engine and the fast path alike)."""
+    return f"apply created {_directories(dirs)}" if dirs else ""
+
+
 def import_root(path: Path, relpath: str) -> Path:
     """The directory RELPATH is relative to, given the file's absolute PATH."""
     return path.parents[len(PurePosixPath(relpath).parts) - 1]

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .assess import APPLIED, NOT_APPLIED, PatchState, creates_dirs_detail, decode
+from .assess import APPLIED, NOT_APPLIED, PatchState, decode
 from .compilepool import CompileFailure, compile_many
 from .discovery import record_digest
 from .errors import ExitCode, PatcherError
-from .fsops import read_bytes, sha256
+from .fsops import creates_dirs_detail, read_bytes, sha256
 from .probes import ProbeResult, memo, probe_key, run_probe
 from .report import Action
 from .series import SERIES_FILE, ProbeSpec, Series

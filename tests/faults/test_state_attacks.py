@@ -283,3 +283,12 @@ def test_unwritable_file_never_written_leaves_no_journal(site: Path, tmp_path: P
     assert snapshot(site) == before, changed(before, snapshot(site))
     status = cli("status", "--site", site, "--patches", patches)
     assert status.code == 0, status.stderr
+
+
+def test_the_fast_path_also_refuses_a_release_directory_recorded_as_created(applied: tuple[Path, Path]):
+    """verify as a process goes through the fast path first: it must hand the forged manifest to
+    the engine (which refuses it), never answer from it."""
+    site, patches = applied
+    _release_directory_as_created(site)
+    result = run("verify", "--site", site, "--patches", patches)
+    assert result.code == 7 and "corrupt state file" in result.stderr, (result.stdout, result.stderr)
