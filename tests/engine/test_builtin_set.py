@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 
 from support.cli import cli
-from ernie_patcher.probes import run_probe
-from ernie_patcher.series import load_series
+from ernie_patcher.patchset.probes import run_probe
+from ernie_patcher.patchset.series import load_series
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target, wheel
 from support.tree import file_record_digest, record_sha256, snapshot
 
