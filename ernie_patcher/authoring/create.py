@@ -295,7 +295,7 @@ def series_entry(created: Created, summary: str) -> str:
 
 
 def _new_series_text(directory: Path) -> str:
-    return (f"# Patch set for ernie-patch; see `ernie-patch list`, `ernie-patch diff ID` and the README (Patch sets of your own).\n"
+    return (f"# Patch set for ernie-patch; see `ernie-patch list`, `ernie-patch diff ID` and docs/patch-sets.md of ernie-patcher.\n"
             f"schema = 1\nname = {toml_string(directory.name or 'patches')}\n")
 
 
