@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import Lock, import_root, read_bytes, sha256
+from ..fs.fsops import Lock, import_root, read_target, sha256
+from ..fs.safeio import Pins, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
@@ -45,13 +46,16 @@ def _locator(target: Target) -> Locate:
 
 
 @contextmanager
-def _state_access(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[None]:
+def _state_access(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[Pins]:
     """Lock the state directory; any pending journal is recovered first (needs write access).
+    Yields the pins of the run (safeio.pinned): the package directories it enters keep the
+    identity they had when it first entered them (planning), and it knows which others can write.
 
     A run that fails in any way (a refusal, an interruption, an internal error) leaves no lock
     file or empty state directory behind."""
     if not write and not state.exists():
-        yield
+        with pinned() as pins:
+            yield pins
         return
     needs_recovery = state.has_journal()
     exclusive = write or needs_recovery
@@ -59,9 +63,11 @@ def _state_access(state: StateDir, write: bool, report: Report, target: Target) 
         if needs_recovery:
             from .transaction import recover
 
-            _note_recovery(report, recover(state, _locator(target)))
+            with pinned():
+                _note_recovery(report, recover(state, _locator(target)))
         try:
-            yield
+            with pinned() as pins:
+                yield pins
         except BaseException:
             if write:
                 _tidy(state)  # a refused run (e.g. a malformed patch) leaves no state dir behind
@@ -148,10 +154,11 @@ def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
     series, choices, env = _prepare(target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
-    with _state_access(state, write=False, report=report, target=target):
+    with _state_access(state, write=False, report=report, target=target) as pins:
         manifest = _load_manifest(state, env, report)
         report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
+        _note_user_writable(report, pins)
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
         report.notes.append(f"the manifest also records patches not in this patch set: {', '.join(foreign)}")
@@ -207,31 +214,34 @@ def _refusal(states: list[PatchState]) -> PatcherError | None:
 
 
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
-                   todo: list[PatchState], previous: Manifest | None) -> None:
+                   todo: list[PatchState], previous: Manifest | None, pins: Pins, allow_user_writable: bool) -> None:
     from ..patchset.probes import run_probe
     from .plan import build_plan  # only apply plans writes: status and verify start faster
     from .transaction import commit
 
     plan = build_plan(todo)
     report.actions = plan.actions(states)
+    _refuse_user_writable(pins, allow_user_writable)
     if report.dry_run:
         return
     commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
-        patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
+        patch.probes = [run_probe(p, read_target(patch.package.import_root / p.file, p.file))
+                        for p in patch.spec.probes]
         if patch.strip_inferred:
             report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
 
 
-def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
+def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False,
+          allow_user_writable: bool = False) -> Report:
     series, choices, env = _prepare(target, only)
     report = Report("apply", env, series, dry_run=dry_run)
     implied = sorted({c.id for c in choices} - set(only)) if only else []
     if implied:
         report.notes.append(f"also selected, as required: {', '.join(implied)}")
     state = StateDir(env.state_dir)
-    with _state_access(state, write=not dry_run, report=report, target=target):
+    with _state_access(state, write=not dry_run, report=report, target=target) as pins:
         previous = _load_manifest(state, env, report)
         report.patches = states = _assess(choices, previous, env, allow_untested)
         for patch in states:
@@ -248,7 +258,7 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
                 state.remove_if_empty()
             return report
         try:
-            _apply_changes(state, report, series, states, todo, previous)
+            _apply_changes(state, report, series, states, todo, previous, pins, allow_user_writable)
         except PatcherError as error:
             report.error, report.exit_code = error, error.code
             if not dry_run:
@@ -256,8 +266,10 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
     return report
 
 
-def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Report) -> tuple[list[Write], list[str]]:
-    """What revert would write; with --dry-run nothing is stored or saved on the way."""
+def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
+                   report: Report) -> tuple[list[Write], list[str], list[bytes]]:
+    """What revert would write, the files drifted since apply, and what the files to restore hold now
+    (for the object store, before the transaction); with --dry-run nothing is saved on the way."""
     from .transaction import Write
 
     writes: list[Write] = []
@@ -268,7 +280,7 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
         if path is None:
             report.notes.append(f"{entry.package} is no longer installed: nothing to restore for {entry.relpath}")
             continue
-        current = read_bytes(path)
+        current = read_target(path, entry.relpath)
         digest = sha256(current) if current is not None else None
         if digest == entry.before and not entry.dirs:
             report.notes.append(f"{path} already holds its original bytes")
@@ -299,19 +311,17 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
             detail += (f"{' (already gone)' if current is None else ''}; and, when empty, the director"
                        f"{'ies' if len(entry.dirs) > 1 else 'y'} apply created: {', '.join(entry.dirs)}")
         report.actions.append(Action(str(path), what, detail))
-    if kept and not drifted:
-        state.store_many(kept)
-    return writes, drifted
+    return writes, drifted, kept
 
 
-def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report:
+def revert(target: Target, dry_run: bool = False, force: bool = False, allow_user_writable: bool = False) -> Report:
     env = discover([], target.python, target.site)
     report = Report("revert", env, None, dry_run=dry_run)
     state = StateDir(env.state_dir)
     if not state.exists():
         report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
         return report
-    with _state_access(state, write=not dry_run, report=report, target=target):
+    with _state_access(state, write=not dry_run, report=report, target=target) as pins:
         manifest = state.manifest()
         if manifest is None:
             report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
@@ -324,7 +334,7 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
         unchecked = check_originals(report.env, manifest, state, state.manifest_path)
         if unchecked:
             report.notes.append(unchecked_note(unchecked))
-        writes, drifted = _revert_writes(state, manifest, force, report)
+        writes, drifted, kept = _revert_writes(state, manifest, force, report)
         if drifted:
             state.drop_objects({e.before for e in manifest.files.values() if e.before})  # refused: keep none
             report.actions = []
@@ -334,9 +344,13 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
                                         "a copy of the edited files")
             report.exit_code = ExitCode.DRIFTED
             return report
+        _refuse_user_writable(pins, allow_user_writable)
         if dry_run:
             return report
         from .transaction import commit
+
+        if kept:
+            state.store_many(kept)
 
         commit(state, "revert", writes, None, manifest)
         state.remove_if_empty()
@@ -351,3 +365,29 @@ def _note_kept_directories(report: Report, writes: list[Write]) -> None:
     if kept:
         report.notes.append(f"kept {len(kept)} director{'ies' if len(kept) > 1 else 'y'} apply created, as they "
                             f"are not empty (files ernie-patch did not create): {', '.join(kept)}")
+
+
+def _writable_directories(pins: Pins, limit: int = 3) -> str:
+    found = sorted(pins.user_writable.items())
+    listed = ", ".join(f"{path} ({why})" for path, why in found[:limit])
+    return listed + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def _note_user_writable(report: Report, pins: Pins) -> None:
+    """Name the package directories another user than root (or the one running ernie-patch) can write."""
+    if pins.user_writable:
+        report.notes.append(f"package directories another user can write: {_writable_directories(pins)}; "
+                            "as root, apply and revert refuse to write there without --allow-user-writable")
+
+
+def _refuse_user_writable(pins: Pins, allowed: bool) -> None:
+    """As rpm does, root does not write in package directories another user can change (that user could
+    swap what root writes), unless the operator says that user is trusted (ALLOWED)."""
+    if os.geteuid() != 0 or allowed or not pins.user_writable:
+        return
+    (first, why), *rest = sorted(pins.user_writable.items())
+    raise PatcherError(ExitCode.ENVIRONMENT, f"refusing to write as root in {first}: it is {why}, so another "
+                       "user could swap what root writes there",
+                       details=[f"also {path} ({reason})" for path, reason in rest[:10]],
+                       hint="make the package directories root's and not group- or world-writable (chown root, "
+                            "chmod go-w), or pass --allow-user-writable if every user who can write them is trusted")

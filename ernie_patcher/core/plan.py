@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.compilepool import CompileFailure, compile_many
-from ..fs.fsops import creates_dirs_detail, read_bytes, sha256
+from ..fs.fsops import creates_dirs_detail, read_bytes, read_target, sha256, stat_target
 from ..patchset.probes import ProbeResult, memo, probe_key, run_probe
 from ..patchset.series import SERIES_FILE, ProbeSpec, Series
 from ..target.discovery import record_digest
@@ -49,7 +49,8 @@ def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
                 continue
             change = changes.get(file.path)
             if change is None:
-                mode = file.path.stat().st_mode & 0o7777 if file.current is not None else _new_file_mode(file.path)
+                mode = (_current_mode(file.path, file.relpath) if file.current is not None
+                        else _new_file_mode(file.path))
                 change = FileChange(file.path, file.relpath, patch.spec.package, patch.package.version,
                                  "create" if file.creates else "modify", file.current, file.patched, mode,
                                  module=patch.spec.module)
@@ -58,6 +59,11 @@ def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
             change.patches.append(patch.spec.id)
             change.dirs = sorted(set(change.dirs) | set(file.dirs))
     return changes
+
+
+def _current_mode(path: Path, relpath: str) -> int:
+    found = stat_target(path, relpath)
+    return found.st_mode & 0o7777 if found is not None else 0o644
 
 
 def _new_file_mode(path: Path) -> int:
@@ -115,7 +121,8 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
     for patch in todo:
         memos[patch.spec.id] = {}
         for probe in patch.spec.probes:
-            source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
+            source = (planned[probe.file] if probe.file in planned
+                      else read_target(patch.package.import_root / probe.file, probe.file))
             result = _probe_planned(probe, source)
             if not result.passed:
                 raise PatcherError(ExitCode.CONFLICT,
@@ -149,17 +156,17 @@ def _registrations(changes: dict[Path, FileChange], todo: list[PatchState]) -> l
         created = [c for c in changes.values() if c.action == "create" and c.package == package_name]
         if not created or package.dist_info is None or package.editable:
             continue
-        record = package.dist_info / "RECORD"
-        before = read_bytes(record)
-        if before is None:
+        record, relpath = package.dist_info / "RECORD", f"{package.dist_info.name}/RECORD"
+        before, found = read_target(record, relpath), stat_target(record, relpath)
+        if before is None or found is None:
             continue
         text = decode(before)
         if text and not text.endswith("\n"):
             text += "\n"
         text += "".join(_record_line(c.relpath, c.after or b"") for c in created)
-        extra.append(FileChange(record, f"{package.dist_info.name}/RECORD", package_name, package.version,
+        extra.append(FileChange(record, relpath, package_name, package.version,
                              "register", before, text.encode("utf-8", "surrogateescape"),
-                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches}),
+                             found.st_mode & 0o7777, sorted({p for c in created for p in c.patches}),
                              module=package.module))
     return extra
 
