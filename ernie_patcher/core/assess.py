@@ -103,8 +103,12 @@ def encode(text: str) -> bytes:
 def target_path(package: InstalledPackage, relpath: str) -> Path:
     """The absolute path of RELPATH, refusing any that leaves the package through a symlink."""
     path = package.import_root / relpath
-    module_dir = (package.import_root / package.module).resolve()
-    parent = path.parent.resolve()
+    try:
+        module_dir = (package.import_root / package.module).resolve()
+        parent = path.parent.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop planted in the package
+        raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: {exc}",
+                           hint="a symlink inside the package leads nowhere; the tool only writes inside it") from None
     inside = parent == module_dir or module_dir in parent.parents
     if not inside or path.is_symlink():
         real = os.path.realpath(path)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import Lock, import_root, read_target, sha256
-from ..fs.safeio import Pins, pinned
+from ..fs.fsops import Lock, import_root, read_target, sha256, stat_target
+from ..fs.safeio import Pins, note_insecure_path, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
@@ -17,6 +17,9 @@ from .report import Action, Report, Target
 from .state import Manifest, RestoreEntry, StateDir, import_name
 
 if TYPE_CHECKING:  # the write machinery is imported by the commands that write (or recover)
+    from ..patchset.probes import ProbeResult
+    from ..patchset.series import ProbeSpec
+    from ..target.discovery import InstalledPackage
     from .transaction import Locate, Recovery, Write
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
@@ -55,11 +58,23 @@ def _state_access(state: StateDir, write: bool, report: Report, target: Target) 
     file or empty state directory behind."""
     if not write and not state.exists():
         with pinned() as pins:
+            _note_paths(target, report.env)
             yield pins
         return
+    try:
+        with _locked(state, write, report, target) as pins:
+            yield pins
+    finally:
+        state.close()
+
+
+@contextmanager
+def _locked(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[Pins]:
+    """_state_access once the state directory exists or is to be written."""
     needs_recovery = state.has_journal()
     exclusive = write or needs_recovery
-    with Lock(state.lock_path, exclusive=exclusive):
+    with Lock(state.lock_path, exclusive=exclusive) as lock:
+        state.pin(lock.directory)
         if needs_recovery:
             from .transaction import recover
 
@@ -67,6 +82,7 @@ def _state_access(state: StateDir, write: bool, report: Report, target: Target) 
                 _note_recovery(report, recover(state, _locator(target)))
         try:
             with pinned() as pins:
+                _note_paths(target, report.env)
                 yield pins
         except BaseException:
             if write:
@@ -74,6 +90,14 @@ def _state_access(state: StateDir, write: bool, report: Report, target: Target) 
             raise
         if needs_recovery:
             state.remove_if_empty()  # under the lock: a waiting run must never lock a removed lock file
+
+
+def _note_paths(target: Target, env: Environment) -> None:
+    """Name (in the run's pins) a directory through which another user could redirect the site as
+    given, the environment's packages directory or a package's import root elsewhere (editable)."""
+    roots = {env.state_dir.parent, *(p.import_root for p in env.packages.values() if p is not None)}
+    for path in ([target.site] if target.site else []) + sorted(roots):
+        note_insecure_path(path)
 
 
 def _tidy(state: StateDir) -> None:
@@ -215,7 +239,6 @@ def _refusal(states: list[PatchState]) -> PatcherError | None:
 
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
                    todo: list[PatchState], previous: Manifest | None, pins: Pins, allow_user_writable: bool) -> None:
-    from ..patchset.probes import run_probe
     from .plan import build_plan  # only apply plans writes: status and verify start faster
     from .transaction import commit
 
@@ -227,10 +250,20 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
     commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
-        patch.probes = [run_probe(p, read_target(patch.package.import_root / p.file, p.file))
-                        for p in patch.spec.probes]
+        patch.probes = [_probe_written(p, patch.package) for p in patch.spec.probes]
         if patch.strip_inferred:
             report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
+
+
+def _probe_written(probe: ProbeSpec, package: InstalledPackage) -> ProbeResult:
+    """PROBE on what apply wrote; a file now out of reach fails the probe (verify will say more): apply
+    itself is done, and its exit code says so."""
+    from ..patchset.probes import ProbeResult, run_probe
+
+    try:
+        return run_probe(probe, read_target(package.import_root / probe.file, probe.file))
+    except PatcherError as error:
+        return ProbeResult(probe, False, error.reason)
 
 
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False,
@@ -267,14 +300,14 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
 
 
 def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
-                   report: Report) -> tuple[list[Write], list[str], list[bytes]]:
+                   report: Report) -> tuple[list[Write], list[str], list[tuple[bytes, int]]]:
     """What revert would write, the files drifted since apply, and what the files to restore hold now
     (for the object store, before the transaction); with --dry-run nothing is saved on the way."""
     from .transaction import Write
 
     writes: list[Write] = []
     drifted: list[str] = []
-    kept: list[bytes] = []  # what the files hold now, stored (once each) before the transaction
+    kept: list[tuple[bytes, int]] = []  # what the files hold now (and their mode), stored before the transaction
     for entry in manifest.files.values():
         path = recorded_path(report.env, entry)
         if path is None:
@@ -301,7 +334,7 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
         restore = digest if current is not None and not report.dry_run else None
         if restore is not None:
-            kept.append(current)
+            kept.append((current, entry.mode))
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
                             relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs)))
@@ -331,6 +364,9 @@ def revert(target: Target, dry_run: bool = False, force: bool = False, allow_use
         report.manifest_patches = sorted(manifest.patches)
         packages = sorted({(e.package, import_name(e.package, e.module)) for e in manifest.files.values()})
         report.env = discover(packages, target.python, target.site)
+        _note_paths(target, report.env)
+        _enter_directories(report.env, manifest)
+        _refuse_user_writable(pins, allow_user_writable)  # before anything is saved or dropped
         unchecked = check_originals(report.env, manifest, state, state.manifest_path)
         if unchecked:
             report.notes.append(unchecked_note(unchecked))
@@ -344,13 +380,12 @@ def revert(target: Target, dry_run: bool = False, force: bool = False, allow_use
                                         "a copy of the edited files")
             report.exit_code = ExitCode.DRIFTED
             return report
-        _refuse_user_writable(pins, allow_user_writable)
         if dry_run:
             return report
         from .transaction import commit
 
         if kept:
-            state.store_many(kept)
+            state.store_many([data for data, _ in kept], [mode for _, mode in kept])
 
         commit(state, "revert", writes, None, manifest)
         state.remove_if_empty()
@@ -365,6 +400,14 @@ def _note_kept_directories(report: Report, writes: list[Write]) -> None:
     if kept:
         report.notes.append(f"kept {len(kept)} director{'ies' if len(kept) > 1 else 'y'} apply created, as they "
                             f"are not empty (files ernie-patch did not create): {', '.join(kept)}")
+
+
+def _enter_directories(env: Environment, manifest: Manifest) -> None:
+    """Enter (and so pin, and learn who can write) the directory of every file the manifest names."""
+    for entry in manifest.files.values():
+        path = recorded_path(env, entry)
+        if path is not None:
+            stat_target(path, entry.relpath)
 
 
 def _writable_directories(pins: Pins, limit: int = 3) -> str:

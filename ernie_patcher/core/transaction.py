@@ -152,14 +152,19 @@ def recover(state: StateDir, locate: Locate) -> Recovery | None:
     return _restore(state, journal, paths, manifest)
 
 
-def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Manifest | None) -> Recovery:
+def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Manifest | None,
+             begun: set[int] | None = None) -> Recovery:
     """Put back every file of JOURNAL (at PATHS), the previous MANIFEST, then drop the journal.
+    BEGUN (a rollback in the failing run itself): the indexes of the files that run began to
+    write; the others it never wrote are left as they are, whatever happened to them meanwhile.
 
     Bytecode is removed only of files put back here: a file the interrupted run never wrote is
     left alone, __pycache__ included (it may be unwritable, and its cache is not stale). The
     directories apply created for files now absent are removed when empty, after every file."""
     report = Recovery(operation=journal.operation, started=journal.started)
     for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
+        if begun is not None and number - 1 not in begun:
+            continue
         if _put(state, path, entry):
             report.restored.append(str(path))
             if entry.digest is not None:
@@ -187,12 +192,15 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
     journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
                       manifest=previous.to_json() if previous else None)
     with signals_as_errors():
+        state.check_in_place()
         state.write_json(state.journal_path, journal.to_json())
         checkpoint("journal-written")
+        begun: set[int] = set()
         try:
-            _write_all(state, writes, manifest)
+            _write_all(state, writes, manifest, begun)
         except Exception as error:
-            _roll_back(state, journal, writes, previous, error if isinstance(error, PatcherError) else None)
+            _roll_back(state, journal, writes, previous, begun,
+                       error if isinstance(error, PatcherError) else None)
             raise
     state.drop_objects(_referenced(manifest))
 
@@ -222,10 +230,11 @@ def _with_bytecode(writes: list[Write]) -> list[Write]:
 
 
 def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous: Manifest | None,
-               error: PatcherError | None) -> None:
-    """Put back what was written; ERROR (None for an unexpected exception) is told what happened."""
+               begun: set[int], error: PatcherError | None) -> None:
+    """Put back what was written (BEGUN: the indexes of the writes begun); ERROR (None for an
+    unexpected exception) is told what happened."""
     try:
-        _restore(state, journal, [w.path for w in writes], previous)
+        _restore(state, journal, [w.path for w in writes], previous, begun)
     except Exception as second:
         if error is None:
             return
@@ -243,12 +252,13 @@ def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous:
             error.reason += f" during {journal.operation}; every file written so far was put back"
 
 
-def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) -> None:
+def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, begun: set[int]) -> None:
     """Every file, then the manifest. New contents are first staged in temp files beside their
     targets and fsynced together (one journal commit, not one per file); then each is renamed in
     place, its stale bytecode removed and fresh bytecode written; every directory touched is
     fsynced once before the manifest says the files are in place. Every file and directory is
-    reached from its import root by descriptor, never by path (fsops)."""
+    reached from its import root by descriptor, never by path (fsops). BEGUN collects the index of
+    each write as it begins, for the rollback."""
     from ..fs import bytecode
 
     staged: dict[int, StagedFile] = {}
@@ -262,6 +272,7 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
         for number, write in enumerate(writes, start=1):
             flags = _bytecode_flags(write)
             root, directory = import_root(write.path, write.relpath), _parent_dir(write.relpath)
+            begun.add(number - 1)
             if write.data is None:
                 remove(write.path, write.relpath, sync_dir=False)
             else:
@@ -278,6 +289,7 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
         discard(staged.values())
     fsync_entries(compiled)
     sync_directories(touched)
+    state.check_in_place()
     state.write_manifest(manifest)
     checkpoint("manifest-written")
     state.remove(state.journal_path)

@@ -9,7 +9,8 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from ..errors import ExitCode, PatcherError, environment_error
-from .safeio import MAX_OBJECT, TEMP_SUFFIX, SafeDir, Staged, each_concurrently, entered, open_tree
+from .safeio import (MAX_OBJECT, TEMP_SUFFIX, SafeDir, Staged, check_file, each_concurrently, entered, open_tree,
+                     saw_file, wrote_file)
 
 LOCK_ATTEMPTS = 5
 
@@ -141,6 +142,7 @@ def read_target(path: Path, relpath: str, cap: int = MAX_OBJECT) -> bytes | None
     name = _parent(relpath)[1]
     with directory:
         found = directory.lstat(name)
+        saw_file(path, found)
         if found is None:
             return None
         _check_regular(path, found.st_mode)
@@ -153,7 +155,30 @@ def stat_target(path: Path, relpath: str) -> os.stat_result | None:
     if directory is None:
         return None
     with directory:
-        return directory.lstat(_parent(relpath)[1])
+        found = directory.lstat(_parent(relpath)[1])
+    saw_file(path, found)
+    return found
+
+
+def new_file_mode(path: Path, relpath: str) -> int:
+    """The mode of a file a patch creates at PATH (RELPATH): that of a .py file of root or the user
+    running ernie-patch in its directory, else in the nearest existing one above it (it may lie in
+    directories apply creates), without set-id bits or group and world write; else 0o644. A file
+    of another user sets nothing: a mode is never copied from what someone else controls."""
+    reldir = _parent(relpath)[0]
+    root = import_root(path, relpath)
+    while True:
+        directory = open_tree(root, reldir, lookup=True)
+        if directory is not None:
+            with directory:
+                for name in directory.names():
+                    found = directory.lstat(name) if name.endswith(".py") else None
+                    if found is not None and stat.S_ISREG(found.st_mode) and found.st_uid in (0, os.geteuid()):
+                        return found.st_mode & 0o755
+            return 0o644
+        if not reldir:
+            return 0o644
+        reldir = _parent(reldir)[0]
 
 
 class StagedFile:
@@ -180,6 +205,8 @@ def stage(path: Path, relpath: str, data: bytes, mode: int, create: Collection[s
     name = _parent(relpath)[1]
     with directory:
         current = directory.lstat(name)
+        if not replace_any:
+            check_file(path, current)
         if current is not None and not (replace_any and not stat.S_ISREG(current.st_mode)):
             _check_regular(path, current.st_mode)
         regular = current is not None and stat.S_ISREG(current.st_mode)
@@ -208,6 +235,7 @@ def install(file: StagedFile, sync_dir: bool = True) -> None:
         raise _vanished(file.path)
     with directory:
         directory.rename(file.staged, _parent(file.relpath)[1])
+        wrote_file(file.path, file.staged.identity)
         if sync_dir:
             directory.sync()
 
@@ -411,6 +439,7 @@ class Lock:
         self.path = path
         self.exclusive = exclusive
         self._fd: int | None = None
+        self.directory: tuple[int, int] | None = None  # identity of the state directory locked in
 
     def __enter__(self) -> "Lock":
         for _ in range(LOCK_ATTEMPTS):
@@ -431,6 +460,8 @@ class Lock:
             return False  # removed by a finishing run between mkdir and open: try again
         with directory:
             self._fd = directory.open_lock(self.path.name)
+            found = os.fstat(directory.fd)
+            self.directory = (found.st_dev, found.st_ino)
         flag = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(self._fd, flag | fcntl.LOCK_NB)
@@ -444,6 +475,8 @@ class Lock:
             return False
         if self.exclusive:
             try:
+                if os.fstat(self._fd).st_mode & 0o077:
+                    os.fchmod(self._fd, 0o600)  # nobody else may open it to flock it and lock every run out
                 os.ftruncate(self._fd, 0)
                 os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
             except OSError:

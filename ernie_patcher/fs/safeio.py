@@ -34,17 +34,42 @@ MAX_OBJECT = 256 << 20  # a stored original: one source file of a package (or it
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SYNC_THREADS = 8
+FILE_MODE_BITS = 0o777  # never a set-id or sticky bit on a file ernie-patch writes
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
+ABSENT: Identity = (-1, -1)  # a file a run found not there
 
 
 class Pins:
-    """What one run saw of the package directories: the identity each had when first entered (while
-    planning), and those a user other than root (or the one running ernie-patch) can write."""
+    """What one run saw of the package tree: the identity each directory had when first entered and
+    each file when first read (while planning), and the directories a user other than root (or the
+    one running ernie-patch) can write."""
 
     def __init__(self) -> None:
         self.seen: dict[Path, Identity] = {}
+        self.files: dict[Path, Identity] = {}
         self.user_writable: dict[Path, str] = {}
+
+    def saw_file(self, path: Path, found: os.stat_result | None) -> None:
+        """Pin file PATH as first read: its identity, or ABSENT."""
+        if found is None:
+            self.files.setdefault(path, ABSENT)
+        elif stat.S_ISREG(found.st_mode):
+            self.files.setdefault(path, (found.st_dev, found.st_ino))
+
+    def wrote_file(self, path: Path, identity: Identity) -> None:
+        self.files[path] = identity
+
+    def check_file(self, path: Path, found: os.stat_result | None) -> None:
+        """Refuse to replace PATH when it is not the file this run read while planning (removed or
+        replaced since): what is written is decided from that file, mode and owner included."""
+        pinned = self.files.get(path)
+        now = ABSENT if found is None else (found.st_dev, found.st_ino)
+        if pinned is not None and now != pinned:
+            what = "removed" if found is None else "created" if pinned == ABSENT else "replaced"
+            raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: it was {what} since this run planned",
+                               hint=f"another process is changing the package; find out who can write "
+                                    f"{path.parent} and run the command again once nothing else touches it")
 
     def enter(self, path: Path, found: os.stat_result) -> None:
         """Pin PATH's identity on first entry; refuse a later entry that finds another directory."""
@@ -74,9 +99,58 @@ def pinned() -> Iterator[Pins]:
         _PINS.remove(pins)
 
 
+def saw_file(path: Path, found: os.stat_result | None) -> None:
+    for pins in _PINS:
+        pins.saw_file(path, found)
+
+
+def check_file(path: Path, found: os.stat_result | None) -> None:
+    for pins in _PINS:
+        pins.check_file(path, found)
+
+
+def wrote_file(path: Path, identity: Identity) -> None:
+    for pins in _PINS:
+        pins.wrote_file(path, identity)
+
+
 def entered(path: Path) -> bool:
     """Whether the pinned run entered directory PATH before (it holds nothing of the run's otherwise)."""
     return any(path in pins.seen for pins in _PINS)
+
+
+def note_insecure_path(path: Path) -> None:
+    """Name, in the pins of the run, the first directory on the way to PATH (as given, symlinks
+    followed the same way) through which another user could redirect it: one that user can write,
+    unless it is sticky and the entry below it is root's or ours (sudo's secure-path rule)."""
+    found = insecure_path(Path(os.path.abspath(path)))
+    if found is not None:
+        for pins in _PINS:
+            pins.user_writable.setdefault(*found)
+
+
+def insecure_path(path: Path, depth: int = 0) -> tuple[Path, str] | None:
+    """The first directory on the way to absolute PATH another user can use to redirect it, and why."""
+    current = Path(path.anchor)
+    for name in path.parts[1:]:
+        try:
+            parent, entry = os.stat(current), os.lstat(current / name)
+        except OSError:
+            return None  # not there (yet): nothing to redirect through
+        why = writable_by_others(parent)
+        if why and not (parent.st_mode & stat.S_ISVTX and entry.st_uid in (0, os.geteuid())):
+            return current, why
+        if stat.S_ISLNK(entry.st_mode):
+            if depth > 40:
+                return current / name, "a chain of more than 40 symlinks"
+            target = Path(os.path.normpath(current / os.readlink(current / name)))
+            found = insecure_path(target, depth + 1)
+            if found is not None:
+                return found
+            current = Path(os.path.realpath(current / name))
+        else:
+            current = current / name
+    return None
 
 
 def writable_by_others(found: os.stat_result) -> str:
@@ -285,7 +359,9 @@ class SafeDir:
             _write_all(fd, data)
             if owner is not None:
                 _fchown(fd, owner)
-            os.fchmod(fd, mode)  # after fchown, which clears set-id bits
+            elif os.geteuid() == 0:
+                mode &= 0o755  # a file root makes is root's: nobody else may write it
+            os.fchmod(fd, mode & FILE_MODE_BITS)
             if sync:
                 os.fsync(fd)
             found = os.fstat(fd)
@@ -305,7 +381,8 @@ class SafeDir:
         except OSError as exc:
             raise environment_error("write", path, exc) from None
         found = self.lstat(name)
-        if found is None or (found.st_dev, found.st_ino) != staged.identity:
+        # the type too: a symlink made where the temp file was may reuse its freed inode number
+        if found is None or not stat.S_ISREG(found.st_mode) or (found.st_dev, found.st_ino) != staged.identity:
             raise self._replaced(name)
 
     def _replaced(self, name: str) -> PatcherError:
@@ -396,7 +473,7 @@ class SafeDir:
         """An fd on lock file NAME, created if missing; never a symlink, FIFO or foreign file."""
         path = self.path / name
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
                          dir_fd=self.fd)
         except OSError as exc:
             raise _open_error(path, exc, "create lock file") from None
@@ -436,6 +513,8 @@ def open_tree(root: Path, relpath: str, create: Collection[str] = (), lookup: bo
         raise environment_error("open directory", root, exc) from None
     current: SafeDir | None = SafeDir(root, fd)
     try:
+        for pins in _PINS:
+            pins.enter(root, os.fstat(fd))
         for depth in range(1, len(parts) + 1):
             current = _descend(current, root, "/".join(parts[:depth]), create, lookup)
             if current is None:
@@ -479,8 +558,8 @@ def _descend(parent: SafeDir, root: Path, relpath: str, create: Collection[str],
             raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: the directory appeared while writing, "
                                f"owned by uid {found.st_uid}, not by the user running ernie-patch",
                                hint=f"another process is changing the package; inspect {path}")
-        if made:
-            os.fchmod(fd, mode)
+        if made and found.st_uid == os.geteuid() and not os.listdir(fd):
+            os.fchmod(fd, mode)  # the directory just made (not one swapped in meanwhile) gets its parent's mode
         for pins in _PINS:
             pins.enter(path, found)
     except BaseException:

@@ -129,11 +129,11 @@ def test_root_refuses_a_tree_another_user_can_write_and_status_names_it(scene: S
     before = owned_tree(scene.site)
     status = cli("status", "--site", scene.site, "--patches", scene.patches)
     assert status.code == 0
-    assert f"package directories another user can write: {scene.site / 'diffusers'} (owned by uid 1001)" \
+    assert f"package directories another user can write: {scene.site} (owned by uid 1001)" \
         in status.stdout + status.stderr
     result = cli("apply", "--site", scene.site, "--patches", scene.patches)
     assert result.code == 7, result.stdout + result.stderr
-    assert result.reason.startswith(f"error: refusing to write as root in {scene.site / 'diffusers'}: "
+    assert result.reason.startswith(f"error: refusing to write as root in {scene.site}: "
                                     "it is owned by uid 1001"), result.reason
     assert "--allow-user-writable" in result.stderr
     assert owned_tree(scene.site) == before, "a refused run wrote something"
@@ -296,3 +296,134 @@ def test_directories_swapped_before_the_recovering_run_starts(scene: Scene, kind
     scene.unswap()
     assert _outcome(scene, pristine, pristine) == "pristine"
     scene.system_unchanged()
+
+
+def _set_id_or_shared(path: Path) -> bool:
+    """Whether PATH has a set-id or sticky bit, or is root's and writable by group or others."""
+    st = path.lstat()
+    return bool(st.st_mode & 0o7000) or (st.st_uid == 0 and bool(st.st_mode & 0o022))
+
+
+def test_no_mode_is_copied_from_what_the_user_controls(scene: Scene):
+    """Root-owned directories, but the user owns the .py files of the directory where the patch set
+    creates one, made set-id and world-writable. The file root creates is root's, 0o755 at most;
+    the files root rewrites keep the user as owner and lose the set-id bits. Without that, the
+    created file was a root-owned 06777 file: a root shell for the user."""
+    for dirpath, dirnames, filenames in os.walk(scene.site):
+        for name in [*dirnames, *filenames, "."]:
+            os.chown(Path(dirpath) / name, 0, 0, follow_symlinks=False)
+    ernie_image = (scene.site / CREATED).parent
+    for module in ernie_image.glob("*.py"):
+        os.chown(module, ATTACKER, ATTACKER)
+        attacker(f"chmod 6777 '{module}'")
+    result = cli("apply", "--site", scene.site, "--patches", scene.patches)
+    assert result.code == 0, result.stdout + result.stderr
+    created = scene.site / CREATED
+    assert created.stat().st_uid == 0 and not _set_id_or_shared(created), oct(created.stat().st_mode)
+    rewritten = scene.site / OMNI_PIPELINE
+    assert rewritten.stat().st_uid == ATTACKER and not rewritten.stat().st_mode & 0o7000
+    assert not [p for p in scene.site.rglob("*") if p.stat().st_uid == 0 and _set_id_or_shared(p)]
+
+
+def test_a_file_removed_after_planning_is_never_made_again_as_roots(scene: Scene):
+    """The user makes RECORD a set-id copy of a program, then removes it while apply is held after
+    writing its journal: the registration is decided from the RECORD planning read, so the run
+    refuses instead of writing a root-owned file with the user's bytes and mode."""
+    record = scene.site / OMNI_RECORD
+    attacker(f"chmod 4755 '{record}'")
+    process = spawn(*_op("apply", scene), env={PAUSE_ENV: "journal-written"})
+    wait_stopped(process)
+    attacker(f"rm -f '{record}'")
+    os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 7, stderr
+    assert f"refusing {record}: it was removed since this run planned" in stderr, stderr
+    assert not [p for p in scene.site.rglob("*") if p.stat().st_uid == 0 and _set_id_or_shared(p)]
+    assert not record.exists(), "apply made the removed RECORD again"
+
+
+def test_revert_force_of_a_removed_set_id_file_makes_it_roots_without_set_id(scene: Scene):
+    """The user makes a patched file 06777, apply keeps their ownership; the user removes it and
+    revert --force puts the original back: root's, without set-id bits or group and world write."""
+    target = scene.site / TRANSFORMER
+    attacker(f"chmod 6777 '{target}'")
+    assert cli(*_op("apply", scene)).code == 0
+    attacker(f"rm -f '{target}'")
+    result = cli("revert", "--site", scene.site, "--force", ALLOW)
+    assert result.code == 0, result.stdout + result.stderr
+    assert target.exists() and not _set_id_or_shared(target), oct(target.stat().st_mode)
+
+
+def _all_roots(site: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(site):
+        for name in [*dirnames, *filenames, "."]:
+            os.chown(Path(dirpath) / name, 0, 0, follow_symlinks=False)
+
+
+def test_a_site_below_a_directory_another_user_owns_is_refused(scene: Scene):
+    """Root's own tree, but it lies in a directory the user owns (a deploy user's home): the user
+    could swap the whole site for a symlink to another root-owned tree. Named in status, refused."""
+    _all_roots(scene.site)
+    home = scene.site.parent / "home"
+    home.mkdir()
+    os.rename(scene.site, home / "site")
+    os.chown(home, ATTACKER, ATTACKER)
+    site = home / "site"
+    status = cli("status", "--site", site, "--patches", scene.patches)
+    assert f"package directories another user can write: {home} (owned by uid 1001)" in status.stdout
+    before = owned_tree(site)
+    result = cli("apply", "--site", site, "--patches", scene.patches)
+    assert result.code == 7 and f"refusing to write as root in {home}: it is owned by uid 1001" in result.reason
+    assert owned_tree(site) == before
+
+
+def test_the_state_directory_moved_away_mid_run_rolls_back_through_the_one_held(scene: Scene):
+    """A root-owned tree in a world-writable site directory (allowed): while apply is held after
+    its second write, the user moves .ernie-patcher away. The run keeps using the state directory
+    it opened (journal, originals), refuses to write a manifest nobody would find, and puts every
+    file back: the site ends pristine, not patched with its state gone."""
+    _all_roots(scene.site)
+    scene.site.chmod(0o777)
+    pristine = tree(scene.site)
+    process = spawn(*_op("apply", scene), env={PAUSE_ENV: "file-2-written"})
+    wait_stopped(process)
+    attacker(f"mv '{scene.site / STATE}' '{scene.site / '.hidden'}'")
+    os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 7, stderr
+    assert f"refusing {scene.site / STATE}: it is another directory than the one this run locked" in stderr
+    assert "every file written so far was put back" in stderr, stderr
+    now = {k: v for k, v in tree(scene.site).items() if not k.startswith(".hidden")}
+    assert now == pristine, changed(pristine, now)
+    assert not (scene.site / ".hidden" / "journal.json").exists()
+
+
+def test_the_lock_file_is_the_runs_own(scene: Scene):
+    """Nobody else may open the lock to flock it and lock every root run out."""
+    _all_roots(scene.site)
+    assert cli("apply", "--site", scene.site, "--patches", scene.patches).code == 0
+    lock = scene.site / STATE / "lock"
+    assert lock.stat().st_mode & 0o777 == 0o600
+    refused = subprocess.run(["/bin/sh", "-c", f"exec 3< '{lock}'"], user=ATTACKER, group=ATTACKER,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0, "the user could open the lock file"
+
+
+def test_an_original_only_its_owner_may_read_is_not_stored_readable_by_all(scene: Scene):
+    _all_roots(scene.site)
+    (scene.site / DISPATCH).chmod(0o600)
+    assert cli("apply", "--site", scene.site, "--patches", scene.patches).code == 0
+    objects = scene.site / STATE / "objects"
+    digest = hashlib.sha256((scene.system / "models" / "attention_dispatch.py").read_bytes()).hexdigest()
+    assert (objects / digest).stat().st_mode & 0o777 == 0o400
+
+
+def test_revert_refused_as_root_writes_nothing_first(scene: Scene):
+    """revert --force on the user's tree without the option: refused before any copy is saved or
+    any stored original dropped."""
+    assert cli(*_op("apply", scene)).code == 0
+    (scene.site / DISPATCH).write_bytes((scene.site / DISPATCH).read_bytes() + b"# edited\n")
+    before = owned_tree(scene.site)
+    result = cli("revert", "--site", scene.site, "--force")
+    assert result.code == 7 and "refusing to write as root" in result.reason
+    assert owned_tree(scene.site) == before, changed(before, owned_tree(scene.site))
