@@ -51,17 +51,6 @@ def _verify_summary(report: Report) -> str:
             f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
 
 
-def _verify_failure(report: Report) -> str:
-    """The first patch not in place, in one line, for the log of a failed build step."""
-    for patch in report.patches:
-        failed = [r for r in patch.probes if not r.passed]
-        if patch.state != "applied" or failed:
-            why = patch.reason or (f"probe '{failed[0].probe.describe()}' fails" if failed and patch.state == "applied"
-                                   else f"patch is {patch.state}")
-            return f"verify failed: {patch.spec.id}: {why}"
-    return "verify failed"
-
-
 def _failed_probes(report: Report) -> list[tuple[str, object]]:
     """Probes failing on a patch that is otherwise in place (on one not applied they all fail)."""
     return [(p.spec.id, r) for p in report.patches if p.state == "applied" for r in p.probes if not r.passed]
@@ -200,17 +189,53 @@ def fancy_terminal(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
+# How a reader counts what apply and revert write: source files, and the RECORDs listing created files.
+_ACTION_WORDS = {"patch": "patched", "create": "created", "restore": "restored", "remove": "removed",
+                 "register": "updated", "unregister": "restored"}
+_RECORD_ACTIONS = ("register", "unregister")
+
+
+def _files_text(report: Report) -> str:
+    """The actions as a reader counts files: '4 files patched, 1 created, 1 RECORD updated'."""
+    counts: dict[str, int] = {}
+    for action in report.actions:
+        counts[action.what] = counts.get(action.what, 0) + 1
+    parts = []
+    for index, (what, count) in enumerate((w, n) for w, n in counts.items() if w not in _RECORD_ACTIONS):
+        noun = ("file " if count == 1 else "files ") if index == 0 else ""
+        parts.append(f"{count} {noun}{_ACTION_WORDS.get(what, what)}")
+    parts += [f"{n} RECORD{'s' if n != 1 else ''} {_ACTION_WORDS[w]}" for w, n in counts.items() if w in _RECORD_ACTIONS]
+    return ", ".join(parts)
+
+
+def _patches(count: int) -> str:
+    return f"{count} patch{'es' if count != 1 else ''}"
+
+
 def verdict(report: Report) -> str:
-    """The whole outcome in one line (--quiet): what a build log needs."""
+    """The whole outcome in one line (--quiet): what a build log needs, counted in patches and files."""
     if report.command == "verify":
         return _verify_summary(report)
+    verb = f"{report.command} (dry run)" if report.dry_run else report.command
+    if report.command == "revert":
+        if not report.changed:
+            return f"{verb}: nothing to do"
+        did = "would be reverted" if report.dry_run else "reverted"
+        planned = " (planned)" if report.dry_run and report.actions else ""
+        return f"{verb}: {_patches(len(report.changed))} {did}; {_files_text(report) or 'no file to write'}{planned}"
     counts: dict[str, int] = {}
     for patch in report.patches:
         counts[patch.state] = counts.get(patch.state, 0) + 1
-    states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no patches"
-    verb = f"{report.command} (dry run)" if report.dry_run else report.command
-    written = f"; {len(report.actions)} file actions{' planned' if report.dry_run else ''}" if report.actions else ""
-    return f"{verb}: {states}{written}"
+    states = ", ".join(f"{n} {state}" for state, n in counts.items())
+    if report.command == "apply" and report.changed:
+        did = "would be applied" if report.dry_run else "applied"
+        before = counts.get("applied", 0) - (0 if report.dry_run else len(report.changed))
+        already = f" ({before} already were)" if before > 0 else ""
+        planned = " (planned)" if report.dry_run else ""
+        return f"{verb}: {_patches(len(report.changed))} {did}{already}; {_files_text(report)}{planned}"
+    if report.command == "apply" and report.error is None:
+        return f"{verb}: nothing to do, {_patches(len(report.patches))} already applied"
+    return f"{verb}: {_patches(len(report.patches))}: {states}" if report.patches else f"{verb}: no patches"
 
 
 def _verbose_lines(report: Report) -> list[str]:
@@ -235,12 +260,10 @@ def render(report: Report, as_json: bool, verbosity: int = 0) -> None:
         emit_json(to_json(report, report.command))
         return
     if verbosity < 0:
-        if report.error is None and not (report.command == "verify" and report.exit_code != ExitCode.OK):
+        if report.error is None:
             print(verdict(report))
-        elif report.error:
-            print(_error_lines(report.error)[0], file=sys.stderr)
         else:
-            print(f"error: {_verify_failure(report)}", file=sys.stderr)
+            print(_error_lines(report.error)[0], file=sys.stderr)
         return
     if fancy_terminal(sys.stdout):
         render_rich(report)
@@ -251,8 +274,6 @@ def render(report: Report, as_json: bool, verbosity: int = 0) -> None:
             print(line)
     if report.error:
         render_error(report.error, shown=set(_reasons(report)))
-    elif report.command == "verify" and report.exit_code != ExitCode.OK:
-        print(f"error: {_verify_failure(report)}", file=sys.stderr)
 
 
 def selftest_table(report: SelftestReport) -> str:
