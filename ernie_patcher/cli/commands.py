@@ -327,7 +327,7 @@ def list_command(patches: Path | None, as_json: bool) -> None:
 @click.argument("patch_id", metavar="ID|FILE", shell_complete=_complete_ids)
 @_patches_option()
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="Highlight the diff: on a terminal (auto), always, or never.")
+              help="Highlight the diff: on a terminal without NO_COLOR or TERM=dumb (auto), always, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (the text under diff.text).")
 def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool) -> None:
     """Show one patch of the set (a patch file name shows that versioned variant).
@@ -351,7 +351,9 @@ def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool)
     if as_json:
         render_diff_json(view)
     else:
-        render_diff(view, color == "always" or (color == "auto" and sys.stdout.isatty()))
+        from .render import fancy_terminal
+
+        render_diff(view, color == "always" or (color == "auto" and fancy_terminal(sys.stdout)))
     if view.problem is not None:
         if as_json:
             sys.exit(int(view.problem.code))
@@ -448,7 +450,9 @@ def selftest(python: str | None, site: Path | None, device: str, sp: int | None,
         emit(document("selftest", report.error(), report.exit_code, python=report.python,
                       selftest=report.to_dict()))
     else:
-        print(selftest_table(report))
+        from .fit import terminal_width
+
+        print(selftest_table(report, terminal_width(sys.stdout)))
     if error is not None and not as_json:
         render_error(error)
     sys.exit(int(report.exit_code))
