@@ -490,7 +490,8 @@ def _remaining(manifest: Manifest, chosen: set[str]) -> Manifest | None:
         left.patches.pop(patch_id, None)
         left.answer.get("patches", {}).pop(patch_id, None)
     left.files = {k: e for k, e in left.files.items() if not set(e.patches) & chosen}
-    left.selected = [i for i in (manifest.selected or list(manifest.patches)) if i in left.patches]
+    order = list(manifest.selected or manifest.answer.get("ids") or [])  # the series order, when recorded
+    left.selected = [i for i in order if i in left.patches] + sorted(set(left.patches) - set(order))
     return left
 
 
