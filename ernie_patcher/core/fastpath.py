@@ -231,7 +231,7 @@ def _answer(options: dict) -> dict:
         state = SafeDir.open(state_dir)
         _need(state is not None)
         with state:
-            _need(not state.exists("journal.json"))
+            _need(not state.exists("journal.json") and not state.exists("overwritten"))  # the engine notes those
             manifest = _load(state, "manifest.json")
             _need(manifest.get("selected") is None)  # a selection recorded by apply --only: the engine's case
             answer = manifest.get("answer") or {}
