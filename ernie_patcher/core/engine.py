@@ -411,9 +411,9 @@ def _revert_writes(state: StateDir, entries: list[FileRecord], force: bool,
                 continue
             if current is not None and not report.dry_run:
                 saved = state.save_overwritten(path, current)
-                report.notes.append(f"--force: {path} had been edited after apply; its bytes were saved to {saved} "
-                                    f"(copies revert --force keeps stay in {state.overwritten}: remove it when "
-                                    "they are no longer needed)")
+                report.notes.append(f"--force: {path} had been edited after apply; the copies revert --force keeps "
+                                    f"stay in {state.overwritten} (remove it when they are no longer needed); its "
+                                    f"bytes were saved to {saved}")
             elif current is not None:
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept in "
                                     f"{state.overwritten})")
