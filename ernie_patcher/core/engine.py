@@ -246,7 +246,7 @@ def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
     for code in (ExitCode.MISSING, ExitCode.DRIFTED, ExitCode.NOT_VERIFIED):
         first = next((p for c, p in failing if c == code), None)
         if first is not None:
-            others = [f"{p.spec.id}: {_verify_why(p)}" for c, p in failing if c is not None and p is not first]
+            others = [f"{p.spec.id}: {p.reason}" for c, p in failing if c is not None and p is not first and p.reason]
             report.exit_code = code
             report.error = PatcherError(code, f"verify failed: {first.spec.id}: {_verify_why(first)}",
                                         details=others, hint=VERIFY_HINTS[code])

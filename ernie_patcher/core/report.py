@@ -57,9 +57,9 @@ class Report:
             return None
         failing = [p for code, p in codes if code == worst]
         first = failing[0]
-        others = [p for code, p in codes if code != ExitCode.OK and p is not first]
+        others = [p for code, p in codes if code != ExitCode.OK and p is not first and p.reason]
         return PatcherError(worst, f"status: {first.spec.id}: {first.reason or 'patch is ' + first.state}",
-                            details=[f"{p.spec.id}: {p.reason or 'patch is ' + p.state}" for p in others],
+                            details=[f"{p.spec.id}: {p.reason}" for p in others],
                             hint="`ernie-patch status` shows each patch's state; `ernie-patch apply` applies "
                                  "what is not applied")
 
