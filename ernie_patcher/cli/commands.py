@@ -212,7 +212,8 @@ _ONLY_HELP = "Only these patches (repeatable)."
 def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
     """Show what is installed where and the state of each patch.
 
-    Without --only: the patches apply was given (`apply --only`), else the whole set.
+    --exit-code without --only gates on the patches apply was given (`apply --only`), else on the
+    whole set.
 
     \b
     Examples:
