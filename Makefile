@@ -54,8 +54,8 @@ test-sp-%:
 	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/sp)
 
 # The example image serves (tests/engine/test_container_layout.py): examples/Dockerfile's install step
-# over the cached SP environment of the release the Dockerfile installs, whose vllm and what it requires stand in for the
-# vllm-ascend base image, then pip check and the imports of a serving vllm process.
+# over the cached SP environment of the vllm-omni release it installs (whose vllm and what vllm
+# requires stand in for the vllm-ascend base image), then pip check and a serving process's imports.
 IMAGE_BASE_REQ := tests/sp/requirements/vllm-omni-$(shell sed -n "s/^ARG VLLM_OMNI=//p" examples/Dockerfile).txt
 test-container: $(VENV)/.ready
 	base=$(call tier_env,sp $(IMAGE_BASE_REQ) $(SP_REQS)) && \
