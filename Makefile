@@ -15,7 +15,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix bench matrix mutate clean
+.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix test-container bench matrix mutate clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ tier_env = $$(PYTHON=$(PYTHON) bash tests/tier_env.sh $(1))
 demo: $(VENV)/.ready
 	$(VENV)/bin/python bench/demo.py
 
-test: lint-imports test-core test-numerics test-sp
+test: lint-imports test-core test-numerics test-sp test-container
 
 # The layer contracts of pyproject.toml (import-linter): no module imports from a folder above its own.
 lint-imports: $(VENV)/.ready
@@ -52,6 +52,14 @@ test-sp-%:
 	@test -f tests/sp/requirements/vllm-omni-$*.txt || { echo "error: no tests/sp/requirements/vllm-omni-$*.txt" >&2; exit 2; }
 	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && \
 	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/sp)
+
+# The example image serves (tests/engine/test_container_layout.py): examples/Dockerfile's install step
+# over the cached SP environment of the vllm-omni release it installs (whose vllm and what vllm
+# requires stand in for the vllm-ascend base image), then pip check and a serving process's imports.
+IMAGE_BASE_REQ := tests/sp/requirements/vllm-omni-$(shell sed -n "s/^ARG VLLM_OMNI=//p" examples/Dockerfile).txt
+test-container: $(VENV)/.ready
+	base=$(call tier_env,sp $(IMAGE_BASE_REQ) $(SP_REQS)) && \
+	$(call pytest,ERNIE_PATCHER_IMAGE_BASE=$$base $(VENV)/bin/python,tests/engine/test_container_layout.py)
 
 # Start-up ratios (small and ~220-distribution environments), then large diffs against GNU patch.
 bench: $(VENV)/.ready

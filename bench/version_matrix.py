@@ -189,11 +189,32 @@ def _probes(spec: PatchSpec, root: Path, working: dict[Path, bytes | None]) -> t
     return passed, len(spec.probes)
 
 
-def sp_numerics(version: str) -> str:
-    """One release's SP tier figures, from its results file; 'not measured' without one."""
+NOT_MEASURED = "not measured"
+
+
+def recorded_sp_cells(matrix: Path) -> dict[str, str]:
+    """The SP numerics cells MATRIX (an earlier output) holds, by vllm-omni release; {} without one."""
+    try:
+        text = matrix.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    section = text.split("## vllm-omni", 1)[1] if "## vllm-omni" in text else ""
+    header = next((line for line in section.splitlines() if line.startswith("| patch | declared |")), None)
+    row = next((line for line in section.splitlines() if line.startswith("| SP numerics")), None)
+    if header is None or row is None:
+        return {}
+    versions = [cell.strip() for cell in header.strip().strip("|").split("|")][2:]
+    cells = [cell.strip() for cell in row.strip().strip("|").split("|")][2:]
+    return {v: c for v, c in zip(versions, cells) if c and c != NOT_MEASURED}
+
+
+def sp_numerics(version: str, recorded: dict[str, str] | None = None) -> str:
+    """One release's SP tier figures, from its results file; without one, the cell RECORDED (the matrix
+    written before) has for it, so a machine that has not run the SP tier never rewrites a measured
+    cell as 'not measured'; 'not measured' when neither has one."""
     path = SP_RESULTS / f"vllm-omni-{version}.json"
     if not path.is_file():
-        return "not measured"
+        return (recorded or {}).get(version, NOT_MEASURED)
     record = json.loads(path.read_text(encoding="utf-8"))
     figures = record["figures"]
     outcomes = record["outcomes"]
@@ -217,7 +238,8 @@ def sp_numerics(version: str) -> str:
     return verdict + "; ".join(parts) + f" ({record['measured']})"
 
 
-def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], elapsed: float) -> str:
+def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], elapsed: float,
+             recorded: dict[str, str] | None = None) -> str:
     lines = [f"# Version matrix of the patch set `{series.name}`", "",
              "Produced by `python bench/version_matrix.py` from the real wheels (`pip download --no-deps`) of "
              "every final release in range that the index has. Per patch and release: how the hunks fit "
@@ -247,7 +269,7 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
             lines.append(f"| {label} | `{spec.tested}` | " + " | ".join(row) + " |")
         if package == "vllm-omni":
             lines.append("| SP numerics (`make test-sp-matrix`) | fp32 ≤ 1e-5; bf16 ≤ 2u = 7.8e-3 | "
-                         + " | ".join(sp_numerics(v) for v in versions) + " |")
+                         + " | ".join(sp_numerics(v, recorded) for v in versions) + " |")
         lines.append("")
     if notes:
         lines += ["## Why a cell is not ✅", ""] + notes + [""]
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         versions = released_versions(package, *RANGES[package])
         print(f"{package}: {', '.join(versions)}", file=sys.stderr)
         results[package] = {v: assess_release(series, package, v) for v in versions}
-    text = markdown(series, results, time.monotonic() - started)
+    text = markdown(series, results, time.monotonic() - started, recorded_sp_cells(args.out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)

@@ -235,8 +235,10 @@ class Assessor:
                 return None
             files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
                                    current=current, detail=made_dirs_detail(entry.dirs)))
-        result = PatchState(spec, package, APPLIED, files=files, strip=spec.strip,
-                            untested=not spec.covers(package.version))
+        shown = self.manifest.answer.get("patches", {}).get(spec.id, {})  # the strip level apply read it with
+        inferred = spec.strip is None and isinstance(shown.get("strip"), int) and shown.get("strip_inferred") is True
+        result = PatchState(spec, package, APPLIED, files=files, strip=shown["strip"] if inferred else spec.strip,
+                            strip_inferred=inferred, untested=not spec.covers(package.version))
         memos = {} if self.reparse else recorded.probes
         result.probes = [self._probe(package, p, memos) for p in spec.probes]
         return result

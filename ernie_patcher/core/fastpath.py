@@ -215,7 +215,7 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
             "versions": shown["tested"], "file": shown["file"],
             "variants": [{"file": f, "versions": v} for f, v in shown["variants"]],
             "state": "applied", "reason": "", "fit": None, "untested": shown["untested"], "manifest_stale": False,
-            "strip": shown["strip"], "strip_inferred": False, "files": files, "probes": probes}
+            "strip": shown["strip"], "strip_inferred": shown.get("strip_inferred") is True, "files": files, "probes": probes}
 
 
 def _answer(options: dict) -> dict:
@@ -231,8 +231,9 @@ def _answer(options: dict) -> dict:
         state = SafeDir.open(state_dir)
         _need(state is not None)
         with state:
-            _need(not state.exists("journal.json"))
+            _need(not state.exists("journal.json") and not state.exists("overwritten"))  # the engine notes those
             manifest = _load(state, "manifest.json")
+            _need(manifest.get("selected") is None)  # a selection recorded by apply --only: the engine's case
             answer = manifest.get("answer") or {}
             _need(answer.get("series_sha256") == series_digest and answer.get("patch_dir") == str(patch_dir))
             _need(set(manifest["patches"]) == set(answer["ids"]) == set(answer["patches"]))

@@ -83,7 +83,12 @@ class PatchRecord:
 class Manifest:
     """What apply did. ANSWER is what `verify`/`status` report for the applied patches, recorded by
     apply (plan.answer) so the fast path (fastpath.py) can report without the series parser; it
-    is used only while the series file and every digest are as recorded."""
+    is used only while the series file and every digest are as recorded.
+
+    SELECTED is what apply was asked for: None for the whole set, else the ids `apply --only`
+    selected (with what they require), added up over applies, less what `revert --only` took out.
+    verify, status and revert default to it. Older tools ignore the key (and check the whole set).
+    """
 
     series: str
     patch_dir: str
@@ -92,12 +97,14 @@ class Manifest:
     tool_version: str = __version__
     updated: str = field(default_factory=now)
     answer: dict = field(default_factory=dict)
+    selected: list[str] | None = None
 
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
                 "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer}
+                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer,
+                "selected": self.selected}
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
@@ -112,12 +119,22 @@ class Manifest:
                            patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
                            files={k: FileRecord(**v) for k, v in data["files"].items()},
                            tool_version=str(data["tool_version"]), updated=str(data["updated"]),
-                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {})
+                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {},
+                           selected=data.get("selected"))
         except (KeyError, TypeError, AttributeError) as exc:
             raise corrupt(where, f"missing or malformed field ({exc})") from None
         for record in [*manifest.patches.values(), *manifest.files.values()]:
             _check_fields(record, where)
+        if not _selection_ok(manifest.selected, manifest.patches):
+            raise corrupt(where, f"field 'selected' is not null or a list of applied patch ids: "
+                                 f"{manifest.selected!r:.80}")
         return manifest
+
+
+def _selection_ok(selected: object, patches: dict) -> bool:
+    """None, or distinct ids of patches the manifest records as applied."""
+    return selected is None or (isinstance(selected, list) and len(set(map(str, selected))) == len(selected)
+                                and all(isinstance(i, str) and i in patches for i in selected))
 
 
 @dataclass
@@ -247,6 +264,7 @@ class StateDir:
         self.objects = root / "objects"
         self.lock_path = root / "lock"
         self._held: SafeDir | None = None
+        self.overwritten = root / "overwritten"
 
     def exists(self) -> bool:
         """Whether anything is at ROOT (a symlink too: it is refused when opened, never skipped)."""
@@ -408,23 +426,32 @@ class StateDir:
                 objects.sync()
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
-        """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
+        """Keep a copy of bytes `revert --force` is about to overwrite, in OVERWRITTEN (the one place
+        those copies go, kept after the rest of the state is gone); return where."""
         name = f"{sha256(data)[:16]}-{path.name}"
-        with self._subdir("overwritten", create=True) as saved:
+        with self._subdir(self.overwritten.name, create=True) as saved:
             saved.write(name, data, 0o600)  # someone's edits, of a file perhaps only they could read
-        return self.root / "overwritten" / name
+        return self.overwritten / name
+
+    def overwritten_names(self) -> list[str]:
+        """The copies `revert --force` kept (names in OVERWRITTEN)."""
+        with self._subdir(self.overwritten.name) as saved:
+            return sorted(saved.names()) if saved is not None else []
 
     def remove_if_empty(self) -> None:
-        """Remove the state directory once nothing is applied (lock file and empty dirs only)."""
+        """Once nothing is applied, remove the state: stored originals, lock file, empty directories,
+        and the state directory itself unless it still holds copies `revert --force` kept."""
         root = self._open()
         if root is None:
             return
         with root:
-            if any(root.exists(n) for n in (self.manifest_path.name, self.journal_path.name, "overwritten")):
+            if any(root.exists(n) for n in (self.manifest_path.name, self.journal_path.name)):
                 return
             self.drop_objects(set())
             root.sweep_temp()
             root.rmdir(self.objects.name)
+            if root.exists(self.overwritten.name):
+                return  # the lock stays with them: the directory is still in use
             root.remove(self.lock_path.name, quiet=True)
         self.close()
         try:

@@ -466,7 +466,9 @@ class Lock:
         try:
             fcntl.flock(self._fd, flag | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
+            from .lockholder import holder_text
+
+            holder = holder_text(self._fd)  # the process holding it now, not the last run the file names
             self._close()
             raise PatcherError(ExitCode.ENVIRONMENT, f"another ernie-patch run holds the lock {self.path} ({holder})",
                                hint="wait for it to finish, then run the command again") from None

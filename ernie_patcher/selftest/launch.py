@@ -33,7 +33,7 @@ STDOUT_CAP = 1 << 20  # the document is a few KiB; more is refused, not parsed
 STDERR_TAIL = 1 << 16  # the last 64 KiB of stderr are kept for the error's details
 STATUSES = ("passed", "failed", "skipped")
 MAX_CHECKS = 200
-HINT = ("install torch in that interpreter (pip install 'ernie-patcher[selftest]' there), "
+HINT = ("install torch in that interpreter (e.g. `pip install torch` there, the build for its device), "
         "or pass --python the interpreter of the patched environment")
 BOOTSTRAP = (f"import sys, runpy; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
              f"runpy.run_module('{PACKAGE}', run_name='__main__', alter_sys=True)")
@@ -203,8 +203,10 @@ def _parse(python: str, stdout: bytes) -> tuple[dict[str, Any], list[Check]]:
     if not isinstance(document, dict) or document.get("schema") != 1:
         raise ValueError("not a selftest document (schema 1)")
     if document.get("error") is not None:
+        hint = document.get("hint")
         raise PatcherError(ExitCode.ENVIRONMENT, f"selftest in interpreter {python}: "
-                                                 f"{_text(document['error'], 300)}", hint=HINT)
+                                                 f"{_text(document['error'], 300)}",
+                           hint=_text(hint, 300) if isinstance(hint, str) else HINT)
     checks = document.get("checks")
     if not isinstance(checks, list) or not 0 < len(checks) <= MAX_CHECKS:
         raise ValueError("no list of checks")

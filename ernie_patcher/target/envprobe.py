@@ -167,7 +167,7 @@ def _purelib():
     """sysconfig's purelib; the sysconfig module is imported only when the venv layout does not say."""
     version = "python%d.%d" % sys.version_info[:2]
     guess = os.path.join(sys.prefix, "lib", version, "site-packages")
-    if os.name == "posix" and sys.platlibdir == "lib" and not sys.flags.no_site:
+    if os.name == "posix" and getattr(sys, "platlibdir", "lib") == "lib" and not sys.flags.no_site:
         import site
 
         if guess in site.getsitepackages():

@@ -39,6 +39,10 @@ def _document(options: dict[str, Any]) -> dict[str, Any]:
     document["device"], document["versions"] = device.description, device.versions
     dtype = checks.DTYPES[options["dtype"]]
     diffusers_setup.prepare(device)
+    document["error"] = checks.unapplied()
+    if document["error"]:
+        document["hint"] = "run `ernie-patch apply` for this interpreter's environment, then selftest"
+        return document
     results = [checks.run_one(name, thunk) for name, thunk in checks.planned_checks(device, dtype)]
     results.append(checks.run_one("sp", lambda: sp.check_sp(device, options["sp"], options.get("site"))))
     document["checks"] = [result.to_dict() for result in results]
