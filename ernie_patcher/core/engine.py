@@ -10,8 +10,9 @@ from ..errors import ExitCode, PatcherError
 from ..fs.fsops import Lock, import_root, read_bytes, sha256
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
+from . import revertable
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
-from .originals import check_originals, unchecked_note
+from .originals import check_originals, revert_problems, unchecked_note
 from .report import Action, Report, Target
 from .state import Manifest, RestoreEntry, StateDir, import_name
 
@@ -145,24 +146,39 @@ def _prepare(target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[C
 
 
 def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
+    """The state of each patch; what would keep revert from running is a note (verify: an error)."""
+    return _inspect("status", target, only, reparse)
+
+
+def _inspect(command: str, target: Target, only: tuple[str, ...], reparse: bool) -> Report:
     series, choices, env = _prepare(target, only)
-    report = Report("status", env, series)
+    report = Report(command, env, series)
     state = StateDir(env.state_dir)
     with _state_access(state, write=False, report=report, target=target):
         manifest = _load_manifest(state, env, report)
         report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
+        problems = revert_problems(env, manifest, state) if manifest else []
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
         report.notes.append(f"the manifest also records patches not in this patch set: {', '.join(foreign)}")
+    if problems and command == "verify":
+        report.error = PatcherError(ExitCode.ENVIRONMENT, problems[0], details=problems[1:],
+                                    hint=revertable.hint(problems))
+        report.exit_code = ExitCode.ENVIRONMENT
+    else:
+        report.notes += problems
     return report
 
 
 def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
-    """Versions, digests and probes. A probe result computed at apply is reused only while the file
-    has the very bytes it was computed on; REPARSE evaluates every probe again from source."""
-    report = status(target, only, reparse)
-    report.command = "verify"
+    """Versions, digests, the bytecode the interpreter would load, probes, and that revert can run
+    (every stored original there, every RECORD row apply added). A probe result computed at apply
+    is reused only while the file has the very bytes it was computed on; REPARSE evaluates every
+    probe again from source, and compares all bytecode with the source compiled."""
+    report = _inspect("verify", target, only, reparse)
+    if report.error is not None:
+        return report
     codes = set()
     for patch in report.patches:
         if patch.state == MISSING:
