@@ -44,6 +44,7 @@ class Verdict:
     error: str | None
     engine: bool
     stderr: str
+    reason: str
 
 
 def verdict(*args: str | Path) -> Verdict:
@@ -53,7 +54,7 @@ def verdict(*args: str | Path) -> Verdict:
     assert document["exit_code"] == done.returncode, done.stdout
     error = document["error"]["kind"] if document["error"] else None
     return Verdict(done.returncode, [(p["id"], p["state"]) for p in document["patches"]], error,
-                   "ENGINE=1" in done.stderr, done.stderr)
+                   "ENGINE=1" in done.stderr, done.stderr, document["error"]["reason"] if error else "")
 
 
 @dataclass
@@ -132,8 +133,8 @@ def forged_record_original(site: Path, world: World) -> None:
     a row of the release."""
     document = json.loads((site / STATE / "manifest.json").read_text())
     register = file_entry(document, "register")
-    lines = (site / STATE / "objects" / register["before"]).read_text().splitlines(True)
-    register["before"] = store(site, "".join(lines[:3] + lines[4:]).encode())
+    lines = (site / STATE / "objects" / register["before"]).read_bytes().splitlines(True)
+    register["before"] = store(site, b"".join(lines[:3] + lines[4:]))
     (site / STATE / "manifest.json").write_text(json.dumps(document))
 
 
@@ -234,20 +235,21 @@ def broken_pyc(site: Path, world: World) -> None:
 
 # -- what revert needs ----------------------------------------------------------------------------
 
-def record_row(change: Callable[[list[str]], list[str]]) -> Perturb:
+def record_row(change: Callable[[list[bytes]], list[bytes]]) -> Perturb:
     def perturb(site: Path, world: World) -> None:
-        path = site / OMNI_RECORD
-        path.write_text("".join(change(path.read_text().splitlines(True))))
+        path = site / OMNI_RECORD  # rows end in CRLF, the one apply added in LF: kept as they are
+        path.write_bytes(b"".join(change(path.read_bytes().splitlines(True))))
     return perturb
 
 
-def without_created_row(lines: list[str]) -> list[str]:
-    return [line for line in lines if not line.startswith(CREATED + ",")]
+def without_created_row(lines: list[bytes]) -> list[bytes]:
+    return [line for line in lines if not line.startswith(CREATED.encode() + b",")]
 
 
-def created_row_other_digest(lines: list[str]) -> list[str]:
-    empty = "sha256=47DEQpj8HBSa-_TImW-5JEeuQeRkm5NMpJWZG3hSuFU"
-    return [f"{CREATED},{empty},0\n" if line.startswith(CREATED + ",") else line for line in lines]
+def created_row_other_digest(lines: list[bytes]) -> list[bytes]:
+    empty = b"sha256=47DEQpj8HBSa-_TImW-5JEeuQeRkm5NMpJWZG3hSuFU"
+    return [CREATED.encode() + b"," + empty + b",0\n" if line.startswith(CREATED.encode() + b",") else line
+            for line in lines]
 
 
 def stored_original(damage: str) -> Perturb:
@@ -360,3 +362,51 @@ def test_fast_path_and_engine_give_one_verdict(world: World, tmp_path: Path, row
     if row in FAST:
         assert not fast.engine, f"{row}: the fast path handed an environment it vouches for to the engine"
     assert "Traceback" not in fast.stderr + engine.stderr
+
+
+def test_a_run_holding_the_lock_is_waited_for_by_neither_path(world: World, tmp_path: Path):
+    """An apply stopped after removing its journal still holds the exclusive lock: both paths refuse
+    (exit 7) instead of reading the state while it writes."""
+    from support.cli import command
+
+    site = fresh_site(world.template, tmp_path / "site")
+    assert verdict("revert", "--site", site).code == 0
+    held = subprocess.Popen(command("apply", "--site", site, "--patches", world.patches), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=environ({"ERNIE_PATCHER_TEST_PAUSE_AT": "journal-removed"}))
+    try:
+        _, status = os.waitpid(held.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "apply did not stop at its checkpoint"
+        assert not (site / STATE / "journal.json").exists()
+        fast = verdict("verify", "--site", site, "--patches", world.patches)
+        engine = verdict("verify", "--reparse", "--site", site, "--patches", world.patches)
+        assert (fast.code, fast.error) == (engine.code, engine.error) == (7, "environment")
+        assert "holds the lock" in fast.reason
+    finally:
+        held.kill()
+        held.wait()
+
+
+def test_verify_quiet_exits_with_the_engines_code_when_the_engine_answers(world: World, tmp_path: Path):
+    """`verify -q` (a build step, a HEALTHCHECK) of a hand-edited file: the quick entry point hands
+    it to the engine, which prints one line and exits 6, as the click CLI does."""
+    from support.cli import run
+
+    site = fresh_site(world.template, tmp_path / "site")
+    hand_edit(site, world)
+    done = run("verify", "-q", "--site", site, "--patches", world.patches)
+    assert done.code == 6 and done.stdout == "" and done.reason.startswith("error: verify failed: diffusers-attention")
+
+
+def test_the_rule_tables_are_the_fields_of_the_manifest_records():
+    """manifestrules holds the fast path's copy of the records' fields: the same names, kinds and
+    defaults as state.py's dataclasses, so one rule set reads a manifest."""
+    import dataclasses
+
+    from ernie_patcher.core import manifestrules, state
+
+    for record, table in ((state.PatchRecord, manifestrules.PATCH_FIELDS), (state.FileRecord, manifestrules.FILE_FIELDS)):
+        fields = [(f.name, str(f.type), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                  for f in dataclasses.fields(record)]
+        assert fields == list(table), record.__name__
+    keys = [f.name for f in dataclasses.fields(state.Manifest) if f.name != "answer"]
+    assert keys == list(manifestrules.MANIFEST_KEYS)
