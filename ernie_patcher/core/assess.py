@@ -251,10 +251,12 @@ class Assessor:
             file = [(package.name, package.module, relpath, path)]
             recorded = None if self.reparse or self.manifest is None else \
                 bytecodecheck.reference(self.manifest.answer, relpath, after, self.env.magic)
+            known = [recorded["raw"]] if recorded else []
             try:
-                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, False)[0], str(path), recorded)
+                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, False, known)[0], str(path),
+                                               recorded)
             except bytecodecheck.Unproven:
-                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, True)[0], str(path), None)
+                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, True, [])[0], str(path), None)
             self._bytecode[path] = bytecodecheck.remedy(problems) if problems else ""
         return self._bytecode[path]
 

@@ -89,14 +89,14 @@ def _builtin_directory() -> Path:
     return Path(__file__).resolve().parents[2] / "patches"
 
 
-def _environment(options: dict, packages: list[tuple[str, str]],
-                 bytecode: list[tuple[str, str]] | None = None) -> tuple[str, Path, dict]:
+def _environment(options: dict, packages: list[tuple[str, str]], bytecode: list[tuple[str, str]] | None = None,
+                 known: list[str] | None = None) -> tuple[str, Path, dict]:
     """(python as reported, state directory, description) as discovery.discover finds them; the
     description also holds the bytecode facts of BYTECODE ([module, relpath] pairs), as the target
-    interpreter finds them."""
+    interpreter finds them (KNOWN: see envprobe.bytecode_facts)."""
     python, site = options["python"], options["site"]
     _need(not (python and site))
-    request = {"packages": packages, "bytecode": bytecode or []}
+    request = {"packages": packages, "bytecode": bytecode or [], "known": known or []}
     if python:
         from ..target.interpreter import describe
 
@@ -178,11 +178,10 @@ def _module_root(described: dict, entry: dict) -> Path:
     return Path(location["module_dir"]).parent
 
 
-def _registered(described: dict, entries: list[dict], record: bytes, dist_info: str) -> None:
+def _registered(described: dict, entries: list[dict], appended: dict[str, str | None], dist_info: str) -> None:
     """As originals.revert_problems: every file apply created and registered in RECORD, while it
-    holds what apply wrote, is listed there with its digest."""
-    if not any(e["action"] == "register" for e in entries):
-        return
+    holds what apply wrote, is listed there with its digest. APPENDED: the rows after the release's
+    (a created file in the release's rows is refused before)."""
     created = []
     for entry in entries:
         if entry["action"] == "create" and entry["after"] is not None:
@@ -190,13 +189,15 @@ def _registered(described: dict, entries: list[dict], record: bytes, dist_info: 
             current = _read(_target(_module_root(described, entry), module, _relative(entry["relpath"])))
             if current is not None and sha256(current) == entry["after"]:
                 created.append((entry["relpath"], _record_form(entry["after"])))
-    rows = _rows(record.decode("utf-8", "surrogateescape"))
-    _need(not revertable.registration_problems(str(Path(dist_info) / "RECORD"), entries[0]["package"], rows, created))
+    problems = revertable.registration_problems(str(Path(dist_info) / "RECORD"), entries[0]["package"], appended,
+                                                created)
+    _need(not problems)
 
 
 def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
     """As originals.check_originals, for a release whose RECORD lists every file apply wrote; and,
-    as originals.revert_problems, every RECORD row apply added still there."""
+    as originals.revert_problems, every RECORD row apply added still there (a RECORD changed since
+    apply is the engine's to judge)."""
     by_package: dict[str, list[dict]] = {}
     for entry in manifest["files"].values():
         by_package.setdefault(entry["package"], []).append(entry)
@@ -206,8 +207,10 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
         record = _read(Path(info["dist_info"]) / "RECORD")
         _need(record is not None and b'"' not in record)
         register = next((e for e in entries if e["action"] == "register"), None)
+        _need(register is None or sha256(record) == register["after"])
         created = {e["relpath"] for e in entries if e["action"] == "create"}
-        rows = _rows(_release_rows(record, register, created, state).decode("utf-8", "surrogateescape"))
+        release = _release_rows(record, register, created, state)
+        rows = _rows(release.decode("utf-8", "surrogateescape"))
         created_dirs = {d for e in entries if e["action"] == "create" for d in e.get("dirs", [])}
         _need(not any(row.startswith(d + "/") for d in created_dirs for row in rows))  # as originals.py
         for entry in entries:
@@ -216,7 +219,9 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
             elif entry["action"] == "modify":
                 before = entry["before"]
                 _need(rows.get(entry["relpath"]) == _record_form(_digest(before)))
-        _registered(described, entries, record, info["dist_info"])
+        if register is not None:
+            appended = _rows(record[len(release):].decode("utf-8", "surrogateescape"))
+            _registered(described, entries, appended, info["dist_info"])
 
 
 def _check_stored(manifest: dict, state: SafeDir) -> None:
@@ -256,6 +261,14 @@ def _bytecode_request(answer: dict, manifest: dict, selected: list[str]) -> list
     return list(wanted)
 
 
+def _known(answer: dict, request: list[tuple[str, str]]) -> list[str]:
+    """The digests of the marshalled code apply wrote for the files of REQUEST: bytecode holding
+    exactly that need not be unmarshalled again (envprobe.bytecode_facts)."""
+    recorded = answer.get("bytecode")
+    entries = [recorded.get(relpath) for _, relpath in request] if isinstance(recorded, dict) else []
+    return [e["raw"] for e in entries if isinstance(e, dict) and isinstance(e.get("raw"), str)]
+
+
 def _check_bytecode(described: dict, request: list[tuple[str, str]], manifest: dict, answer: dict) -> None:
     """As the engine (bytecodecheck.judge): the bytecode the target's interpreter would load for each
     file of REQUEST is that file's code, as recorded at apply; anything else the engine decides."""
@@ -284,16 +297,24 @@ def _selected(answer: dict, only: list[str]) -> list[str]:
     return [i for i in ids if not only or i in wanted]
 
 
-def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: dict) -> dict:
+def _file_digest(path: Path, digests: dict[Path, str | None]) -> str | None:
+    """sha256 of the file at PATH (None when absent), read once per answer (DIGESTS)."""
+    if path not in digests:
+        data = _read(path)
+        digests[path] = sha256(data) if data is not None else None
+    return digests[path]
+
+
+def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: dict,
+           digests: dict[Path, str | None]) -> dict:
     """PatchState.to_dict() of a patch applied as recorded."""
     root = roots[shown["package"]]
     files = []
     for relpath in recorded["files"]:
         entry = manifest["files"].get(relpath)
         path = _target(root, shown["module"], _relative(relpath))
-        current = _read(path)
-        _need(entry and patch_id in entry["patches"] and (sha256(current) if current is not None else None)
-              == entry["after"])
+        digest = _file_digest(path, digests)
+        _need(entry and patch_id in entry["patches"] and digest == entry["after"])
         dirs = [_relative(d) for d in entry.get("dirs", [])]
         detail = made_dirs_detail(dirs)
         files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": detail,
@@ -301,8 +322,8 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
     probes = []
     for probe in shown["probes"]:
         memo = recorded["probes"].get(probe["key"])
-        source = _read(root / _relative(probe["file"]))
-        _need(memo and memo["passed"] is True and source is not None and memo["file_sha256"] == sha256(source))
+        digest = _file_digest(root / _relative(probe["file"]), digests)
+        _need(memo and memo["passed"] is True and digest is not None and memo["file_sha256"] == digest)
         probes.append({"file": probe["file"], "kind": probe["kind"], "check": probe["check"], "passed": True,
                        "detail": memo["detail"] + " (file unchanged since apply)"})
     return {"id": patch_id, "package": shown["package"], "installed_version": recorded["version"],
@@ -333,7 +354,7 @@ def _answer(options: dict) -> dict:
             packages = sorted({(s["package"], s["module"]) for s in answer["patches"].values()})
             selected = _selected(answer, options["only"])
             request = _bytecode_request(answer, manifest, selected)
-            python, state_dir, described = _environment(options, packages, request)
+            python, state_dir, described = _environment(options, packages, request, _known(answer, request))
             roots = {}
             for patch_id, recorded in manifest["patches"].items():
                 shown = answer["patches"][patch_id]
@@ -345,7 +366,9 @@ def _answer(options: dict) -> dict:
                 _need({probe["key"] for probe in shown["probes"]} == set(recorded["probes"]))
             _check_originals(described, manifest, state)
             _check_stored(manifest, state)
-            patches = [_patch(i, manifest["patches"][i], answer["patches"][i], roots, manifest) for i in selected]
+            digests: dict[Path, str | None] = {}
+            patches = [_patch(i, manifest["patches"][i], answer["patches"][i], roots, manifest, digests)
+                       for i in selected]
             _check_bytecode(described, request, manifest, answer)
     return {"python": python, "state_dir": str(state_dir), "patches": patches, "patch_set": str(patch_dir),
             "manifest_patches": sorted(manifest["patches"])}

@@ -171,7 +171,7 @@ _HASH_BASED, _CHECK_SOURCE = 0b01, 0b10
 _READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _sha256_hex(data):
+def sha256_hex(data):
     try:  # the interpreter's own sha256: loading OpenSSL (hashlib) costs more than a verify
         from _sha256 import sha256
     except ImportError:
@@ -196,9 +196,9 @@ def code_digest(code):
     import marshal
 
     try:
-        return _sha256_hex(marshal.dumps(_anonymous(code), 2))
+        return sha256_hex(marshal.dumps(_anonymous(code), 2))
     except ValueError:  # a constant version 2 cannot hold: this interpreter's own format
-        return _sha256_hex(marshal.dumps(_anonymous(code)))
+        return sha256_hex(marshal.dumps(_anonymous(code)))
 
 
 def _read_capped(path, follow=False):
@@ -249,16 +249,18 @@ class _Source:
         return self._code[level]
 
 
-def _pyc_fact(source, pyc, level, compared):
+def _pyc_fact(source, pyc, level, compared, known):
     """What the interpreter does with PYC for SOURCE at optimisation LEVEL: None when there is none
     or it would not load it (another interpreter's magic, a bad header, a stale timestamp);
-    else a dict with its verdict: 'loads' (with the digest of its code, and with COMPARED whether
-    that is the source's code), 'stale' (hash-based bytecode of other source: unchecked-hash is
-    loaded all the same, checked-hash whenever hash checks are off), 'broken' (no code in it:
-    importing fails), 'irregular' (not a regular file) or 'unreadable'."""
+    else a dict with its verdict: 'loads' (with the sha256 of the marshalled code after the header,
+    'raw'; unless that is one of KNOWN, the digest of the code itself, 'code'; and with COMPARED
+    whether that is the source's code, 'same'), 'stale' (hash-based bytecode of other source:
+    unchecked-hash is loaded all the same, checked-hash whenever hash checks are off), 'broken'
+    (no code in it: importing fails), 'irregular' (not a regular file) or 'unreadable'."""
     from importlib.util import MAGIC_NUMBER
 
-    fact = {"pyc": pyc, "level": level, "mode": None, "verdict": "", "code": None, "same": None, "why": ""}
+    fact = {"pyc": pyc, "level": level, "mode": None, "verdict": "", "raw": None, "code": None, "same": None,
+            "why": ""}
     try:
         found = os.lstat(pyc)
     except OSError:
@@ -284,6 +286,9 @@ def _pyc_fact(source, pyc, level, compared):
         if (int.from_bytes(data[8:12], "little") != int(source.stat.st_mtime) & 0xFFFFFFFF
                 or int.from_bytes(data[12:16], "little") != source.stat.st_size & 0xFFFFFFFF):
             return None
+    fact.update(verdict="loads", raw=sha256_hex(data[16:]))
+    if fact["raw"] in known and not compared:
+        return fact
     import marshal
 
     try:
@@ -293,7 +298,7 @@ def _pyc_fact(source, pyc, level, compared):
     if not isinstance(code, type(_anonymous.__code__)):
         fact.update(verdict="broken", why="holds no code object")
         return fact
-    fact.update(verdict="loads", code=code_digest(code))
+    fact["code"] = code_digest(code)
     if compared:
         try:
             fact["same"] = code == source.compiled(level)
@@ -302,11 +307,13 @@ def _pyc_fact(source, pyc, level, compared):
     return fact
 
 
-def bytecode_facts(sources, compared=False):
+def bytecode_facts(sources, compared=False, known=()):
     """For each source file path of SOURCES: the bytecode files this interpreter could load for
     it, at every optimisation level, each described by _pyc_fact; COMPARED: each loadable one is
-    also compared with the code compiled from the source (costly). A __pycache__ that is a
-    symlink is not read through: any bytecode reached there is reported 'irregular'."""
+    also compared with the code compiled from the source (costly); KNOWN: the sha256 of marshalled
+    code bodies not to unmarshal (those apply wrote). A __pycache__ that is a symlink is not read
+    through: any bytecode reached there is reported 'irregular'."""
+    known = frozenset(known)
     try:
         from importlib.util import cache_from_source
 
@@ -325,10 +332,10 @@ def bytecode_facts(sources, compared=False):
             cache = os.path.dirname(pyc)
             if os.path.islink(cache):
                 if os.path.lexists(pyc):
-                    facts.append({"pyc": pyc, "level": level, "mode": None, "verdict": "irregular", "code": None,
-                                  "same": None, "why": "in a __pycache__ that is a symlink"})
+                    facts.append({"pyc": pyc, "level": level, "mode": None, "verdict": "irregular", "raw": None,
+                                  "code": None, "same": None, "why": "in a __pycache__ that is a symlink"})
                 continue
-            fact = _pyc_fact(source, pyc, level, compared)
+            fact = _pyc_fact(source, pyc, level, compared, known)
             if fact is not None:
                 facts.append(fact)
     return answer
@@ -344,7 +351,7 @@ def _bytecode_of(request, modules):
             found.append(None)
             continue
         path = os.path.join(os.path.dirname(location["module_dir"]), relpath)
-        found.append(bytecode_facts([path], bool(request.get("compared")))[path])
+        found.append(bytecode_facts([path], bool(request.get("compared")), request.get("known") or ())[path])
     return found
 
 
