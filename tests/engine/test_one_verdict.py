@@ -410,3 +410,24 @@ def test_the_rule_tables_are_the_fields_of_the_manifest_records():
         assert fields == list(table), record.__name__
     keys = [f.name for f in dataclasses.fields(state.Manifest) if f.name != "answer"]
     assert keys == list(manifestrules.MANIFEST_KEYS)
+
+
+STATUS_ROWS = ["applied as recorded", "unchosen variant file deleted", "mode a string", "manifest nested 100 000 deep",
+               "answer lists no probes, probed-only file broken", "release code as unchecked-hash bytecode",
+               "fresh bytecode the interpreter wrote on import", "RECORD row of the created file removed",
+               "stored original removed"]
+
+
+@pytest.mark.parametrize("row", STATUS_ROWS)
+def test_status_gives_one_verdict_too(world: World, tmp_path: Path, row: str, restore_patch_set):
+    """`status` shares the fast path: its answer is the engine's (the click CLI, which never takes it)."""
+    from support.cli import cli
+
+    site = fresh_site(world.template, tmp_path / "site")
+    ROWS[row][0](site, world)
+    fast = verdict("status", "--site", site, "--patches", world.patches)
+    engine = cli("status", "--json", "--site", site, "--patches", world.patches)
+    document = engine.json()
+    assert (fast.code, fast.states, fast.error) == (
+        engine.code, [(p["id"], p["state"]) for p in document["patches"]],
+        document["error"]["kind"] if document["error"] else None), f"{row}: {fast} / {engine.stdout[-400:]}"
