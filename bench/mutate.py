@@ -148,7 +148,7 @@ MUTATIONS = [
              '_read(patch_dir / shown["file"])', (row("chosen patch file edited"),)),
     Mutation("fast path without the version check", FAST,
              '_need(info and location and info["version"] == version)', "_need(info and location)",
-             (row("installed version changed"),)),
+             (row("patch record of another version"),)),
     Mutation("fast path without the probe-memo digest", FAST,
              ' and memo["file_sha256"] == digest)', ")", (row("probed-only file broken"),)),
     Mutation("fast path without the shared lock", FAST,
@@ -158,7 +158,8 @@ MUTATIONS = [
              "            _check_originals(described, manifest, state)\n", "",
              (row("stored original of another file (RECORD disagrees)"),)),
     Mutation("fast path: patched-file digest replaced by 'exists'", FAST,
-             'and digest == entry["after"])', "and digest is not None)", (row("patched file edited by hand"),)),
+             'and digest == entry["after"])', "and digest is not None)",
+             (row("patched file without probes edited by hand"),)),
     Mutation("RECORD original always taken as the release's plus apply's rows", "ernie_patcher/core/originals.py",
              '"""Whether CURRENT is ORIGINAL plus RECORD rows of files apply created, and nothing else."""\n',
              '"""Whether CURRENT is ORIGINAL plus RECORD rows of files apply created, and nothing else."""\n'
@@ -220,7 +221,7 @@ class Outcome:
 
 
 def _first_failure(output: str) -> str:
-    match = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+    match = re.search(r"^FAILED (\S+?(?:\[[^\]]*\])?)(?: - |$)", output, re.MULTILINE)
     return match.group(1).split("/")[-1] if match else "?"
 
 

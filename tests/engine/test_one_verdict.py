@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from support.cli import DISPATCH, OMNI_DIR, ROOT, TRANSFORMER, environ
+from support.cli import DISPATCH, OMNI_DIR, OMNI_PIPELINE, ROOT, TRANSFORMER, environ
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
 
 STATE = ".ernie-patcher"
@@ -59,7 +59,8 @@ def verdict(*args: str | Path) -> Verdict:
 
 @dataclass
 class World:
-    """A site applied with a copy of the built-in set (plus one probe on a file no patch changes)."""
+    """A site applied with a copy of the built-in set, with one probe more (on a file no patch
+    changes) and one patch without probes (omni-latent-sync: its file is checked by digest alone)."""
 
     template: Path
     patches: Path
@@ -74,8 +75,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     series = (patches / "series.toml").read_text(encoding="utf-8")
     probe = (f'[[patch.probe]]\nfile = "{PROBED_ONLY}"\nkind = "function"\nname = "get_timestep_embedding"\n\n'
              '[[patch]]\nid = "diffusers-attention"')
-    (patches / "series.toml").write_text(series.replace('[[patch]]\nid = "diffusers-attention"', probe, 1),
-                                         encoding="utf-8")
+    series = series.replace('[[patch]]\nid = "diffusers-attention"', probe, 1)
+    start = series.index('id = "omni-latent-sync"')
+    probes, end = series.index("[[patch.probe]]", start), series.index("[[patch]]", start)
+    (patches / "series.toml").write_text(series[:probes] + series[end:], encoding="utf-8")
     template = install_target(root / "template", DIFFUSERS, VLLM_OMNI)
     release = {relpath: (template / relpath).read_bytes() for relpath in (DISPATCH, TRANSFORMER)}
     done = subprocess.run([sys.executable, "-m", "ernie_patcher", "apply", "--site", template, "--patches", patches],
@@ -158,8 +161,8 @@ def variant_a_directory(patches: Path) -> None:
     (patches / UNCHOSEN).mkdir()
 
 
-def hand_edit(site: Path, world: World) -> None:
-    with open(site / DISPATCH, "a", encoding="utf-8") as handle:
+def hand_edit(site: Path, world: World, relpath: str = DISPATCH) -> None:
+    with open(site / relpath, "a", encoding="utf-8") as handle:
         handle.write("# edited by hand\n")
 
 
@@ -297,6 +300,8 @@ ROWS: dict[str, tuple[Perturb, int]] = {
     "answer lists no probes": (edit_manifest(lambda d: d["answer"]["patches"]["diffusers-rope"].update(probes=[])), 0),
     # the environment
     "patched file edited by hand": (hand_edit, 6),
+    "patched file without probes edited by hand": (lambda site, world: hand_edit(site, world, OMNI_PIPELINE), 6),
+    "patch record of another version": (edit_manifest(lambda d: patch_record(d).update(version="0.37.0")), 1),
     "created file removed": (lambda site, world: (site / CREATED).unlink(), 1),
     "installed version changed": (other_version, 1),
     # bytecode the interpreter would load
@@ -335,7 +340,7 @@ def restore_patch_set(world: World):
 
 
 # What a row may change in place; every other file of the copied site is a hard link to the template.
-CHANGED = (DISPATCH, TRANSFORMER, CREATED, OMNI_RECORD, PROBED_ONLY, "diffusers-0.38.0.dist-info/METADATA")
+CHANGED = (DISPATCH, TRANSFORMER, OMNI_PIPELINE, CREATED, OMNI_RECORD, PROBED_ONLY, "diffusers-0.38.0.dist-info/METADATA")
 
 
 def fresh_site(template: Path, site: Path) -> Path:
