@@ -7,8 +7,8 @@ would: the manifest by the engine's own rules (manifestrules), every series id a
 recorded at the installed version, the series and patch files byte-identical to apply's (sha256)
 and every variant file of the series there, every patched file holding what apply wrote, every
 stored original the release's file (RECORD) and there with its digest, every RECORD row apply
-added there (revertable), every bytecode file the interpreter could load the code of its source
-(bytecodecheck), every probe recorded and its file holding the bytes its recorded result was
+added there (revertable), every bytecode file the interpreter could load holding the code of its
+source (bytecodecheck), every probe recorded and its file holding the bytes its recorded result was
 computed on. It returns None -- and the engine runs, and decides -- on anything else: a
 mismatch, a journal, a note to make, a manifest older than the recorded answer, a manifest the
 engine refuses, an error of any kind: it never gives another verdict than the engine's.
@@ -274,7 +274,7 @@ def _check_bytecode(described: dict, request: list[tuple[str, str]], manifest: d
     file of REQUEST is that file's code, as recorded at apply; anything else the engine decides."""
     found = described.get("bytecode")
     _need(isinstance(found, list) and len(found) == len(request))
-    for facts, (module, relpath) in zip(found, request):
+    for facts, (_, relpath) in zip(found, request):
         _need(facts is not None and bytecodecheck.facts_ok({relpath: facts}, [relpath]))
         after = manifest["files"][relpath]["after"]
         reference = bytecodecheck.reference(answer, relpath, after, described.get("magic"))

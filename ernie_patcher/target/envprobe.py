@@ -151,7 +151,7 @@ def _purelib():
     """sysconfig's purelib; the sysconfig module is imported only when the venv layout does not say."""
     version = "python%d.%d" % sys.version_info[:2]
     guess = os.path.join(sys.prefix, "lib", version, "site-packages")
-    if os.name == "posix" and sys.platlibdir == "lib" and not sys.flags.no_site:
+    if os.name == "posix" and getattr(sys, "platlibdir", "lib") == "lib" and not sys.flags.no_site:
         import site
 
         if guess in site.getsitepackages():
@@ -229,23 +229,29 @@ def _kind(mode):
 
 
 class _Source:
-    """A source file as the import system sees it: its bytes, stat, hash and compiled code."""
+    """A source file as the import system sees it: its stat; its bytes, hash and compiled code,
+    read and computed only when a bytecode file needs them."""
 
     def __init__(self, path):
         self.path = path
         self.stat = os.stat(path)
-        self.data = _read_capped(path, follow=True)
+        self._data = None
         self._code = {}
+
+    def data(self):
+        if self._data is None:
+            self._data = _read_capped(self.path, follow=True)
+        return self._data
 
     def source_hash(self):
         from importlib.util import source_hash
 
-        return source_hash(self.data)
+        return source_hash(self.data())
 
     def compiled(self, level):
         """The code the import system compiles from the source at optimisation LEVEL."""
         if level not in self._code:
-            self._code[level] = compile(self.data, self.path, "exec", dont_inherit=True, optimize=level)
+            self._code[level] = compile(self.data(), self.path, "exec", dont_inherit=True, optimize=level)
         return self._code[level]
 
 
@@ -278,7 +284,12 @@ def _pyc_fact(source, pyc, level, compared, known):
         return None
     if flags & _HASH_BASED:
         fact["mode"] = "checked-hash" if flags & _CHECK_SOURCE else "unchecked-hash"
-        if data[8:16] != source.source_hash():
+        try:
+            stale = data[8:16] != source.source_hash()
+        except OSError as exc:
+            fact.update(verdict="unreadable", why="its source is unreadable: %s" % (exc.strerror or exc))
+            return fact
+        if stale:
             fact.update(verdict="stale", why="hash of other source")
             return fact
     else:
@@ -302,7 +313,7 @@ def _pyc_fact(source, pyc, level, compared, known):
     if compared:
         try:
             fact["same"] = code == source.compiled(level)
-        except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
             fact["same"] = False
     return fact
 
@@ -367,7 +378,8 @@ def _magic():
 
 def describe(packages, paths=None, request=None):
     """PACKAGES: [[distribution, module], ...]; PATHS: search these instead of sys.path. REQUEST
-    may ask for the bytecode facts of [module, relpath] pairs ('bytecode', 'compared')."""
+    may ask for the bytecode facts of [module, relpath] pairs ('bytecode'; 'compared' and 'known'
+    as bytecode_facts takes them)."""
     modules = {module: _module(module, paths) for _, module in packages}
     described = {
         "python": sys.executable,
