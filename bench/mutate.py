@@ -31,6 +31,15 @@ T_DISC = "tests/engine/test_discovery.py"
 T_CRASH = "tests/faults/test_crash_recovery.py"
 T_HOSTILE = "tests/faults/test_hostile_patchsets.py"
 T_RACES = "tests/faults/test_root_races.py"
+T_VERDICT = "tests/engine/test_one_verdict.py"
+T_PROVES = "tests/engine/test_verify_proves.py"
+FAST = "ernie_patcher/core/fastpath.py"
+
+
+def row(name: str) -> str:
+    """The differential table's test of row NAME: the fast path and the engine give one verdict."""
+    return f"{T_VERDICT}::test_fast_path_and_engine_give_one_verdict[{name}]"
+
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,79 @@ MUTATIONS = [
              "",
              ("tests/engine/test_new_directories.py::"
               "test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree",)),
+    # What an independent check found surviving the core tier (issue 24), each with the test that
+    # now kills it; the fast path's are run through the entry point users run.
+    Mutation("no O_NOFOLLOW on state reads", "ernie_patcher/fs/safeio.py",
+             "_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC",
+             "_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC",
+             ("tests/faults/test_state_attacks.py::"
+              "test_a_symlink_swapped_in_between_lstat_and_open_of_a_state_file_is_refused",)),
+    Mutation("fast path without the patch-file digest", FAST,
+             '_need(sha256(_read(patch_dir / shown["file"]) or b"") == recorded["patch_sha256"])',
+             '_read(patch_dir / shown["file"])', (row("chosen patch file edited"),)),
+    Mutation("fast path without the version check", FAST,
+             '_need(info and location and info["version"] == version)', "_need(info and location)",
+             (row("patch record of another version"),)),
+    Mutation("fast path without the probe-memo digest", FAST,
+             ' and memo["file_sha256"] == digest)', ")", (row("probed-only file broken"),)),
+    Mutation("fast path without the shared lock", FAST,
+             'with Lock(state_dir / "lock", exclusive=False):', "with open(os.devnull):",
+             (f"{T_VERDICT}::test_a_run_holding_the_lock_is_waited_for_by_neither_path",)),
+    Mutation("fast path without the RECORD-rows check", FAST,
+             "            _check_originals(described, manifest, state)\n", "",
+             (row("stored original of another file (RECORD disagrees)"),)),
+    Mutation("fast path: patched-file digest replaced by 'exists'", FAST,
+             'and digest == entry["after"])', "and digest is not None)",
+             (row("patched file without probes edited by hand"),)),
+    Mutation("RECORD original always taken as the release's plus apply's rows", "ernie_patcher/core/originals.py",
+             '"""Whether CURRENT is ORIGINAL plus RECORD rows of files apply created, and nothing else."""\n',
+             '"""Whether CURRENT is ORIGINAL plus RECORD rows of files apply created, and nothing else."""\n'
+             "    return True\n", (row("RECORD original without a release row"),)),
+    Mutation("recovery removes the journal before writing the manifest", "ernie_patcher/core/transaction.py",
+             '    state.write_manifest(manifest)\n    checkpoint("restored-manifest-written")\n'
+             "    state.remove(state.journal_path)\n",
+             '    state.remove(state.journal_path)\n    checkpoint("restored-manifest-written")\n'
+             "    state.write_manifest(manifest)\n",
+             (f"{T_CRASH}::test_recovery_killed_between_its_manifest_and_the_journal_removal_is_finished_by_the_run_after",)),
+    Mutation("no directory fsync after rename", "ernie_patcher/core/transaction.py",
+             "    sync_directories(touched)\n", "",
+             ("tests/engine/test_fsops.py::test_apply_fsyncs_each_directory_it_renamed_into_before_the_manifest_says_so",)),
+    Mutation("checked-hash bytecode written as unchecked-hash", "ernie_patcher/fs/bytecode.py",
+             'header = MAGIC_NUMBER + flags.to_bytes(4, "little")',
+             'header = MAGIC_NUMBER + (flags & HASH_BASED).to_bytes(4, "little")',
+             (f"{T_PROVES}::test_a_checked_hash_release_gets_checked_hash_bytecode_so_a_later_hand_edit_runs",)),
+    Mutation("quick path's engine fallback exits 0 under -q", "ernie_patcher/cli/quick.py",
+             "    sys.exit(int(report.exit_code))", '    sys.exit(0 if options["quiet"] else int(report.exit_code))',
+             (f"{T_VERDICT}::test_verify_quiet_exits_with_the_engines_code_when_the_engine_answers",)),
+    Mutation("created file's RECORD row with the digest of empty bytes", "ernie_patcher/core/plan.py",
+             '_record_line(c.relpath, c.after or b"")', '_record_line(c.relpath, b"")', (row("applied as recorded"),)),
+    Mutation("recovery and rollback keep the bytecode of restored files", "ernie_patcher/core/transaction.py",
+             "            if entry.digest is not None:\n"
+             "                remove_bytecode(path, entry.relpath)\n", "",
+             (f"{T_CRASH}::test_an_interrupted_apply_on_unchecked_hash_bytecode_leaves_the_original_code_running",)),
+    # The checks issue 24 added: each guarded by a test through the entry point.
+    Mutation("engine does not check bytecode", "ernie_patcher/core/assess.py",
+             'if path.suffix != ".py":\n            return ""\n        if path not in self._bytecode:',
+             'if True:\n            return ""\n        if path not in self._bytecode:',
+             (f"{T_PROVES}::test_verify_names_bytecode_the_interpreter_would_run_instead_and_revert_then_apply_clears_it",)),
+    Mutation("loadable bytecode trusted without its recorded code digest", "ernie_patcher/core/bytecodecheck.py",
+             'if fact["same"] is None and fact["level"] == 0 and _recorded(fact, reference):',
+             'if fact["same"] is None:',
+             (row("release code as timestamp bytecode with the patched file's mtime and size"),)),
+    Mutation("verify does not check what revert needs", "ernie_patcher/core/engine.py",
+             "problems = revert_problems(env, manifest, state) if manifest else []", "problems = []",
+             (f"{T_PROVES}::test_verify_names_a_missing_stored_original_and_a_missing_record_row",)),
+    Mutation("fast path without the manifest rules", FAST,
+             "_need(manifest_problem(document) is None)", "_need(isinstance(document, dict))",
+             (row("mode a string"),)),
+    Mutation("fast path without the variant files", FAST,
+             "                _variant_files(shown, patch_dir)\n", "", (row("unchosen variant file deleted"),)),
+    Mutation("fast path without the probe coverage", FAST,
+             '_need({probe["key"] for probe in shown["probes"]} == set(recorded["probes"]))', "",
+             (row("answer lists no probes, probed-only file broken"),)),
+    Mutation("fast path gives up on no exception", FAST,
+             "    except Exception:  # the engine reads the same input again and says what is wrong with it\n"
+             "        return None\n", "", (row("manifest nested 100 000 deep"),)),
 ]
 
 
@@ -163,7 +245,7 @@ class Outcome:
 
 
 def _first_failure(output: str) -> str:
-    match = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+    match = re.search(r"^FAILED (\S+?(?:\[[^\]]*\])?)(?: - |$)", output, re.MULTILINE)
     return match.group(1).split("/")[-1] if match else "?"
 
 

@@ -164,6 +164,7 @@ class Assessor:
         self.working: dict[Path, bytes | None] = {}
         self._planned: set[Path] = set()
         self._records: dict[str, dict[str, str | None]] = {}
+        self._bytecode: dict[Path, str] = {}
 
     def checkpoint(self) -> tuple[dict[Path, bytes | None], set[Path]]:
         """The planned working copies, to try a patch and take it back (rollback) if it is not used."""
@@ -233,6 +234,8 @@ class Assessor:
             digest = sha256(current) if current is not None else None
             if entry is None or spec.id not in entry.patches or digest != entry.after:
                 return None
+            if self.bytecode_drift(package, relpath, path, entry.after):
+                return None  # the full assessment says which bytecode (DRIFTED)
             files.append(FileState(relpath=relpath, path=path, state=APPLIED, creates=entry.action == "create",
                                    current=current, detail=made_dirs_detail(entry.dirs)))
         shown = self.manifest.answer.get("patches", {}).get(spec.id, {})  # the strip level apply read it with
@@ -242,6 +245,27 @@ class Assessor:
         memos = {} if self.reparse else recorded.probes
         result.probes = [self._probe(package, p, memos) for p in spec.probes]
         return result
+
+    def bytecode_drift(self, package: InstalledPackage, relpath: str, path: Path, after: str | None) -> str:
+        """Why the interpreter would not run PATH (holding AFTER, what apply wrote) as it is: bytecode
+        of other code it would load instead (bytecodecheck); '' when there is none. Proven by the
+        digest of the code recorded at apply, else (and with --reparse) by compiling the source."""
+        if path.suffix != ".py":
+            return ""
+        if path not in self._bytecode:
+            from . import bytecodecheck
+
+            file = [(package.name, package.module, relpath, path)]
+            recorded = None if self.reparse or self.manifest is None else \
+                bytecodecheck.reference(self.manifest.answer, relpath, after, self.env.magic)
+            known = [recorded["raw"]] if recorded else []
+            try:
+                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, False, known)[0], str(path),
+                                               recorded)
+            except bytecodecheck.Unproven:
+                problems = bytecodecheck.judge(bytecodecheck.facts_for(self.env, file, True, [])[0], str(path), None)
+            self._bytecode[path] = bytecodecheck.remedy(problems) if problems else ""
+        return self._bytecode[path]
 
     def _probe(self, package: InstalledPackage, probe: ProbeSpec, memos: dict[str, dict]) -> ProbeResult:
         source = self._probe_source(package, probe.file)
@@ -282,7 +306,8 @@ class Assessor:
         if managed and entry is not None and spec.id in entry.patches:
             digest = sha256(current) if current is not None else None
             if digest == entry.after:
-                state.state, state.detail = APPLIED, made_dirs_detail(entry.dirs)
+                drift = self.bytecode_drift(package, relpath, path, entry.after)
+                state.state, state.detail = (DRIFTED, drift) if drift else (APPLIED, made_dirs_detail(entry.dirs))
                 return state
             if digest != entry.before and self._differs_from_release(package, relpath, current):
                 state.state = DRIFTED

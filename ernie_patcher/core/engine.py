@@ -12,8 +12,9 @@ from ..fs.fsops import Lock, import_root, read_target, sha256, stat_target
 from ..fs.safeio import Pins, note_insecure_path, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
+from . import revertable
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
-from .originals import check_originals, unchecked_note
+from .originals import check_originals, revert_problems, unchecked_note
 from .report import Action, Report, Target
 from .state import FileRecord, Manifest, RestoreEntry, StateDir, import_name
 
@@ -249,9 +250,14 @@ def _look(command: str, target: Target, only: tuple[str, ...], reparse: bool, ga
             if manifest is not None:
                 _orphaned_state_note(report, manifest)
             _overwritten_note(report, state)
+            problems = revert_problems(env, manifest, state) if manifest else []
         foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
         if foreign:
             report.notes.append(f"the manifest also records patches not in this patch set: {', '.join(foreign)}")
+        if problems and command == "verify":  # what would keep revert from running: verify's error, status' note
+            raise PatcherError(ExitCode.ENVIRONMENT, problems[0], details=problems[1:],
+                               hint=revertable.hint(problems))
+        report.notes += problems
         if gate:
             report.error = report.gate_error()
             report.exit_code = report.error.code if report.error else ExitCode.OK
@@ -268,8 +274,10 @@ VERIFY_HINTS = {
 
 
 def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
-    """Versions, digests and probes. A probe result computed at apply is reused only while the file
-    has the very bytes it was computed on; REPARSE evaluates every probe again from source."""
+    """Versions, digests, the bytecode the interpreter would load, probes, and that revert can run
+    (every stored original there, every RECORD row apply added). A probe result computed at apply
+    is reused only while the file has the very bytes it was computed on; REPARSE evaluates every
+    probe again from source, and compares all bytecode with the source compiled."""
     report = _look("verify", target, only, reparse, gate=False)
     if report.error is not None:
         return report

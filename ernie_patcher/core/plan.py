@@ -8,6 +8,7 @@ import csv
 import io
 import tokenize
 from dataclasses import dataclass, field
+from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 
 from .. import __version__
@@ -18,6 +19,7 @@ from ..fs.safeio import FILE_MODE_BITS
 from ..patchset.probes import ProbeResult, memo, probe_key, run_probe
 from ..patchset.series import SERIES_FILE, ProbeSpec, Series
 from ..target.discovery import record_digest
+from . import bytecodecheck
 from .assess import APPLIED, NOT_APPLIED, PatchState, decode
 from .report import Action
 from .state import FileRecord, Manifest, PatchRecord, StateDir, import_name, now
@@ -189,7 +191,11 @@ def _manifest(previous: Manifest | None, series: Series, states: list[PatchState
             files=[f.relpath for f in patch.files], offsets=[o for f in patch.files for o in f.offsets],
             applied_at=now(), probes=probe_memos.get(patch.spec.id, {}))
     manifest.series, manifest.patch_dir, manifest.tool_version = series.name, str(series.directory), __version__
-    manifest.answer = answer(manifest.answer, series, [p for p in states if p.state == APPLIED] + todo)
+    previous_answer = manifest.answer
+    manifest.answer = answer(previous_answer, series, [p for p in states if p.state == APPLIED] + todo)
+    manifest.answer["bytecode"] = bytecodecheck.record(
+        previous_answer, {relpath: entry.after for relpath, entry in manifest.files.items()},
+        {c.relpath: c.code for c in changes if c.code is not None}, MAGIC_NUMBER.hex())
     return manifest
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -27,13 +26,11 @@ from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.fsops import sha256
 from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir
+from .manifestrules import TOOL, dirs_ok, field_ok, manifest_problem
 
 MANIFEST_SCHEMA = 2
-MANIFEST_READABLE = (1, 2)  # 1: before `dirs`
 JOURNAL_SCHEMA = 3
 JOURNAL_READABLE = (2, 3)  # 2: before `dirs`
-ACTIONS = ("create", "modify", "register")
-TOOL = "ernie-patcher"
 
 
 def now() -> str:
@@ -108,33 +105,16 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
-        if not isinstance(data, dict) or data.get("tool") != TOOL:
-            raise corrupt(where, "not an ernie-patcher manifest")
-        if data.get("schema") not in MANIFEST_READABLE:
-            readable = ", ".join(map(str, MANIFEST_READABLE))
-            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not one of {readable} "
-                                 "(written by another ernie-patcher version?)")
-        try:
-            manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
-                           patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
-                           files={k: FileRecord(**v) for k, v in data["files"].items()},
-                           tool_version=str(data["tool_version"]), updated=str(data["updated"]),
-                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {},
-                           selected=data.get("selected"))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise corrupt(where, f"missing or malformed field ({exc})") from None
-        for record in [*manifest.patches.values(), *manifest.files.values()]:
-            _check_fields(record, where)
-        if not _selection_ok(manifest.selected, manifest.patches):
-            raise corrupt(where, f"field 'selected' is not null or a list of applied patch ids: "
-                                 f"{manifest.selected!r:.80}")
-        return manifest
-
-
-def _selection_ok(selected: object, patches: dict) -> bool:
-    """None, or distinct ids of patches the manifest records as applied."""
-    return selected is None or (isinstance(selected, list) and len(set(map(str, selected))) == len(selected)
-                                and all(isinstance(i, str) and i in patches for i in selected))
+        problem = manifest_problem(data)  # the fast path checks a manifest by the same rules
+        if problem:
+            raise corrupt(where, problem)
+        assert isinstance(data, dict)
+        return cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
+                   patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
+                   files={k: FileRecord(**v) for k, v in data["files"].items()},
+                   tool_version=str(data["tool_version"]), updated=str(data["updated"]),
+                   answer=data.get("answer") if isinstance(data.get("answer"), dict) else {},
+                   selected=data.get("selected"))
 
 
 @dataclass
@@ -189,59 +169,16 @@ class Journal:
         return journal
 
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _field_ok(name: str, kind: object, value: object) -> bool:
-    """Whether VALUE fits the annotation KIND; digests must be sha256 hex (they name files)."""
-    kind = str(kind)
-    if name in ("before", "after", "digest", "written"):
-        return value is None or (isinstance(value, str) and bool(_DIGEST.match(value)))
-    if name == "path":
-        return isinstance(value, str) and value.startswith("/") and "\x00" not in value
-    if name == "relpath":
-        return (isinstance(value, str) and bool(value) and not value.startswith("/") and "\x00" not in value
-                and ".." not in value.split("/"))
-    if name == "action":
-        return value in ACTIONS
-    if name == "dirs":
-        return isinstance(value, list) and all(_field_ok("relpath", str, v) for v in value)
-    if name == "probes":
-        return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
-    if name == "mode":
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind.startswith("list["):
-        item = int if kind == "list[int]" else str
-        return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
-    return isinstance(value, str)
-
-
-def _probe_memo_ok(key: object, memo: object) -> bool:
-    return (isinstance(key, str) and bool(_DIGEST.match(key)) and isinstance(memo, dict)
-            and set(memo) == {"file_sha256", "passed", "detail"}
-            and (memo["file_sha256"] is None or bool(_DIGEST.match(str(memo["file_sha256"]))))
-            and isinstance(memo["passed"], bool) and isinstance(memo["detail"], str))
-
-
 def _check_fields(record: object, where: Path) -> None:
     """Refuse a record whose fields have the wrong types, so a damaged file cannot steer a write."""
     for item in fields(record):
         value = getattr(record, item.name)
-        if not _field_ok(item.name, item.type, value):
+        if not field_ok(item.name, item.type, value):
             raise corrupt(where, f"field {item.name!r} of {type(record).__name__} has a bad value {value!r:.60}")
     dirs = getattr(record, "dirs", [])
-    if dirs and not _dirs_ok(record.relpath, record.action, dirs):
+    if dirs and not dirs_ok(record.relpath, record.action, dirs):
         raise corrupt(where, f"field 'dirs' of {record.relpath} names directories that are not between "
                              f"its package module and the file: {dirs!r:.80}")
-
-
-def _dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
-    """Directories apply created for a file it created: each below the module directory (the
-    first part of RELPATH) and above the file, so revert can never remove anything else."""
-    return action == "create" and all(len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/"))
-                                      and relpath.startswith(d + "/") for d in dirs)
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:
@@ -406,6 +343,12 @@ class StateDir:
             objects.fsync_entries([d for d, new in written.items() if new])
             objects.sync()
         return digests
+
+    def stored_digest(self, digest: str) -> str | None:
+        """The sha256 of the bytes stored under DIGEST; None when nothing is (verify: can revert run?)."""
+        with self._subdir(self.objects.name) as objects:
+            data = objects.read(digest, MAX_OBJECT) if objects is not None else None
+        return None if data is None else sha256(data)
 
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""

@@ -29,7 +29,8 @@ Locate = Callable[[list[RestoreEntry]], list[Path]]
 
 def checkpoint(name: str) -> None:
     """Test hooks, used only by the test suite, at checkpoint NAME (journal-written,
-    file-N-written, manifest-written, journal-removed; restore-N inside a recovery):
+    file-N-written, manifest-written, journal-removed; restore-N and restored-manifest-written
+    inside a recovery or rollback):
     ERNIE_PATCHER_TEST_KILL_AT=NAME SIGKILLs this process there, ERNIE_PATCHER_TEST_PAUSE_AT=NAME
     (or a comma-separated list of names) SIGSTOPs it there (holding the lock) until the test
     sends SIGCONT.
@@ -175,6 +176,7 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
     _remove_created_dirs([(path, entry.relpath, entry.dirs) for entry, path in zip(journal.restore, paths)
                           if entry.digest is None])
     state.write_manifest(manifest)
+    checkpoint("restored-manifest-written")
     state.remove(state.journal_path)
     state.drop_objects(_referenced(manifest))
     return report

@@ -69,11 +69,17 @@ def _parse_record_csv(text: str) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class Environment:
-    """The environment being patched; STATE_DIR holds the manifest, journal and originals."""
+    """The environment being patched; STATE_DIR holds the manifest, journal and originals.
+
+    CACHE_TAG and MAGIC (hex) are those of the interpreter that loads its bytecode; INTERPRETER is
+    the --python it was described by (None: this interpreter, --site included)."""
 
     python: str
     state_dir: Path
     packages: dict[str, InstalledPackage | None]
+    cache_tag: str | None = None
+    magic: str | None = None
+    interpreter: str | None = None
 
     def package(self, name: str) -> InstalledPackage | None:
         return self.packages.get(name)
@@ -122,5 +128,8 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
             dist_info=Path(info["dist_info"]) if info.get("dist_info") else None,
             import_root=module_dir.parent, editable=bool(info.get("editable")),
         )
+    tag, magic = described.get("cache_tag"), described.get("magic")
     return Environment(python=described["python"] if not site else f"site:{state_dir}",
-                       state_dir=state_dir / STATE_DIRNAME, packages=found)
+                       state_dir=state_dir / STATE_DIRNAME, packages=found,
+                       cache_tag=tag if isinstance(tag, str) else None, magic=magic if isinstance(magic, str) else None,
+                       interpreter=python or None)
