@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..selftest.launch import SelftestReport
 
 _STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
-           "unsupported": "magenta", "missing": "red"}
+           "unsupported": "magenta", "missing": "red", "upstream": "cyan"}
 
 
 def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
@@ -47,7 +47,9 @@ def _verify_summary(report: Report) -> str:
     probes = [r for p in report.patches for r in p.probes]
     files = sum(len(p.files) for p in report.patches if p.state == "applied")
     verdict = "verified" if report.exit_code == ExitCode.OK else "NOT verified"
-    return (f"{verdict}: {applied}/{len(report.patches)} patches applied, {files} files as recorded, "
+    upstream = sum(p.state == "upstream" for p in report.patches)
+    fixed = f", {upstream} fixed upstream" if upstream else ""
+    return (f"{verdict}: {applied}/{len(report.patches)} patches applied{fixed}, {files} files as recorded, "
             f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
 
 
@@ -55,7 +57,7 @@ def _verify_failure(report: Report) -> str:
     """The first patch not in place, in one line, for the log of a failed build step."""
     for patch in report.patches:
         failed = [r for r in patch.probes if not r.passed]
-        if patch.state != "applied" or failed:
+        if patch.state not in ("applied", "upstream") or failed:
             why = patch.reason or (f"probe '{failed[0].probe.describe()}' fails" if failed and patch.state == "applied"
                                    else f"patch is {patch.state}")
             return f"verify failed: {patch.spec.id}: {why}"

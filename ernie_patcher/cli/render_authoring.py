@@ -5,6 +5,7 @@ import sys
 from typing import TextIO
 
 from ..authoring.create import Created
+from ..authoring.port import Ported
 from ..patchset.patchview import PatchView
 from ..patchset.series import Series
 from .jsondoc import document, emit
@@ -80,6 +81,7 @@ def series_entries(series: Series) -> list[dict]:
         first = variants[0]
         entries.append({"id": patch_id, "package": first.package, "module": first.module,
                         "summary": first.summary, "requires": list(first.requires),
+                        "fixed_in": first.fixed_in_text or None,
                         "variants": [{"file": v.file, "versions": v.tested, "strip": v.strip,
                                       "probes": len(v.probes)} for v in variants]})
     return entries
@@ -99,6 +101,45 @@ def render_list(series: Series, as_json: bool, out: TextIO | None = None) -> Non
             package = entry["package"] if n == 0 else ""
             print(f"  {name:<22} {package:<10} {variant['versions']:<19} {variant['file']}".rstrip(), file=out)
         extra = [f"requires {', '.join(entry['requires'])}"] * bool(entry["requires"])
+        extra += [f"fixed upstream in {entry['fixed_in']} (not applied there)"] * bool(entry["fixed_in"])
         extra += [entry["summary"]] * bool(entry["summary"])
         for line in extra:
             print(f"  {'':<22} {line}", file=out)
+
+
+def ported_lines(ported: Ported) -> list[str]:
+    """What `port` did, for people: the merge per file, the probes, the variant or the scratch files."""
+    lines = [f"port {ported.id}: {ported.source_file} ({ported.package} {ported.from_version}) onto "
+             f"{ported.package} {ported.to_version}, three-way merge ({ported.from_wheel}, {ported.to_wheel})"]
+    for file in ported.files:
+        where = f" -> {file.scratch}" if file.scratch else ""
+        lines.append(f"  {file.outcome:<9} {file.relpath}{where}")
+        for site in file.conflicts:
+            at = f", markers at line {site.merged_line}" if site.merged_line else ""
+            lines.append(f"            hunk #{site.hunk} {site.header}{at}")
+    if ported.probes:
+        passed = sum(p.passed for p in ported.probes)
+        lines.append(f"  probes on the merged files: {passed}/{len(ported.probes)} pass")
+    if ported.variant_file is not None:
+        lines.append(f"added variant {ported.variant_file.name} (versions = \"{ported.versions}\") to "
+                     f"{ported.series_file}")
+        directory = ported.variant_file.parent
+        lines.append(f"next: test it on {ported.package} {ported.to_version} (ernie-patch apply --patches "
+                     f"{directory}), then widen its versions range")
+    lines += [f"note: {note}" for note in ported.notes]
+    return lines
+
+
+def render_ported(ported: Ported, as_json: bool, out: TextIO | None = None) -> None:
+    """`port`'s outcome; an error (no variant written) after it, on stderr."""
+    out = out or sys.stdout
+    if as_json:
+        emit(document("port", ported.error, patch_set=str(ported.series_file.parent), notes=ported.notes,
+                      ported=ported.to_dict()), out)
+        return
+    for line in ported_lines(ported):
+        print(line, file=out)
+    if ported.error is not None:
+        from .render import render_error
+
+        render_error(ported.error)

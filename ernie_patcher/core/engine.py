@@ -11,7 +11,8 @@ from ..fs.fsops import Lock, import_root, read_target, sha256
 from ..fs.safeio import Pins, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
-from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
+from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, UPSTREAM, Assessor, PatchState,
+                     recorded_path)
 from .originals import check_originals, unchecked_note
 from .report import Action, Report, Target
 from .state import Manifest, RestoreEntry, StateDir, import_name
@@ -176,7 +177,7 @@ def verify(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
             codes.add(ExitCode.MISSING)
         elif patch.state == DRIFTED:
             codes.add(ExitCode.DRIFTED)
-        elif patch.state != APPLIED or not all(p.passed for p in patch.probes):
+        elif patch.state not in (APPLIED, UPSTREAM) or not all(p.passed for p in patch.probes):
             codes.add(ExitCode.NOT_VERIFIED)
     for code in (ExitCode.MISSING, ExitCode.DRIFTED, ExitCode.NOT_VERIFIED):
         if code in codes:
@@ -247,12 +248,15 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
         for patch in states:
             if patch.untested and allow_untested:
                 report.notes.append(_untested_note(patch))
+            if patch.state == UPSTREAM:
+                report.notes.append(f"{patch.spec.id}: skipped, {patch.reason}")
         refusal = _refusal(states)
         if refusal:
             report.error, report.exit_code = refusal, refusal.code
         todo = [p for p in states if p.state == NOT_APPLIED]
         if not todo and not refusal:
-            report.notes.append("nothing to do: every selected patch is already applied")
+            upstream = " or fixed upstream" if any(p.state == UPSTREAM for p in states) else ""
+            report.notes.append(f"nothing to do: every selected patch is already applied{upstream}")
         if refusal or not todo:
             if not dry_run:
                 state.remove_if_empty()
