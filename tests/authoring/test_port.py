@@ -2,6 +2,7 @@
 files; a clean merge becomes a variant, a conflict stops naming its hunks; no environment touched."""
 from __future__ import annotations
 
+import difflib
 import json
 import zipfile
 from importlib import resources
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
+from packaging.specifiers import SpecifierSet
 
 from ernie_patcher.authoring.port import variant_file_name
 from ernie_patcher.patchset.diffparse import parse_patch
 from ernie_patcher.patchset.hunks import apply_hunks
 from ernie_patcher.patchset.series import load_series
 from support.cli import DISPATCH, OMNI_PIPELINE, OMNI_TRANSFORMER, cli
-from support.patchsets import builtin_copy
+from support.patchsets import PatchDef, builtin_copy, write_patchset
 from support.realpkgs import install_target, wheel
 from support.tree import snapshot
 
@@ -174,3 +176,36 @@ def test_variant_file_names():
     assert variant_file_name(SP_FILE, "0.30.0") == SP_V030
     assert variant_file_name(SP_V030, "0.32.1") == "vllm_omni_ernie_image_transformer.v0_32_1.patch"
     assert variant_file_name("x.patch", "1.0") == "x.v1_0.patch"
+
+
+def test_a_conflict_at_the_end_of_a_file_names_the_hunk_there():
+    """Both sides append different lines at the end of the file: the hunk whose context ends there is named."""
+    from ernie_patcher.authoring.port import CONFLICTS, _merge_file
+    from ernie_patcher.patchset.series import PatchSpec
+
+    base = "".join(f"line {i}\n" for i in range(30))
+    ours = base.replace("line 2\n", "line 2 patched\n") + "appended by the patch\n"
+    diff = "".join(difflib.unified_diff(base.splitlines(True), ours.splitlines(True), "a/m/x.py", "b/m/x.py"))
+    (file,) = parse_patch(diff, "m", 1, "test").files
+    assert len(file.hunks) == 2
+    spec = PatchSpec("p", "p.patch", "m", "m", SpecifierSet("==1.0"), Path("p.patch"))
+    merged = _merge_file(file, base.encode(), (base + "appended by the release\n").encode(), spec, "1.0",
+                         ("ours", "base", "theirs"))
+    assert merged.outcome == CONFLICTS and [c.hunk for c in merged.conflicts] == [2]
+
+
+def test_probes_already_passing_on_the_new_release_are_noted(tmp_path: Path):
+    """A probe that passes on the new release as released cannot show the patch is in: port says the
+    release may carry the fix (fixed-in) while it still writes the variant."""
+    old = release_file(OMNI, "0.20.0", OMNI_PIPELINE).splitlines(True)
+    index = next(i for i, line in enumerate(old) if line.startswith("class ErnieImagePipeline"))
+    new = old[:index] + ["PORT_MARKER = 1\n", "\n", "\n"] + old[index:]
+    diff = "".join(difflib.unified_diff(old, new, f"a/{OMNI_PIPELINE}", f"b/{OMNI_PIPELINE}"))
+    patches = write_patchset(tmp_path / "set", [PatchDef(
+        "marker", OMNI, "vllm_omni", diff, versions="==0.20.0",
+        probes=[{"file": OMNI_PIPELINE, "kind": "class", "name": "ErnieImagePipeline"}])])
+    result = port("marker", "--to", "0.22.0", "--from-wheel", wheel(OMNI, "0.20.0"), "--to-wheel",
+                  wheel(OMNI, "0.22.0"), patches=patches)
+    assert result.code == 0, result.stdout
+    assert any("every probe of marker already passes on vllm-omni 0.22.0 as released" in note
+               for note in valid(result.json())["notes"])
