@@ -85,15 +85,18 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def released_versions(package: str, low: str, high: str) -> list[str]:
-    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+def index_versions(package: str) -> list[Version]:
+    """Every final release of PACKAGE the index has (`pip index versions`), oldest first."""
     done = _pip("index", "versions", package)
     match = re.search(r"^Available versions: (.+)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or not match:
         raise SystemExit(f"pip index versions {package} failed: {done.stderr.strip()[-300:]}")
-    versions = [Version(v.strip()) for v in match.group(1).split(",")]
-    chosen = [v for v in versions if Version(low) <= v <= Version(high) and not v.is_prerelease]
-    return [str(v) for v in sorted(chosen)]
+    return sorted(v for v in (Version(v.strip()) for v in match.group(1).split(",")) if not v.is_prerelease)
+
+
+def released_versions(package: str, low: str, high: str) -> list[str]:
+    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+    return [str(v) for v in index_versions(package) if Version(low) <= v <= Version(high)]
 
 
 def wheel(package: str, version: str) -> Path:
