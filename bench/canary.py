@@ -39,10 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.version_matrix import CACHE, _pip, index_versions, wheel  # noqa: E402
-from ernie_patcher.errors import PatcherError  # noqa: E402
+from bench.version_matrix import CACHE, _pip, index_versions, load_or_say_why, wheel  # noqa: E402
 from ernie_patcher.patchset.diffparse import parse_patch  # noqa: E402
-from ernie_patcher.patchset.series import Series, load_series  # noqa: E402
+from ernie_patcher.patchset.series import Series  # noqa: E402
 
 TREES = CACHE / "canary"
 FITTING = ("exact", "offset", "upstream")
@@ -228,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RELEASES.md", help="Markdown file to write")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    try:
-        series = load_series(args.patches)
-    except PatcherError as error:
-        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+    series = load_or_say_why(args.patches)
+    if series is None:
         return 2
     packages = sorted({str(canonicalize_name(p.package)) for p in series.patches})
     unknown = sorted({name for name, _ in args.releases} - set(packages))

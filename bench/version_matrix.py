@@ -258,16 +258,23 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
     return "\n".join(lines) + "\n"
 
 
+def load_or_say_why(patches: Path | None) -> Series | None:
+    """The patch set PATCHES (default: the built-in one), or None after saying on stderr why it does not load."""
+    try:
+        return load_series(patches)
+    except PatcherError as error:
+        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patches", type=Path, help="patch set directory (default: the built-in set)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "MATRIX.md", help="Markdown file to write")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    try:
-        series = load_series(args.patches)
-    except PatcherError as error:
-        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+    series = load_or_say_why(args.patches)
+    if series is None:
         return 2
     results: dict[str, dict[str, dict[str, Cell]]] = {}
     for package in sorted({p.package for p in series.patches}):

@@ -121,7 +121,8 @@ def port_patch(request: PortRequest) -> Ported:
     directory = patch_directory(request.patches)
     if not (directory / SERIES_FILE).is_file():
         raise PatcherError(ExitCode.USAGE, f"no {SERIES_FILE} in {directory}",
-                           hint="pass --patches DIR with the patch set holding the patch to port")
+                           hint="pass --patches DIR with the patch set holding the patch to port (to port a "
+                                "built-in patch, copy the built-in set first: `ernie-patch list` shows where it is)")
     series = load_series(directory)
     to_version = _version(request.to_version, "--to")
     source, from_version = _source_variant(series, request, to_version)
