@@ -15,7 +15,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix test-container bench matrix mutate clean
+.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix test-container bench matrix canary mutate clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,12 @@ bench: $(VENV)/.ready
 
 matrix: $(VENV)/.ready
 	$(VENV)/bin/python bench/version_matrix.py
+
+# Not part of `make test` (it needs the package index): the newest release of each package, and any
+# given as VERSIONS="vllm-omni==0.28.0 diffusers==0.39.0", planned with apply --dry-run; writes
+# bench/RELEASES.md and exits 1 when a release has a patch that does not fit.
+canary: $(VENV)/.ready
+	$(VENV)/bin/python bench/canary.py $(VERSIONS)
 
 # Not part of `make test`: breaks the engine one mutation at a time, lists any the core tests miss.
 mutate: $(VENV)/.ready

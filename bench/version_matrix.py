@@ -85,15 +85,18 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def released_versions(package: str, low: str, high: str) -> list[str]:
-    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+def index_versions(package: str) -> list[Version]:
+    """Every final release of PACKAGE the index has (`pip index versions`), oldest first."""
     done = _pip("index", "versions", package)
     match = re.search(r"^Available versions: (.+)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or not match:
         raise SystemExit(f"pip index versions {package} failed: {done.stderr.strip()[-300:]}")
-    versions = [Version(v.strip()) for v in match.group(1).split(",")]
-    chosen = [v for v in versions if Version(low) <= v <= Version(high) and not v.is_prerelease]
-    return [str(v) for v in sorted(chosen)]
+    return sorted(v for v in (Version(v.strip()) for v in match.group(1).split(",")) if not v.is_prerelease)
+
+
+def released_versions(package: str, low: str, high: str) -> list[str]:
+    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+    return [str(v) for v in index_versions(package) if Version(low) <= v <= Version(high)]
 
 
 def wheel(package: str, version: str) -> Path:
@@ -277,16 +280,23 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
     return "\n".join(lines) + "\n"
 
 
+def load_or_say_why(patches: Path | None) -> Series | None:
+    """The patch set PATCHES (default: the built-in one), or None after saying on stderr why it does not load."""
+    try:
+        return load_series(patches)
+    except PatcherError as error:
+        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patches", type=Path, help="patch set directory (default: the built-in set)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "MATRIX.md", help="Markdown file to write")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    try:
-        series = load_series(args.patches)
-    except PatcherError as error:
-        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+    series = load_or_say_why(args.patches)
+    if series is None:
         return 2
     results: dict[str, dict[str, dict[str, Cell]]] = {}
     for package in sorted({p.package for p in series.patches}):

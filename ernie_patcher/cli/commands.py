@@ -416,6 +416,55 @@ def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None
 
 
 @main.command(epilog=EXIT_CODES)
+@click.argument("patch_id", metavar="ID", shell_complete=_complete_ids)
+@click.option("--to", "to_version", required=True, metavar="VERSION", help="The newer release to port the patch onto.")
+@click.option("--from", "from_version", metavar="VERSION",
+              help="The release the patch was written for [default: the newest one its range names below --to].")
+@click.option("--from-wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
+              help="The wheel of that release instead of pip download.")
+@click.option("--to-wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
+              help="The wheel of the --to release instead of pip download.")
+@click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Patch set holding the patch; the new variant is added to it [default: ./patches].")
+@click.option("--scratch", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where merged files that need a person go [default: a new temporary directory].")
+@click.option("--resolved", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+              help="Take the merged files from DIR (a --scratch directory whose conflicts you resolved).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def port(patch_id: str, to_version: str, from_version: str | None, from_wheel: Path | None, to_wheel: Path | None,
+         patches: Path | None, scratch: Path | None, resolved: Path | None, as_json: bool) -> None:
+    """Carry a patch onto a newer release by a three-way merge (as git apply -3).
+
+    Base is the file of the release the patch was written for, ours that file patched, theirs the
+    file of the --to release, each from the published wheel. A clean merge that compiles and passes
+    the patch's probes becomes a new variant file with versions "==VERSION", added to the series;
+    otherwise the merged files, with conflict markers, go to a scratch directory and the conflicting
+    hunks are named (exit 5). No installed environment is read or changed.
+
+    \b
+    Examples:
+      ernie-patch port omni-sp-transformer --to 0.30.0
+      ernie-patch port omni-sp-transformer --to 0.30.0 --from-wheel vllm_omni-0.28.0-py3-none-any.whl \\
+          --to-wheel vllm_omni-0.30.0-py3-none-any.whl --patches ./patches
+      ernie-patch port omni-sp-transformer --to 0.30.0 --resolved /tmp/ernie-patch-port-omni-sp-transformer-x
+    """
+    from ..authoring.port import PortRequest, port_patch
+
+    request = PortRequest(patch_id=patch_id, to_version=to_version, from_version=from_version, from_wheel=from_wheel,
+                          to_wheel=to_wheel, patches=patches, scratch=scratch, resolved=resolved,
+                          progress=not as_json and sys.stderr.isatty())
+    try:
+        ported = port_patch(request)
+    except PatcherError as error:
+        _fail("port", error, as_json)
+    from .render_authoring import render_ported
+
+    render_ported(ported, as_json)
+    if ported.error is not None:
+        sys.exit(int(ported.error.code))
+
+
+@main.command(epilog=EXIT_CODES)
 @click.option("--python", "python", metavar="PATH", envvar=ENV_PREFIX + "PYTHON",
               help="Run the checks in this interpreter, or this environment directory's "
                    "[default: the one running ernie-patch; env: ERNIE_PATCHER_PYTHON].")

@@ -14,6 +14,7 @@ SCHEMA = 2
 EMPTY: dict[str, Any] = {
     "python": None, "state_dir": None, "patch_set": None, "dry_run": False, "patches": [], "actions": [],
     "notes": [], "manifest_patches": [], "series": None, "diff": None, "created": None, "selftest": None,
+    "ported": None,
 }
 
 

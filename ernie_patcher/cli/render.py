@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..selftest.launch import SelftestReport
 
 _STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
-           "unsupported": "magenta", "missing": "red"}
+           "unsupported": "magenta", "missing": "red", "upstream": "cyan"}
 
 
 def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
@@ -48,7 +48,9 @@ def _verify_summary(report: Report) -> str:
     probes = [r for p in report.patches for r in p.probes]
     files = sum(len(p.files) for p in report.patches if p.state == "applied")
     verdict = "verified" if report.exit_code == ExitCode.OK else "NOT verified"
-    return (f"{verdict}: {applied}/{len(report.patches)} patches applied, {files} files as recorded, "
+    upstream = sum(p.state == "upstream" for p in report.patches)
+    fixed = f", {upstream} fixed upstream" if upstream else ""
+    return (f"{verdict}: {applied}/{len(report.patches)} patches applied{fixed}, {files} files as recorded, "
             f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
 
 

@@ -5,6 +5,7 @@ import sys
 from typing import TextIO
 
 from ..authoring.create import Created
+from ..authoring.port import Ported
 from ..patchset.patchview import PatchView
 from ..patchset.series import Series
 from .fit import terminal_width, wrap, wrap_units
@@ -83,6 +84,7 @@ def series_entries(series: Series) -> list[dict]:
         first = variants[0]
         entries.append({"id": patch_id, "package": first.package, "module": first.module,
                         "summary": first.summary, "requires": list(first.requires),
+                        "fixed_in": first.fixed_in_text or None,
                         "variants": [{"file": v.file, "versions": v.tested, "strip": v.strip,
                                       "probes": len(v.probes)} for v in variants]})
     return entries
@@ -116,6 +118,7 @@ def _list_table(entries: list[dict]) -> list[str]:
             package = entry["package"] if n == 0 else ""
             lines.append(f"  {name:<22} {package:<10} {variant['versions']:<19} {variant['file']}".rstrip())
         extra = [f"requires {', '.join(entry['requires'])}"] * bool(entry["requires"])
+        extra += [f"fixed upstream in {entry['fixed_in']} (not applied there)"] * bool(entry["fixed_in"])
         extra += [entry["summary"]] * bool(entry["summary"])
         lines += [f"  {'':<22} {line}" for line in extra]
     return lines
@@ -130,6 +133,46 @@ def _list_blocks(entries: list[dict], width: int) -> list[str]:
             lines += wrap_units([variant["versions"], variant["file"]], width, first="    ", rest="      ", sep="  ")
         if entry["requires"]:
             lines += wrap(f"    requires {', '.join(entry['requires'])}", width, rest="      ")
+        if entry["fixed_in"]:
+            lines += wrap(f"    fixed upstream in {entry['fixed_in']} (not applied there)", width, rest="      ")
         if entry["summary"]:
             lines += wrap(f"    {entry['summary']}", width, rest="      ")
     return lines
+
+
+def ported_lines(ported: Ported) -> list[str]:
+    """What `port` did, for people: the merge per file, the probes, the variant or the scratch files."""
+    lines = [f"port {ported.id}: {ported.source_file} ({ported.package} {ported.from_version}) onto "
+             f"{ported.package} {ported.to_version}, three-way merge ({ported.from_wheel}, {ported.to_wheel})"]
+    for file in ported.files:
+        where = f" -> {file.scratch}" if file.scratch else ""
+        lines.append(f"  {file.outcome:<9} {file.relpath}{where}")
+        for site in file.conflicts:
+            at = f", markers at line {site.merged_line}" if site.merged_line else ""
+            lines.append(f"            hunk #{site.hunk} {site.header}{at}")
+    if ported.probes:
+        passed = sum(p.passed for p in ported.probes)
+        lines.append(f"  probes on the merged files: {passed}/{len(ported.probes)} pass")
+    if ported.variant_file is not None:
+        lines.append(f"added variant {ported.variant_file.name} (versions = \"{ported.versions}\") to "
+                     f"{ported.series_file}")
+        directory = ported.variant_file.parent
+        lines.append(f"next: test it on {ported.package} {ported.to_version} (ernie-patch apply --patches "
+                     f"{directory}), then widen its versions range")
+    lines += [f"note: {note}" for note in ported.notes]
+    return lines
+
+
+def render_ported(ported: Ported, as_json: bool, out: TextIO | None = None) -> None:
+    """`port`'s outcome; an error (no variant written) after it, on stderr."""
+    out = out or sys.stdout
+    if as_json:
+        emit(document("port", ported.error, patch_set=str(ported.series_file.parent), notes=ported.notes,
+                      ported=ported.to_dict()), out)
+        return
+    for line in ported_lines(ported):
+        print(line, file=out)
+    if ported.error is not None:
+        from .render import render_error
+
+        render_error(ported.error)

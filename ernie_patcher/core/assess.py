@@ -24,6 +24,7 @@ DRIFTED = "drifted"
 CONFLICT = "conflict"
 UNSUPPORTED = "unsupported"
 MISSING = "missing"
+UPSTREAM = "upstream"  # not needed: the installed release carries an equivalent fix (series key fixed-in)
 
 ENCODING = ("utf-8", "surrogateescape")
 
@@ -69,6 +70,8 @@ class PatchState:
         Also given for a patch outside its tested range, so status shows whether it would fit.
         """
         states = {f.state for f in self.files}
+        if self.state == UPSTREAM:  # 'conflict' when inferred from the probes on a release it does not fit
+            return "conflict" if states & {CONFLICT, DRIFTED} else None
         if self.state == UNSUPPORTED and self.files:
             if states == {NOT_APPLIED}:
                 return "offset" if any(o for f in self.files for o in f.offsets) else "exact"
@@ -191,6 +194,12 @@ class Assessor:
         applied = self._applied_as_recorded(spec, package)
         if applied is not None:
             return applied
+        recorded = self.manifest.patches.get(spec.id) if self.manifest else None
+        unmanaged = recorded is None or recorded.version != package.version
+        if unmanaged and spec.fixed_upstream(package.version):
+            return PatchState(spec, package, UPSTREAM, stale=recorded is not None,
+                              reason=f"not needed: {spec.package} {package.version} carries an equivalent fix "
+                                     f"(fixed-in {spec.fixed_in_text})")
         from ..patchset.diffparse import parse_patch  # only a patch not applied as recorded is parsed
 
         parsed = parse_patch(spec.text, spec.module, spec.strip, f"patch {spec.id} ({spec.file})")
@@ -201,7 +210,6 @@ class Assessor:
                 result.state = UNSUPPORTED
                 result.reason = (f"{spec.package} {package.version} is outside the tested range "
                                  f"{spec.tested} of patch {spec.id}")
-        recorded = self.manifest.patches.get(spec.id) if self.manifest else None
         files = [self._file(package, fp, spec, recorded is not None) for fp in parsed.files]
         result.files = files
         if result.state != UNSUPPORTED:
@@ -215,7 +223,22 @@ class Assessor:
                 result.state = NOT_APPLIED
             result.reason = f"{spec.package} changed from {recorded.version} to {package.version} since apply"
         result.probes = [self._probe_fresh(package, p) for p in spec.probes]
+        if unmanaged and self._fix_already_released(result):
+            result.state = UPSTREAM
+            result.reason = _upstream_hint(result)
         return result
+
+    def _fix_already_released(self, result: PatchState) -> bool:
+        """Whether a patch that does not fit finds its probes passing on the files as the installed
+        release shipped them (RECORD): the release seems to carry the fix already."""
+        blocked = {f.state for f in result.files} & {CONFLICT, DRIFTED}
+        if result.state not in (CONFLICT, DRIFTED, UNSUPPORTED) or not blocked:
+            return False
+        if not result.probes or not all(p.passed for p in result.probes):
+            return False
+        files = [(f.relpath, f.current) for f in result.files if f.current is not None]
+        files += [(p.file, self._probe_source(result.package, p.file)) for p in result.spec.probes]
+        return all(data is not None and self._released(result.package, relpath, data) for relpath, data in files)
 
     def _applied_as_recorded(self, spec: PatchSpec, package: InstalledPackage) -> PatchState | None:
         """APPLIED without parsing the diff when the manifest says so and every digest agrees.
@@ -364,6 +387,15 @@ class Assessor:
         if recorded is not None and recorded != record_digest(state.current or b""):
             return DRIFTED, f"{where}; the file differs from the {package.name} {package.version} release (RECORD)"
         return CONFLICT, where
+
+
+def _upstream_hint(result: PatchState) -> str:
+    """Why a patch that does not fit is taken as fixed upstream, and the series key to say so."""
+    spec, version = result.spec, result.package.version
+    also = " (and take it out of 'versions')" if spec.covers(version) else ""
+    return (f"not needed, it seems: the patch does not fit {spec.package} {version}, but its {len(result.probes)} "
+            f"probe(s) already pass on the files as released; set fixed-in = \">={version}\" for {spec.id} in "
+            f"series.toml{also}")
 
 
 def _short(digest: str | None) -> str:

@@ -13,7 +13,8 @@ from ..fs.safeio import Pins, note_insecure_path, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
 from . import revertable
-from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
+from .assess import (APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, UPSTREAM, Assessor, PatchState,
+                     recorded_path)
 from .originals import check_originals, revert_problems, unchecked_note
 from .report import Action, Report, Target
 from .state import FileRecord, Manifest, RestoreEntry, StateDir, import_name
@@ -298,7 +299,7 @@ def _verify_code(patch: PatchState) -> ExitCode | None:
         return ExitCode.MISSING
     if patch.state == DRIFTED:
         return ExitCode.DRIFTED
-    if patch.state != APPLIED or not all(p.passed for p in patch.probes):
+    if patch.state not in (APPLIED, UPSTREAM) or not all(p.passed for p in patch.probes):
         return ExitCode.NOT_VERIFIED
     return None
 
@@ -415,12 +416,15 @@ def _apply(report: Report, target: Target, series: Series, only: tuple[str, ...]
         for patch in states:
             if patch.untested and allow_untested:
                 report.notes.append(_untested_note(patch))
+            if patch.state == UPSTREAM:
+                report.notes.append(f"{patch.spec.id}: skipped, {patch.reason}")
         refusal = _refusal(states)
         if refusal:
             report.error, report.exit_code = refusal, refusal.code
         todo = [p for p in states if p.state == NOT_APPLIED]
         if not todo and not refusal:
-            report.notes.append("nothing to do: every selected patch is already applied")
+            upstream = " or fixed upstream" if any(p.state == UPSTREAM for p in states) else ""
+            report.notes.append(f"nothing to do: every selected patch is already applied{upstream}")
         if refusal or not todo:
             if not dry_run:
                 state.remove_if_empty()

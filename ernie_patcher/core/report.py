@@ -66,4 +66,4 @@ class Report:
 
 GATE_CODES = {"applied": ExitCode.OK, "not-applied": ExitCode.NOT_VERIFIED, "missing": ExitCode.MISSING,
               "unsupported": ExitCode.UNSUPPORTED_VERSION, "conflict": ExitCode.CONFLICT,
-              "drifted": ExitCode.DRIFTED}
+              "drifted": ExitCode.DRIFTED, "upstream": ExitCode.OK}
