@@ -221,6 +221,7 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
 
     plan = build_plan(todo)
     report.actions = plan.actions(states)
+    report.notes.extend(plan.notes)
     _refuse_user_writable(pins, allow_user_writable)
     if report.dry_run:
         return
@@ -282,7 +283,10 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
             continue
         current = read_target(path, entry.relpath)
         digest = sha256(current) if current is not None else None
-        if digest == entry.before and not entry.dirs:
+        mode = _mode_now(path, entry.relpath) if current is not None else None
+        chmod_only = digest == entry.before and current is not None and mode != entry.mode \
+            and entry.after_mode is not None
+        if digest == entry.before and not entry.dirs and not chmod_only:
             report.notes.append(f"{path} already holds its original bytes")
             continue
         original = state.fetch(entry.before) if entry.before is not None else None
@@ -304,14 +308,27 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
             kept.append(current)
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
-                            relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs)))
+                            relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs),
+                            emptied=dict(entry.emptied), restore_mode=mode, chmod_only=chmod_only))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         detail = "byte-exact original" if original is not None else "created by apply"
+        if chmod_only:
+            detail = f"mode {entry.mode:o} (apply set {mode:o})"
+        if entry.emptied:
+            detail += (f"; in the director{'ies' if len(entry.emptied) > 1 else 'y'} apply removed, made again: "
+                       f"{', '.join(sorted(entry.emptied))}")
         if entry.dirs:
             detail += (f"{' (already gone)' if current is None else ''}; and, when empty, the director"
                        f"{'ies' if len(entry.dirs) > 1 else 'y'} apply created: {', '.join(entry.dirs)}")
         report.actions.append(Action(str(path), what, detail))
     return writes, drifted, kept
+
+
+def _mode_now(path: Path, relpath: str) -> int | None:
+    from ..fs.fsops import stat_target
+
+    found = stat_target(path, relpath)
+    return found.st_mode & 0o7777 if found is not None else None
 
 
 def revert(target: Target, dry_run: bool = False, force: bool = False, allow_user_writable: bool = False) -> Report:

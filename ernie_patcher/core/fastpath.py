@@ -118,7 +118,7 @@ def _load(state: SafeDir, name: str) -> dict:
     _need(data is not None)
     document = json.loads(data)
     _need(isinstance(document, dict) and document.get("tool") == "ernie-patcher"
-          and document.get("schema") in (1, 2))
+          and document.get("schema") in (1, 2, 3))
     return document
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import os
+import stat
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.compilepool import CompileFailure, compile_many
-from ..fs.fsops import creates_dirs_detail, read_bytes, read_target, sha256, stat_target
+from ..fs.fsops import creates_dirs_detail, entries, import_root, read_bytes, read_target, sha256, stat_target
 from ..patchset.probes import ProbeResult, memo, probe_key, run_probe
 from ..patchset.series import SERIES_FILE, ProbeSpec, Series
 from ..target.discovery import record_digest
@@ -39,26 +41,44 @@ class FileChange:
     module: str = ""
     code: bytes | None = None
     dirs: list[str] = field(default_factory=list)
+    before_mode: int | None = None  # the mode the file has now (None: apply creates it)
+    emptied: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def chmod_only(self) -> bool:
+        """Whether only the file's mode changes (git's old mode/new mode without a hunk)."""
+        return self.before is not None and self.after == self.before and self.mode != self.before_mode
 
 
 def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
     changes: dict[Path, FileChange] = {}
+    modes: dict[Path, int] = {}
     for patch in todo:
         for file in patch.files:
             if file.state != NOT_APPLIED:
                 continue
             change = changes.get(file.path)
             if change is None:
-                mode = (_current_mode(file.path, file.relpath) if file.current is not None
-                        else _new_file_mode(file.path))
+                before_mode = _current_mode(file.path, file.relpath) if file.current is not None else None
+                mode = before_mode if before_mode is not None else _new_file_mode(file.path, modes)
                 change = FileChange(file.path, file.relpath, patch.spec.package, patch.package.version,
                                  "create" if file.creates else "modify", file.current, file.patched, mode,
-                                 module=patch.spec.module)
+                                 module=patch.spec.module, before_mode=before_mode)
                 changes[file.path] = change
             change.after = file.patched
+            if file.mode is not None:
+                change.mode = git_mode(change.mode, file.mode)
             change.patches.append(patch.spec.id)
             change.dirs = sorted(set(change.dirs) | set(file.dirs))
     return changes
+
+
+def git_mode(mode: int, git: int) -> int:
+    """MODE with the executable bits git mode GIT says (100755: where it may be read; 100644: none),
+    as git apply leaves a file under the usual umask."""
+    if git & 0o100:
+        return mode | 0o100 | ((mode & 0o044) >> 2)
+    return mode & ~0o111
 
 
 def _current_mode(path: Path, relpath: str) -> int:
@@ -66,14 +86,78 @@ def _current_mode(path: Path, relpath: str) -> int:
     return found.st_mode & 0o7777 if found is not None else 0o644
 
 
-def _new_file_mode(path: Path) -> int:
+def _new_file_mode(path: Path, known: dict[Path, int]) -> int:
     """The mode of a .py file in PATH's directory, else in the nearest existing one above it
-    (PATH may lie in directories apply creates), else 0o644."""
+    (PATH may lie in directories apply creates), else 0o644; without the executable bits.
+    KNOWN keeps what each directory gave."""
     directory = path.parent
     while not directory.is_dir() and directory != directory.parent:
         directory = directory.parent
-    siblings = [p for p in directory.glob("*.py") if p.is_file()]
-    return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
+    if directory not in known:
+        siblings = [p for p in directory.glob("*.py") if p.is_file()]
+        known[directory] = (siblings[0].stat().st_mode & 0o7777 if siblings else 0o644) & ~0o111
+    return known[directory]
+
+
+def _emptied(changes: dict[Path, FileChange]) -> list[str]:
+    """Give each file apply removes the directories it empties (relpath -> mode): every entry in
+    them removed by the plan -- files, the bytecode of removed modules, directories it empties --
+    and nothing planned in them; they are removed once empty. Returns the notes for directories
+    where apply removes files and that keep something else (kept, as git apply keeps them)."""
+    removed = {c.path for c in changes.values() if c.after is None and c.before is not None}
+    if not removed:
+        return []
+    kept = {c.path for c in changes.values() if c.after is not None}
+    holding = {parent for path in kept for parent in path.parents}  # directories with a file the plan writes
+    roots = {c.path: (import_root(c.path, c.relpath), c.relpath) for c in changes.values() if c.path in removed}
+    candidates: dict[Path, tuple[Path, str]] = {}
+    for path, (root, relpath) in roots.items():
+        parts = relpath.split("/")
+        for depth in range(len(parts) - 1, 1, -1):
+            candidates[root.joinpath(*parts[:depth])] = (root, "/".join(parts[:depth]))
+    emptied: dict[Path, int] = {}
+    blocked: dict[Path, list[str]] = {}
+    for directory, (root, relpath) in sorted(candidates.items(), key=lambda item: -len(item[0].parts)):
+        listing = entries(root, relpath)
+        if listing is None or directory in holding:
+            continue
+        left = [name for name, found in listing.items()
+                if not _goes(directory / name, found, removed, emptied)]
+        if left:
+            blocked[directory] = left
+            continue
+        parent = entries(root, relpath.rpartition("/")[0]) or {}
+        found = parent.get(directory.name)
+        if found is not None:
+            emptied[directory] = found.st_mode & 0o7777
+    for change in changes.values():
+        if change.path in removed:
+            change.emptied = {roots[change.path][1].rsplit("/", depth)[0]: emptied[parent]
+                              for depth, parent in enumerate(change.path.parents, start=1) if parent in emptied}
+    return [f"kept {directory}: apply removed files from it, but it also holds {', '.join(sorted(left)[:5])}"
+            f"{' ...' if len(left) > 5 else ''}, which apply did not remove" for directory, left in sorted(blocked.items())
+            if not _release_file_left(directory, left)]
+
+
+def _goes(path: Path, found: os.stat_result, removed: set[Path], emptied: dict[Path, int]) -> bool:
+    """Whether entry PATH of a directory disappears with the plan: a file it removes, a directory it
+    empties, or a __pycache__ holding only the bytecode of modules it removes."""
+    if path in removed or path in emptied:
+        return True
+    if path.name != "__pycache__" or not stat.S_ISDIR(found.st_mode):
+        return False
+    stems = {p.stem for p in removed if p.parent == path.parent and p.suffix == ".py"}
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return all(n.endswith(".pyc") and n.split(".", 1)[0] in stems for n in names)
+
+
+def _release_file_left(directory: Path, left: list[str]) -> bool:
+    """Whether what stays in DIRECTORY looks like the release's own (a module, a subpackage), rather
+    than leftovers (bytecode of other modules, a file someone put there): then no note is due."""
+    return any(name.endswith(".py") or (directory / name / "__init__.py").exists() for name in left)
 
 
 def _encoding_refusal(data: bytes) -> CompileFailure | None:
@@ -185,11 +269,14 @@ def _manifest(previous: Manifest | None, series: Series, states: list[PatchState
         entry = manifest.files.get(change.relpath)
         before = sha256(change.before) if change.before is not None else None
         if entry is None:
+            restore_mode = change.before_mode if change.before_mode is not None else change.mode
             entry = FileRecord(path=str(change.path), package=change.package, version=change.version,
                                relpath=change.relpath, action=change.action, before=before, after=None,
-                               mode=change.mode, module=change.module, dirs=list(change.dirs))
+                               mode=restore_mode, module=change.module, dirs=list(change.dirs),
+                               emptied=dict(change.emptied))
             manifest.files[change.relpath] = entry
         entry.after = sha256(change.after) if change.after is not None else None
+        entry.after_mode = change.mode if change.mode != entry.mode and change.after is not None else None
         entry.patches = sorted(set(entry.patches) | set(change.patches))
     for patch in todo:
         manifest.patches[patch.spec.id] = PatchRecord(
@@ -221,10 +308,20 @@ def _action(change: FileChange, offsets: list[int]) -> Action:
     """What apply does to one file; OFFSETS are where its hunks matched, in every patch."""
     if change.action == "register":
         return Action(str(change.path), "register", "lists the created file(s) for pip uninstall")
+    if change.after is None:
+        emptied = sorted(change.emptied)
+        return Action(str(change.path), "remove", "removed by the patch" + (
+            f"; and, once empty, the director{'ies' if len(emptied) > 1 else 'y'} it empties: {', '.join(emptied)}"
+            if emptied else ""))
+    mode = f"mode {change.before_mode:o} -> {change.mode:o}" if change.before_mode not in (None, change.mode) else ""
+    if change.chmod_only:
+        return Action(str(change.path), "patch", mode)
     moved = [o for o in offsets if o]
     detail = f"{len(offsets)} hunk(s)" + (f", offsets {', '.join(f'{o:+d}' for o in moved)}" if moved else ", exact")
     if change.dirs:
         detail += f"; {creates_dirs_detail(change.dirs)}"
+    if mode:
+        detail += f"; {mode}"
     return Action(str(change.path), "create" if change.action == "create" else "patch", detail)
 
 
@@ -234,6 +331,7 @@ class Plan:
 
     changes: list[FileChange]
     probe_memos: dict[str, dict[str, dict]]
+    notes: list[str] = field(default_factory=list)
 
     def actions(self, states: list[PatchState]) -> list[Action]:
         offsets: dict[Path, list[int]] = {}
@@ -251,12 +349,14 @@ class Plan:
         stored = iter(state.store_many([c.before for c in self.changes if c.before is not None]))
         return [Write(c.path, c.after, c.mode, next(stored) if c.before is not None else None,
                       package=c.package, module=import_name(c.package, c.module), version=c.version,
-                      relpath=c.relpath, action=c.action, code=c.code, dirs=tuple(c.dirs)) for c in self.changes]
+                      relpath=c.relpath, action=c.action, code=c.code, dirs=tuple(c.dirs), emptied=dict(c.emptied),
+                      restore_mode=c.before_mode, chmod_only=c.chmod_only) for c in self.changes]
 
 
 def build_plan(todo: list[PatchState]) -> Plan:
     """Plan the writes of the patches in TODO (all assessed `not-applied`); raise if the result
     would not import or a probe would not hold."""
     changes = _collect(todo)
+    notes = _emptied(changes)
     memos = _check_results(changes, todo)
-    return Plan(list(changes.values()) + _registrations(changes, todo), memos)
+    return Plan(list(changes.values()) + _registrations(changes, todo), memos, notes)

@@ -11,6 +11,13 @@ the module directory and above its file, and none may hold a row of the release'
 (originals.check_originals), so a forged manifest cannot name a release directory either; and
 only an empty directory is ever removed. Manifest schema 2 adds `dirs`; schema 1 manifests (no
 directory created) are still read, and an older tool refuses schema 2 by its number.
+
+Directories a patch empties (every file in them deleted or renamed away) are removed by apply
+and recorded likewise on each removed file's record (`emptied`: relpath -> mode), so revert, a
+rollback or a recovery makes them again, with their mode, before the file is put back. A file
+whose mode a patch changes (git's `old mode`/`new mode`, or a new executable file) records the
+mode apply gave it (`after_mode`; `mode` stays the one to restore). Manifest schema 3 adds both,
+journal schema 4 adds `emptied`; older ones are still read.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -28,10 +35,10 @@ from ..errors import ExitCode, PatcherError
 from ..fs.fsops import sha256
 from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir
 
-MANIFEST_SCHEMA = 2
-MANIFEST_READABLE = (1, 2)  # 1: before `dirs`
-JOURNAL_SCHEMA = 3
-JOURNAL_READABLE = (2, 3)  # 2: before `dirs`
+MANIFEST_SCHEMA = 3
+MANIFEST_READABLE = (1, 2, 3)  # 1: before `dirs`; 2: before `emptied` and `after_mode`
+JOURNAL_SCHEMA = 4
+JOURNAL_READABLE = (2, 3, 4)  # 2: before `dirs`; 3: before `emptied`
 ACTIONS = ("create", "modify", "register")
 TOOL = "ernie-patcher"
 
@@ -60,6 +67,14 @@ class FileRecord:
     patches: list[str] = field(default_factory=list)
     module: str = ""
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
+    after_mode: int | None = None
+
+
+def _fields_of(record: object) -> dict:
+    """A record's fields for JSON: dataclasses.asdict deep-copies every list and dict (a second per
+    1 600-file manifest); the encoder only reads them."""
+    return dict(vars(record))
 
 
 def import_name(package: str, module: str) -> str:
@@ -96,8 +111,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
-                "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer}
+                "patches": {k: _fields_of(v) for k, v in self.patches.items()},
+                "files": {k: _fields_of(v) for k, v in self.files.items()}, "answer": self.answer}
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
@@ -130,7 +145,9 @@ class RestoreEntry:
     interrupted run was putting there: any other content means the journal is not about this
     environment, and recovery refuses. DIRS are the directories (relpaths under the import root)
     apply created for the file: made again when the file is put back, removed when empty once it
-    is removed.
+    is removed. EMPTIED are the directories (relpath -> mode) the write removes once empty after
+    removing the file, or makes (with that mode) before putting it back: made again with their mode
+    when the file is put back, removed when empty once it is removed.
     """
 
     package: str
@@ -142,6 +159,7 @@ class RestoreEntry:
     written: str | None
     mode: int
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +171,7 @@ class Journal:
 
     def to_json(self) -> dict:
         return {"schema": JOURNAL_SCHEMA, "tool": TOOL, "operation": self.operation,
-                "started": self.started, "restore": [asdict(e) for e in self.restore],
+                "started": self.started, "restore": [_fields_of(e) for e in self.restore],
                 "manifest": self.manifest}
 
     @classmethod
@@ -189,6 +207,11 @@ def _field_ok(name: str, kind: object, value: object) -> bool:
         return value in ACTIONS
     if name == "dirs":
         return isinstance(value, list) and all(_field_ok("relpath", str, v) for v in value)
+    if name == "emptied":
+        return isinstance(value, dict) and all(_field_ok("relpath", str, k) and _field_ok("mode", "int", v)
+                                               and 0 <= v <= 0o7777 for k, v in value.items())
+    if name == "after_mode":
+        return value is None or (_field_ok("mode", "int", value) and 0 <= value <= 0o7777)
     if name == "probes":
         return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
     if kind == "int":
@@ -216,6 +239,10 @@ def _check_fields(record: object, where: Path) -> None:
     if dirs and not _dirs_ok(record.relpath, record.action, dirs):
         raise corrupt(where, f"field 'dirs' of {record.relpath} names directories that are not between "
                              f"its package module and the file: {dirs!r:.80}")
+    emptied = getattr(record, "emptied", {})
+    if emptied and not _emptied_ok(record, list(emptied)):
+        raise corrupt(where, f"field 'emptied' of {record.relpath} names directories that are not between "
+                             f"its package module and the file, or the file is not one removed: {emptied!r:.80}")
 
 
 def _dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
@@ -223,6 +250,17 @@ def _dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
     first part of RELPATH) and above the file, so revert can never remove anything else."""
     return action == "create" and all(len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/"))
                                       and relpath.startswith(d + "/") for d in dirs)
+
+
+def _emptied_ok(record: object, dirs: list[str]) -> bool:
+    """Directories a patch empties: each below the module directory and above the file, which is one
+    the recorded change removes (a manifest record's `after`, a journal entry's digest or written
+    bytes, is None), so revert can only ever make directories on the way to a file it puts back."""
+    relpath = record.relpath  # type: ignore[attr-defined]
+    removed = (getattr(record, "after", "") is None or getattr(record, "digest", "") is None
+               or getattr(record, "written", "") is None)
+    return removed and record.action == "modify" and all(  # type: ignore[attr-defined]
+        len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/")) and relpath.startswith(d + "/") for d in dirs)
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:
@@ -283,7 +321,8 @@ class StateDir:
 
     def write_json(self, path: Path, document: dict) -> None:
         with self._create() as directory:
-            directory.write(path.name, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+            # One line, by json's C encoder: with indent it encodes in Python (~1 s for a 1 600-file manifest).
+            directory.write(path.name, (json.dumps(document, sort_keys=True) + "\n").encode(), 0o644)
 
     def _create(self) -> SafeDir:
         directory = self._open(create=True)

@@ -91,7 +91,7 @@ def apply_hunks(text: str, hunks: Sequence[Hunk], *, reverse: bool = False,
     delta = 0
     low = 0
     for index, hunk in enumerate(hunks):
-        old, new = hunk.old, hunk.new
+        old, new = hunk.sides()
         source_start = hunk.source_start
         if reverse:
             old, new, source_start = new, old, hunk.target_start
