@@ -161,6 +161,8 @@ class Assessor:
         self.working: dict[Path, bytes | None] = {}
         self._planned: set[Path] = set()
         self._records: dict[str, dict[str, str | None]] = {}
+        self._sources: dict[tuple[str, str], bytes | None] = {}
+        self._release_checked: dict[tuple[str, str, int], bool] = {}
 
     def checkpoint(self) -> tuple[dict[Path, bytes | None], set[Path]]:
         """The planned working copies, to try a patch and take it back (rollback) if it is not used."""
@@ -254,10 +256,17 @@ class Assessor:
 
     def _released(self, package: InstalledPackage, relpath: str, data: bytes) -> bool:
         """Whether DATA is the file RELPATH as the installed release shipped it (RECORD)."""
-        return self.record_digest(package, relpath) == record_digest(data)
+        key = (package.name, relpath, id(data))
+        if key not in self._release_checked:
+            self._release_checked[key] = self.record_digest(package, relpath) == record_digest(data)
+        return self._release_checked[key]
 
     def _probe_source(self, package: InstalledPackage, relpath: str) -> bytes | None:
-        return read_target(package.import_root / relpath, relpath)
+        """The file a probe looks at, read once per run (patches chained on one module share it)."""
+        key = (package.name, relpath)
+        if key not in self._sources:
+            self._sources[key] = read_target(package.import_root / relpath, relpath)
+        return self._sources[key]
 
     def _files(self, package: InstalledPackage, fp: FilePatch, spec: PatchSpec, managed: bool) -> list[FileState]:
         """The file states of one file patch: a rename removes its source and creates its target (as

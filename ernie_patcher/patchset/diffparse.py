@@ -38,6 +38,8 @@ class Hunk:
     data: bytes = field(repr=False)
     start: int
     end: int
+    source_length: int = 0
+    target_length: int = 0
 
     @property
     def old(self) -> tuple[str, ...]:
@@ -170,28 +172,26 @@ def _name(text: bytes) -> str:
     return text.decode("utf-8", "surrogateescape")
 
 
-def _git_line_name(rest: bytes) -> str | None:
-    """The name on a `diff --git A B` line when both sides name the same file (after their first
-    component, as git apply reads it), one component shorter; None when they differ."""
+def _git_line_names(rest: bytes, level: int) -> str | None:
+    """The file a `diff --git A B` line names at strip LEVEL: A and B without their first LEVEL
+    components must be the same name (git apply reads the line so); None when no split gives that."""
     if rest.startswith(b'"'):
         first = _unquote(rest)
-        if first is None:
-            return None
-        quoted_end = rest.find(b'" ', 1)
-        second_raw = rest[quoted_end + 2:] if quoted_end > 0 else b""
+        end = rest.find(b'" ', 1)
+        second_raw = rest[end + 2:] if end > 0 else b""
         second = _unquote(second_raw) if second_raw.startswith(b'"') else second_raw
-        if second is None:
-            return None
-        a, b = first.split(b"/", 1)[-1], second.split(b"/", 1)[-1]
-        return a.decode("utf-8", "surrogateescape") if a == b else None
-    for at in range(len(rest)):
-        if rest[at:at + 1] != b" ":
-            continue
-        first, second = rest[:at], rest[at + 1:]
-        if second.startswith(b'"'):
-            second = _unquote(second) or b""
-        if b"/" in first and b"/" in second and first.split(b"/", 1)[1] == second.split(b"/", 1)[1]:
-            return first.split(b"/", 1)[1].decode("utf-8", "surrogateescape")
+        pairs = [(first, second)] if first is not None and second is not None else []
+    else:
+        pairs = []
+        for at in range(len(rest)):
+            if rest[at:at + 1] == b" ":
+                second = rest[at + 1:]
+                second = (_unquote(second) or b"") if second.startswith(b'"') else second
+                pairs.append((rest[:at], second))
+    for first, second in pairs:
+        a = _strip(first.decode("utf-8", "surrogateescape"), level)
+        if a is not None and a == _strip(second.decode("utf-8", "surrogateescape"), level):
+            return a
     return None
 
 
@@ -212,6 +212,7 @@ class _Raw:
     new_name: str | None = None
     short_old: str | None = None
     short_new: str | None = None
+    git_line: bytes = b""
     git: bool = False
     creates: bool = False
     deletes: bool = False
@@ -229,23 +230,28 @@ class _Raw:
         full = self.new_name if self.new_name not in (None, DEV_NULL) else self.old_name
         if full not in (None, DEV_NULL):
             return full[2:] if full.startswith(("a/", "b/")) else full
-        return self.short_new or self.short_old or f"the file at line {self.line}"
+        return self.short_new or self.short_old or _git_line_names(self.git_line, 1) or f"the file at line {self.line}"
 
-    def names(self) -> list[tuple[str, int]]:
-        """(name, components it lacks) of the file this patch writes or removes, and of its source."""
-        found: list[tuple[str, int]] = []
+    def raw_names(self) -> list[str]:
+        """The names as written, for messages and the check that none is unsafe."""
+        names = [n for n in (self.old_name, self.new_name, self.short_old, self.short_new) if n not in (None, DEV_NULL)]
+        return names or [self.git_line.decode("utf-8", "surrogateescape")]
+
+    def names_at(self, level: int) -> list[str] | None:
+        """The file this patch writes or removes -- for a rename or copy, its source first -- with the
+        first LEVEL components taken off (rename and copy lines lack one already); None when a name
+        has fewer components or the `diff --git` line names none at that level."""
         if self.renames or self.copies:
-            for full, short in ((self.old_name, self.short_old), (self.new_name, self.short_new)):
-                found.append((short, 1) if short is not None else (full or "", 0))
-            return found
-        full = self.old_name if self.deletes else self.new_name
-        if full is not None and full != DEV_NULL:
-            return [(full, 0)]
-        other = self.old_name if not self.deletes else self.new_name
-        if other is not None and other != DEV_NULL:
-            return [(other, 0)]
-        short = self.short_new or self.short_old
-        return [(short, 1)] if short is not None else []
+            found = [_strip(short, max(level - 1, 0)) if short is not None else _strip(full or "", level)
+                     for full, short in ((self.old_name, self.short_old), (self.new_name, self.short_new))]
+            return None if None in found else found  # type: ignore[return-value]
+        preferred, other = (self.old_name, self.new_name) if self.deletes else (self.new_name, self.old_name)
+        for full in (preferred, other):
+            if full is not None and full != DEV_NULL:
+                stripped = _strip(full, level)
+                return [stripped] if stripped is not None else None
+        name = _git_line_names(self.git_line, level) if self.git else None
+        return [name] if name is not None else None
 
 
 class _Lines:
@@ -410,7 +416,7 @@ def _hunks(lines: _Lines, raw: _Raw, where: str) -> None:
         start = lines.pos
         if not _counted_body(lines, old_len, new_len):
             _walk_body(lines, raw, where, old_len, new_len)
-        raw.hunks.append(Hunk(old_start, new_start, lines.data, start, lines.pos))
+        raw.hunks.append(Hunk(old_start, new_start, lines.data, start, lines.pos, old_len, new_len))
 
 
 _NOT_BODY = re.compile(rb"\n[^ +\-\\\n]")
@@ -465,8 +471,7 @@ def _read(data: bytes, where: str) -> list[_Raw]:
     while (line := lines.peek()) is not None:
         if line.startswith(b"diff --git "):
             raw = _Raw(git=True, line=lines.number + 1)
-            name = _git_line_name(line[len(b"diff --git "):].rstrip(b"\r"))
-            raw.short_old = raw.short_new = name
+            raw.git_line = line[len(b"diff --git "):].rstrip(b"\r")
             lines.advance()
             files.append(raw)
             _git_header(lines, raw, where)
@@ -504,43 +509,42 @@ def _unified(lines: _Lines, raw: _Raw, where: str) -> None:
     if raw.new_name == DEV_NULL:
         raw.deletes = True
     _hunks(lines, raw, where)
+    if not raw.git and len(raw.hunks) == 1:  # diff -N names both files, the absent one empty
+        only = raw.hunks[0]
+        raw.creates = raw.creates or (only.source_start, only.source_length) == (0, 0)
+        raw.deletes = raw.deletes or (only.target_start, only.target_length) == (0, 0)
 
 
 def _infer_strip(raws: list[_Raw], module: str) -> int | None:
     for level in range(MAX_INFERRED_STRIP + 1):
-        if all(_stripped_ok(name, level - lacking, module) for raw in raws for name, lacking in raw.names()):
+        if all(names is not None and all(n.split("/", 1)[0] == module for n in names)
+               for names in (raw.names_at(level) for raw in raws)):
             return level
     return None
 
 
-def _stripped_ok(name: str, level: int, module: str) -> bool:
-    stripped = _strip(name, max(level, 0))
-    return stripped is not None and stripped.split("/", 1)[0] == module
-
-
-def _path(name: str, lacking: int, strip: int, module: str, where: str) -> PurePosixPath:
-    safe_relative(name, where)
-    stripped = _strip(name, max(strip - lacking, 0))
-    if stripped is None:
-        raise PatcherError(ExitCode.USAGE, f"{where}: strip {strip} removes the whole path {name!r}")
-    path = safe_relative(stripped, where)
+def _path(name: str, module: str, where: str) -> PurePosixPath:
+    path = safe_relative(name, where)
     if path.parts[0] != module or len(path.parts) < 2:
-        raise PatcherError(ExitCode.USAGE, f"{where}: path {stripped!r} is outside package module {module!r}",
+        raise PatcherError(ExitCode.USAGE, f"{where}: path {name!r} is outside package module {module!r}",
                            hint="a patch may only change files of the package it declares")
     return path
 
 
 def _file_patch(raw: _Raw, module: str, strip: int, where: str) -> FilePatch:
-    names = raw.names()
-    if not names:
-        raise _usage(where, f"the file patch at line {raw.line} names no file (its `diff --git` names differ "
-                            "and it has no ---/+++ lines)")
+    names = raw.names_at(strip)
+    if names is None:
+        written = raw.raw_names()[0]
+        raise PatcherError(ExitCode.USAGE, f"{where}: strip {strip} removes the whole path {written!r}"
+                           if raw.old_name or raw.new_name or raw.short_old else
+                           f"malformed diff in {where}: the `diff --git` line at line {raw.line} names no one file "
+                           f"at strip {strip}: {written!r}", hint="check the 'strip' of the series file")
     if raw.creates and raw.deletes:
         raise _usage(where, f"{raw.label()} is both created and deleted")
     if not raw.hunks and raw.binary is None and not (raw.creates or raw.deletes or raw.renames or raw.copies
                                                      or raw.old_mode != raw.new_mode):
         raise _usage(where, f"no hunks for {raw.label()} (nothing to change)")
-    paths = [_path(name, lacking, strip, module, where) for name, lacking in names]
+    paths = [_path(name, module, where) for name in names]
     if (raw.renames or raw.copies) and (raw.creates or raw.deletes):
         raise _usage(where, f"{raw.label()} is renamed or copied and also created or deleted")
     source = paths[0] if raw.renames or raw.copies else None
@@ -559,7 +563,7 @@ def parse_patch(text: str | bytes, module: str, strip: int | None, where: str) -
     if not raws:
         raise _usage(where, "no file changes found")
     for raw in raws:
-        for name, _ in raw.names():
+        for name in raw.raw_names():
             safe_relative(name, where)
     inferred = strip is None
     if inferred:
@@ -567,7 +571,7 @@ def parse_patch(text: str | bytes, module: str, strip: int | None, where: str) -
         if strip is None:
             raise PatcherError(
                 ExitCode.USAGE, f"paths in {where} do not point into package module {module!r}",
-                details=[f"path: {name}" for raw in raws for name, _ in raw.names()][:20],
+                details=[f"path: {name}" for raw in raws for name in raw.raw_names()][:20],
                 hint="paths are relative to site-packages (e.g. 'a/diffusers/...'); set 'strip' in the series file")
     files = tuple(_file_patch(raw, module, strip, where) for raw in raws)
     touched = [f.path for f in files] + [f.source for f in files if f.renames and f.source is not None]
