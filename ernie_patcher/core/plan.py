@@ -185,7 +185,16 @@ def _compile_checks(changes: list[FileChange]) -> None:
     for change, result in zip(sources, compile_many([(c.path, c.after or b"") for c in sources])):
         if isinstance(result, CompileFailure):
             raise _not_compiling(change, result.kind, result.message)
-        change.code = result
+        change.code = result if _gets_bytecode(change) else None  # else it only costs memory
+
+
+def _gets_bytecode(change: FileChange) -> bool:
+    """Whether the release keeps bytecode where CHANGE's file goes (as transaction._bytecode_flags)."""
+    from ..fs import bytecode
+
+    made = sorted([*change.dirs, *change.emptied], key=len)
+    beside = (import_root(change.path, change.relpath) / made[0]).parent if made else None
+    return bytecode.release_flags(change.path, beside) is not None
 
 
 def _not_compiling(change: FileChange, kind: str, message: str) -> PatcherError:
