@@ -2,7 +2,7 @@
 subpackages with empty __init__.py, deleted subpackages, renames, binary assets) as a user patch set on
 a virtual environment holding 0.20.0: apply leaves exactly the tree `git apply` leaves, verify passes,
 revert gives 0.20.0 back byte for byte, and `pip uninstall` removes every file apply created.
-One test, run once: it is the slowest of the core tier (about a minute and a half)."""
+One test, run once: it is the slowest of the core tier (1.5 to 4.5 minutes, with the machine's load)."""
 from __future__ import annotations
 
 import json
