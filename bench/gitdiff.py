@@ -53,9 +53,9 @@ def release_case(work: Path) -> tuple[Path, Path, Path, list[str]]:
     name, module, old, new = RELEASE
     site = work / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-                    str(site), str(_wheel(name, old))], check=True)
+                    str(site), str(_wheel(module, old))], check=True)
     for label, version in (("a", old), ("b", new)):
-        _extract(_wheel(name, version), work / label, module)
+        _extract(_wheel(module, version), work / label, module)
     patches = work / "set"
     patches.mkdir()
     diff = subprocess.run(["git", "diff", "--no-index", "--binary", f"a/{module}", f"b/{module}"], cwd=work,

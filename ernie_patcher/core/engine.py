@@ -219,13 +219,14 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
     from .plan import build_plan  # only apply plans writes: status and verify start faster
     from .transaction import commit
 
-    plan = build_plan(todo)
+    plan = build_plan(todo, compile_later=not report.dry_run)
     report.actions = plan.actions(states)
     report.notes.extend(plan.notes)
     _refuse_user_writable(pins, allow_user_writable)
     if report.dry_run:
         return
-    commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous)
+    commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous,
+           compiling=plan.compiling)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
         patch.probes = [run_probe(p, read_target(patch.package.import_root / p.file, p.file))

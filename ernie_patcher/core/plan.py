@@ -177,15 +177,71 @@ def _encoding_refusal(data: bytes) -> CompileFailure | None:
 def _compile_checks(changes: list[FileChange]) -> None:
     """Compile the planned bytes of every Python file (in parallel: compilepool) as the import system
     would; keep each result as its new bytecode; raise on the first that would not import."""
-    sources = [c for c in changes if c.after is not None and c.path.suffix == ".py"]
-    for change in sources:
-        refusal = _encoding_refusal(change.after or b"")
-        if refusal:
-            raise _not_compiling(change, refusal.kind, refusal.message)
-    for change, result in zip(sources, compile_many([(c.path, c.after or b"") for c in sources])):
-        if isinstance(result, CompileFailure):
-            raise _not_compiling(change, result.kind, result.message)
-        change.code = result if _gets_bytecode(change) else None  # else it only costs memory
+    CompileCheck(changes).run()
+
+
+COMPILE_BATCH = 8 << 20
+
+
+def _batches(changes: list[FileChange]) -> list[list[FileChange]]:
+    """CHANGES in runs of at most COMPILE_BATCH bytes of source (a larger file alone)."""
+    batches: list[list[FileChange]] = [[]]
+    size = 0
+    for change in changes:
+        if batches[-1] and size + len(change.after or b"") > COMPILE_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(change)
+        size += len(change.after or b"")
+    return [batch for batch in batches if batch]
+
+
+class CompileCheck:
+    """The compile check of a plan, run now (`run`) or in a thread (`start`) while the transaction
+    stores the originals, writes its journal and stages the new files, none of which the package
+    shows; `finish` waits for it and raises on the first file that would not import, before any
+    file is renamed in place (a refusal then rolls back what was staged)."""
+
+    def __init__(self, changes: list[FileChange]) -> None:
+        self.sources = [c for c in changes if c.after is not None and c.path.suffix == ".py"]
+        for change in self.sources:
+            refusal = _encoding_refusal(change.after or b"")
+            if refusal:
+                raise _not_compiling(change, refusal.kind, refusal.message)
+        self._thread = None
+        self._outcome: list | BaseException | None = None
+
+    def run(self) -> None:
+        """Compile in batches of about BATCH bytes of source: the marshalled code of a batch is dropped
+        (where the release keeps no bytecode) before the next is compiled, so a whole-release diff
+        never holds the code of every module at once."""
+        for batch in _batches(self.sources):
+            for change, result in zip(batch, compile_many([(c.path, c.after or b"") for c in batch])):
+                if isinstance(result, CompileFailure):
+                    raise _not_compiling(change, result.kind, result.message)
+                change.code = result if _gets_bytecode(change) else None  # else it only costs memory
+
+    def start(self) -> "CompileCheck":
+        import threading
+
+        def work() -> None:
+            try:
+                self.run()
+            except BaseException as error:  # handed to finish(), in the main thread
+                self._outcome = error
+
+        self._thread = threading.Thread(target=work, name="ernie-patch-compile-check", daemon=True)
+        self._thread.start()
+        return self
+
+    def finish(self) -> dict[Path, bytes]:
+        """The new bytecode of each file that gets some (path -> marshalled code), once all compiled."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return {c.path: c.code for c in self.sources if c.code is not None}
 
 
 def _gets_bytecode(change: FileChange) -> bool:
@@ -203,12 +259,15 @@ def _not_compiling(change: FileChange, kind: str, message: str) -> PatcherError:
                         hint="the patch set is broken for this release; nothing was written")
 
 
-def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> dict[str, dict[str, dict]]:
-    """Refuse before writing when a patched file would not compile or a probe would not pass.
+def _check_results(changes: dict[Path, FileChange], todo: list[PatchState],
+                   compile_now: bool = True) -> dict[str, dict[str, dict]]:
+    """Refuse before writing when a patched file would not compile (unless COMPILE_NOW is false: the
+    transaction waits for the check, CompileCheck) or a probe would not pass.
 
     Returns each patch's probe results on the planned bytes, kept in the manifest for verify.
     """
-    _compile_checks(list(changes.values()))
+    if compile_now:
+        _compile_checks(list(changes.values()))
     planned = {c.relpath: c.after for c in changes.values()}
     memos: dict[str, dict[str, dict]] = {}
     for patch in todo:
@@ -341,6 +400,7 @@ class Plan:
     changes: list[FileChange]
     probe_memos: dict[str, dict[str, dict]]
     notes: list[str] = field(default_factory=list)
+    compiling: CompileCheck | None = None
 
     def actions(self, states: list[PatchState]) -> list[Action]:
         offsets: dict[Path, list[int]] = {}
@@ -362,10 +422,12 @@ class Plan:
                       restore_mode=c.before_mode, chmod_only=c.chmod_only) for c in self.changes]
 
 
-def build_plan(todo: list[PatchState]) -> Plan:
+def build_plan(todo: list[PatchState], compile_later: bool = False) -> Plan:
     """Plan the writes of the patches in TODO (all assessed `not-applied`); raise if the result
-    would not import or a probe would not hold."""
+    would not import or a probe would not hold. With COMPILE_LATER the compile check runs in a
+    thread (Plan.compiling) that the transaction finishes before renaming anything in place."""
     changes = _collect(todo)
     notes = _emptied(changes)
-    memos = _check_results(changes, todo)
-    return Plan(list(changes.values()) + _registrations(changes, todo), memos, notes)
+    memos = _check_results(changes, todo, compile_now=not compile_later)
+    compiling = CompileCheck(list(changes.values())).start() if compile_later else None
+    return Plan(list(changes.values()) + _registrations(changes, todo), memos, notes, compiling)

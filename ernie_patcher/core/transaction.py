@@ -12,13 +12,16 @@ import signal
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import ExitCode, PatcherError
 from ..fs.fsops import (StagedFile, chmod_target, discard, fsync_entries, fsync_staged, import_root, install, put,
                         read_target, remove, remove_bytecode, remove_empty_dirs, remove_temp_files, sha256, stage,
                         stat_target, sync_directories)
 from .interrupts import Interrupted, signals_as_errors
+
+if TYPE_CHECKING:
+    from .plan import CompileCheck
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
 KILL_ENV = "ERNIE_PATCHER_TEST_KILL_AT"
@@ -194,21 +197,24 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
 
 
 def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manifest | None,
-           previous: Manifest | None) -> None:
+           previous: Manifest | None, compiling: CompileCheck | None = None) -> None:
     """Write everything, journaled; on failure undo it, leaving the files and PREVIOUS manifest.
 
     SIGINT and SIGTERM during the writes are failures like any other: the files written so far are
     put back before the process exits. A second signal during that rollback stops it and leaves the
-    journal, which the next run finishes.
+    journal, which the next run finishes. COMPILING is apply's compile check still running (in a
+    thread): it is finished once every new file is staged, before anything is renamed in place, and
+    gives the new bytecode; a file that would not compile then fails the commit like any error.
     """
-    writes = _with_bytecode(writes)
+    if compiling is None:
+        writes = _with_bytecode(writes)
     journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
                       manifest=previous.to_json() if previous else None)
     with signals_as_errors():
         state.write_json(state.journal_path, journal.to_json())
         checkpoint("journal-written")
         try:
-            _write_all(state, writes, manifest)
+            _write_all(state, writes, manifest, compiling)
         except Exception as error:
             _roll_back(state, journal, writes, previous, error if isinstance(error, PatcherError) else None)
             raise
@@ -262,7 +268,8 @@ def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous:
             error.reason += f" during {journal.operation}; every file written so far was put back"
 
 
-def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) -> None:
+def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None,
+               compiling: CompileCheck | None = None) -> None:
     """Every file, then the manifest. New contents are first staged in temp files beside their
     targets and fsynced together (one journal commit, not one per file); then each is renamed in
     place, its stale bytecode removed and fresh bytecode written; every directory touched is
@@ -277,6 +284,9 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) 
                 staged[index] = stage(write.path, write.relpath, write.data, write.mode,
                                       made_dirs(write.dirs, write.emptied))
         fsync_staged(list(staged.values()))
+        if compiling is not None:
+            code = compiling.finish()
+            writes = [replace(w, code=code[w.path]) if w.path in code else w for w in writes]
         touched: set[tuple[Path, str]] = set()
         compiled: list[tuple[Path, str]] = []
         for number, write in enumerate(writes, start=1):
