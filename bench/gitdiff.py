@@ -107,7 +107,7 @@ def compare_release(work: Path, rows: list[str], tool_root: Path) -> None:
     print("\n".join(rows[-7:]), flush=True)
 
 
-FUNCTION = "def f_{i}(x):\n    value = x + {i}\n    return value * {k}\n\n"
+FUNCTION = "def f_{i}(x):\n    value = x + {i}\n    return value * {k}, 'v{k}'\n\n"
 
 
 def _big_site(work: Path, modules: int, functions: int) -> tuple[Path, Path]:
@@ -129,7 +129,7 @@ def _big_site(work: Path, modules: int, functions: int) -> tuple[Path, Path]:
     patches.mkdir()
     diff = subprocess.run(["git", "diff", "--no-index", "a/benchpkg", "b/benchpkg"], cwd=work, capture_output=True)
     (patches / "big.patch").write_bytes(diff.stdout)
-    _series(patches, [("big", "benchpkg", "benchpkg", "1.0", ["m0.py:x"])])
+    _series(patches, [("big", "benchpkg", "benchpkg", "1.0", ["m0.py:v3"])])
     return site, patches
 
 

@@ -91,8 +91,7 @@ MUTATIONS = [
              "            if not self.allow_untested:\n", "            if False:\n",
              (f"{T_LIFE}::test_version_gate_refuses_then_allow_untested_tries",)),
     Mutation("stale bytecode kept", "ernie_patcher/core/transaction.py",
-             "                install(staged.pop(number - 1), sync_dir=False)\n"
-             "                remove_bytecode(write.path, write.relpath)\n",
+             "                install(staged.pop(number - 1), sync_dir=False, drop_bytecode=True)\n",
              "                install(staged.pop(number - 1), sync_dir=False)\n",
              (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
     Mutation("no fresh bytecode", "ernie_patcher/core/transaction.py",

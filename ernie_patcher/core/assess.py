@@ -101,18 +101,28 @@ def encode(text: str) -> bytes:
     return text.encode(*ENCODING)
 
 
-def target_path(package: InstalledPackage, relpath: str) -> Path:
-    """The absolute path of RELPATH, refusing any that leaves the package through a symlink."""
+def target_path(package: InstalledPackage, relpath: str, resolved: dict[Path, Path] | None = None) -> Path:
+    """The absolute path of RELPATH, refusing any that leaves the package through a symlink. RESOLVED
+    keeps the directories already resolved in this run (a release diff has a thousand files in a
+    hundred directories)."""
     path = package.import_root / relpath
-    module_dir = (package.import_root / package.module).resolve()
-    parent = path.parent.resolve()
-    inside = parent == module_dir or module_dir in parent.parents
+    module_dir = _resolved(package.import_root / package.module, resolved)
+    parent = _resolved(path.parent, resolved)
+    inside = parent == module_dir or str(parent).startswith(f"{module_dir}/")
     if not inside or path.is_symlink():
         real = os.path.realpath(path)
         raise PatcherError(ExitCode.ENVIRONMENT,
                            f"refusing {path}: it resolves to {real}, outside package {package.module}",
                            hint="a symlink inside the package points elsewhere; the tool only writes inside it")
     return path
+
+
+def _resolved(path: Path, cache: dict[Path, Path] | None) -> Path:
+    if cache is None:
+        return path.resolve()
+    if path not in cache:
+        cache[path] = path.resolve()
+    return cache[path]
 
 
 def new_directories(package: InstalledPackage, relpath: str) -> tuple[list[str], str]:
@@ -162,6 +172,7 @@ class Assessor:
         self._planned: set[Path] = set()
         self._records: dict[str, dict[str, str | None]] = {}
         self._sources: dict[tuple[str, str], bytes | None] = {}
+        self._resolved: dict[Path, Path] = {}
         self._release_checked: dict[tuple[str, str, int], bool] = {}
 
     def checkpoint(self) -> tuple[dict[Path, bytes | None], set[Path]]:
@@ -226,7 +237,7 @@ class Assessor:
             return None
         files = []
         for relpath in recorded.files:
-            path = target_path(package, relpath)
+            path = target_path(package, relpath, self._resolved)
             entry = self.manifest.files.get(relpath)
             current = self.current(path, relpath)
             digest = sha256(current) if current is not None else None
@@ -274,7 +285,7 @@ class Assessor:
         if fp.source is None:
             return [self._file(package, fp, spec, managed)]
         relpath = str(fp.source)
-        path = target_path(package, relpath)
+        path = target_path(package, relpath, self._resolved)
         origin = self.current(path, relpath)
         mode = fp.new_mode or _git_mode(stat_target(path, relpath))
         states = []
@@ -287,7 +298,7 @@ class Assessor:
               origin: tuple[bytes | None, Path] | None = None, mode: int | None = None) -> FileState:
         """One file's state; ORIGIN is (bytes, path) of the file a rename or copy makes it from."""
         relpath = str(fp.path)
-        path = target_path(package, relpath)
+        path = target_path(package, relpath, self._resolved)
         dirs, blocked = ([], "")
         if fp.creates and path not in self.working and not path.parent.is_dir():
             dirs, blocked = new_directories(package, relpath)

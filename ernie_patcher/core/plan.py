@@ -427,7 +427,7 @@ def build_plan(todo: list[PatchState], compile_later: bool = False) -> Plan:
     would not import or a probe would not hold. With COMPILE_LATER the compile check runs in a
     thread (Plan.compiling) that the transaction finishes before renaming anything in place."""
     changes = _collect(todo)
+    compiling = CompileCheck(list(changes.values())).start() if compile_later else None
     notes = _emptied(changes)
     memos = _check_results(changes, todo, compile_now=not compile_later)
-    compiling = CompileCheck(list(changes.values())).start() if compile_later else None
     return Plan(list(changes.values()) + _registrations(changes, todo), memos, notes, compiling)

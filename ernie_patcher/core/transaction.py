@@ -297,8 +297,7 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None,
             elif write.chmod_only:
                 chmod_target(write.path, write.relpath, write.mode)
             else:
-                install(staged.pop(number - 1), sync_dir=False)
-                remove_bytecode(write.path, write.relpath)
+                install(staged.pop(number - 1), sync_dir=False, drop_bytecode=True)
             touched |= {(root, directory), (root, "/".join(filter(None, [directory, "__pycache__"])))}
             touched |= {(root, _parent_dir(d)) for d in [*write.dirs, *write.emptied]}
             if flags is not None:

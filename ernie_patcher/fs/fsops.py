@@ -200,14 +200,17 @@ def _fsync_staged(file: StagedFile) -> None:
         directory.fsync_staged(file.staged, _parent(file.relpath)[1])
 
 
-def install(file: StagedFile, sync_dir: bool = True) -> None:
+def install(file: StagedFile, sync_dir: bool = True, drop_bytecode: bool = False) -> None:
     """Rename the staged temp file over its target (atomic), through its directory entered again by
-    descriptor: a directory swapped since planning is refused, never written through."""
+    descriptor: a directory swapped since planning is refused, never written through. DROP_BYTECODE:
+    then remove the target's stale bytecode through the same directory fd (as remove_bytecode)."""
     directory = _directory(file.path, file.relpath)
     if directory is None:
         raise _vanished(file.path)
     with directory:
         directory.rename(file.staged, _parent(file.relpath)[1])
+        if drop_bytecode:
+            _remove_bytecode_in(directory, _parent(file.relpath)[1])
         if sync_dir:
             directory.sync()
 
