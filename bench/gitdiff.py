@@ -134,7 +134,7 @@ def _big_site(work: Path, modules: int, functions: int) -> tuple[Path, Path]:
 
 
 def compare_big(work: Path, rows: list[str], tool_root: Path) -> None:
-    site, patches = _big_site(work, 100, 2200)
+    site, patches = _big_site(work, 100, 7200)
     size = (patches / "big.patch").stat().st_size / 2**20
     tool = [sys.executable, "-m", "ernie_patcher"]
     results = {
