@@ -79,29 +79,46 @@ def _reference(tool: list[str], site: Path, touched: list[str], tool_root: Path)
     return applied[0] + compiled[0], applied[1] + compiled[1], max(applied[2], compiled[2])
 
 
-def compare_release(work: Path, rows: list[str], tool_root: Path) -> None:
-    site, patches, patch_file, touched = release_case(work)
+def _median(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return tuple(sorted(column)[len(column) // 2] for column in zip(*samples))  # type: ignore[return-value]
+
+
+def compare_release(work: Path, rows: list[str], tool_root: Path, rounds: int = 3) -> None:
+    """ROUNDS rounds, each on fresh copies, the tools interleaved; medians (the load of a shared
+    machine moves any one figure by half)."""
+    pristine, patches, patch_file, touched = release_case(work)
     size = patch_file.stat().st_size / 2**20
-    git_site, gnu_site = work / "git", work / "gnu"
-    shutil.copytree(site, git_site, symlinks=True)
-    shutil.copytree(site, gnu_site, symlinks=True)
     tool = [sys.executable, "-m", "ernie_patcher"]
-    results = {
-        "ernie-patch apply": timed([*tool, "apply", "--site", str(site), "--patches", str(patches)], tool_root),
-        "ernie-patch verify": timed([*tool, "verify", "--site", str(site), "--patches", str(patches)], tool_root),
-        "ernie-patch revert": timed([*tool, "revert", "--site", str(site)], tool_root),
-        "ernie-patch verify, reverted": timed([*tool, "verify", "--site", str(site), "--patches", str(patches)],
-                                              tool_root, check=False),
-        "git apply + compileall": _reference(["git", "apply", "-p2", "--unsafe-paths", str(patch_file)], git_site,
-                                             touched, tool_root),
-        "GNU patch + compileall": _reference(["patch", "-p2", "--batch", "--silent", "-i", str(patch_file)], gnu_site,
-                                             touched, tool_root),
-    }
+    samples: dict[str, list[tuple[float, float, float]]] = {}
+    for number in range(rounds):
+        site, git_site, gnu_site = (work / f"{name}-{number}" for name in ("site", "git", "gnu"))
+        for copy in (site, git_site, gnu_site):
+            shutil.copytree(pristine, copy, symlinks=True)
+        steps = {
+            "git apply + compileall": lambda: _reference(["git", "apply", "-p2", "--unsafe-paths", str(patch_file)],
+                                                         git_site, touched, tool_root),
+            "ernie-patch apply": lambda: timed([*tool, "apply", "--site", str(site), "--patches", str(patches)],
+                                               tool_root),
+            "GNU patch + compileall": lambda: _reference(["patch", "-p2", "--batch", "--silent", "-i",
+                                                          str(patch_file)], gnu_site, touched, tool_root),
+            "ernie-patch verify": lambda: timed([*tool, "verify", "--site", str(site), "--patches", str(patches)],
+                                                tool_root),
+            "ernie-patch revert": lambda: timed([*tool, "revert", "--site", str(site)], tool_root),
+            "ernie-patch verify, reverted": lambda: timed([*tool, "verify", "--site", str(site), "--patches",
+                                                           str(patches)], tool_root, check=False),
+        }
+        for name, step in steps.items():
+            samples.setdefault(name, []).append(step())
+        for copy in (site, git_site, gnu_site):
+            shutil.rmtree(copy)
+    results = {name: _median(values) for name, values in samples.items()}
     git = results["git apply + compileall"]
     rows.append(f"vllm-omni 0.20.0 -> 0.30.0, git diff --binary: {patch_file.read_bytes().count(b'diff --git ')} files, "
-                f"patch {size:.1f} MB, {len(touched)} modules written")
-    for name, (wall, cpu, rss) in results.items():
-        versus = (f"{wall / git[0]:.2f}x git apply + compileall, peak {rss / 2**0 / size:.1f}x the patch"
+                f"patch {size:.1f} MB, {len(touched)} modules written; medians of {rounds} interleaved rounds")
+    for name in ("ernie-patch apply", "ernie-patch verify", "ernie-patch revert", "ernie-patch verify, reverted",
+                 "git apply + compileall", "GNU patch + compileall"):
+        wall, cpu, rss = results[name]
+        versus = (f"{wall / git[0]:.2f}x git apply + compileall, peak {rss / size:.1f}x the patch"
                   if name.startswith("ernie") else f"peak {rss / size:.1f}x the patch")
         rows.append(f"  {name:<30} wall {wall:7.2f} s  CPU {cpu:7.2f} s  peak RSS {rss:7.1f} MB  {versus}")
     print("\n".join(rows[-7:]), flush=True)
