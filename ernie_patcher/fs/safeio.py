@@ -314,7 +314,8 @@ class SafeDir:
         except OSError as exc:
             raise environment_error("write", path, exc) from None
         found = self.lstat(name)
-        if found is None or (found.st_dev, found.st_ino) != staged.identity:
+        # The type too: an inode freed by removing the temp file can come back as the symlink put there.
+        if found is None or (found.st_dev, found.st_ino) != staged.identity or not stat.S_ISREG(found.st_mode):
             raise self._replaced(name)
 
     def _replaced(self, name: str) -> PatcherError:
