@@ -137,7 +137,8 @@ MUTATIONS = [
              "            if owner is not None:\n                os.chown(temp, *owner, dir_fd=self.fd)\n",
              (f"{T_RACES}::test_a_symlink_planted_at_a_temp_file_name_hands_nothing_over",)),
     Mutation("rename not checked to have put the written file in place", "ernie_patcher/fs/safeio.py",
-             "        if found is None or (found.st_dev, found.st_ino) != staged.identity:\n            raise self._replaced(name)\n",
+             "        if found is None or (found.st_dev, found.st_ino) != staged.identity or not stat.S_ISREG(found.st_mode):\n"
+             "            raise self._replaced(name)\n",
              "",
              (f"{T_RACES}::test_a_symlink_put_at_a_staged_temp_name_before_its_rename_is_refused",)),
     Mutation("root writes in a tree another user can write", "ernie_patcher/core/engine.py",
