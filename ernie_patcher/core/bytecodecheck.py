@@ -98,19 +98,24 @@ def reference(answer: dict, relpath: str, after: str | None, magic: str | None) 
     return {"raw": entry["raw"], "code": entry["code"]}
 
 
-def record(previous: dict, files: dict[str, str | None], compiled: dict[str, bytes], magic: str) -> dict:
-    """The answer's 'bytecode' record after apply: for each file of FILES (relpath -> after digest)
-    compiled by this run (COMPILED: relpath -> marshalled code of interpreter MAGIC), the digest of
-    its code; the earlier record kept for the others while their bytes are the same."""
+def code_record(code: bytes) -> tuple[str, str]:
+    """The digests verify compares bytecode with, of marshalled CODE: of the raw bytes, and of the code
+    object without its file name (so bytecode the interpreter or compileall wrote also matches)."""
     import marshal
 
+    return envprobe.sha256_hex(code), envprobe.code_digest(marshal.loads(code))
+
+
+def record(previous: dict, files: dict[str, str | None], compiled: dict[str, tuple[str, str]], magic: str) -> dict:
+    """The answer's 'bytecode' record after apply: for each file of FILES (relpath -> after digest)
+    compiled by this run (COMPILED: relpath -> code_record of interpreter MAGIC's code), the digests
+    of its code; the earlier record kept for the others while their bytes are the same."""
     kept = previous.get("bytecode") if isinstance(previous.get("bytecode"), dict) else {}
     result = {relpath: entry for relpath, entry in kept.items()
               if relpath in files and isinstance(entry, dict) and entry.get("after") == files[relpath]}
-    for relpath, code in compiled.items():
+    for relpath, (raw, code) in compiled.items():
         if relpath in files and files[relpath] is not None:
-            result[relpath] = {"after": files[relpath], "magic": magic, "raw": envprobe.sha256_hex(code),
-                               "code": envprobe.code_digest(marshal.loads(code))}
+            result[relpath] = {"after": files[relpath], "magic": magic, "raw": raw, "code": code}
     return result
 
 

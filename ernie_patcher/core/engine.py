@@ -346,8 +346,9 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
     from .plan import build_plan  # only apply plans writes: status and verify start faster
     from .transaction import commit
 
-    plan = build_plan(todo)
+    plan = build_plan(todo, compile_later=not report.dry_run)
     report.actions = plan.actions(states)
+    report.notes.extend(plan.notes)
     _refuse_user_writable(pins, allow_user_writable)
     report.changed = [p.spec.id for p in todo]
     if report.dry_run:
@@ -355,7 +356,7 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
     manifest = plan.manifest(previous, series, states, todo)
     manifest.selected = _selection(previous, series, only, states)
     _record_strip(manifest, states)
-    commit(state, "apply", plan.writes(state), manifest, previous)
+    commit(state, "apply", plan.writes(state), manifest, previous, compiling=plan.compiling)
     report.manifest_patches = sorted(manifest.patches)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
@@ -456,7 +457,10 @@ def _revert_writes(state: StateDir, entries: list[FileRecord], force: bool,
             continue
         current = read_target(path, entry.relpath)
         digest = sha256(current) if current is not None else None
-        if digest == entry.before and not entry.dirs:
+        mode = _mode_now(path, entry.relpath) if current is not None else None
+        chmod_only = digest == entry.before and current is not None and mode != entry.mode \
+            and entry.after_mode is not None
+        if digest == entry.before and not entry.dirs and not chmod_only:
             report.notes.append(f"{path} already holds its original bytes")
             continue
         original = state.fetch(entry.before) if entry.before is not None else None
@@ -481,9 +485,15 @@ def _revert_writes(state: StateDir, entries: list[FileRecord], force: bool,
             kept.append((current, entry.mode))
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
-                            relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs)))
+                            relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs),
+                            emptied=dict(entry.emptied), restore_mode=mode, chmod_only=chmod_only))
         what = "remove" if original is None else ("unregister" if entry.action == "register" else "restore")
         detail = "byte-exact original" if original is not None else "created by apply"
+        if chmod_only:
+            detail = f"mode {entry.mode:o} (apply set {mode:o})"
+        if entry.emptied:
+            detail += (f"; in the director{'ies' if len(entry.emptied) > 1 else 'y'} apply removed, made again: "
+                       f"{', '.join(sorted(entry.emptied))}")
         if entry.dirs:
             detail += (f"{' (already gone)' if current is None else ''}; and, when empty, the director"
                        f"{'ies' if len(entry.dirs) > 1 else 'y'} apply created: {', '.join(entry.dirs)}")
@@ -492,6 +502,11 @@ def _revert_writes(state: StateDir, entries: list[FileRecord], force: bool,
         report.notes.append(f"{package} is no longer installed: nothing to restore for its {count} recorded "
                             f"file(s); the state kept for them is {'listed' if report.dry_run else 'removed'}")
     return writes, drifted, kept
+
+
+def _mode_now(path: Path, relpath: str) -> int | None:
+    found = stat_target(path, relpath)
+    return found.st_mode & 0o7777 if found is not None else None
 
 
 def _revert_selection(manifest: Manifest, only: tuple[str, ...]) -> set[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 TOOL = "ernie-patcher"
-MANIFEST_READABLE = (1, 2)  # 1: before `dirs`
+MANIFEST_READABLE = (1, 2, 3)  # 1: before `dirs`; 2: before `emptied` and `after_mode`
 ACTIONS = ("create", "modify", "register")
 # Top-level keys from_json reads (any JSON value, kept as its str()); `answer` is optional.
 MANIFEST_KEYS = ("series", "patch_dir", "patches", "files", "tool_version", "updated")
@@ -24,7 +24,8 @@ PATCH_FIELDS = (("package", "str", True), ("version", "str", True), ("patch_sha2
 FILE_FIELDS = (("path", "str", True), ("package", "str", True), ("version", "str", True),
                ("relpath", "str", True), ("action", "str", True), ("before", "str | None", True),
                ("after", "str | None", True), ("mode", "int", True), ("patches", "list[str]", False),
-               ("module", "str", False), ("dirs", "list[str]", False))
+               ("module", "str", False), ("dirs", "list[str]", False), ("emptied", "dict[str, int]", False),
+               ("after_mode", "int | None", False))
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -42,6 +43,12 @@ def field_ok(name: str, kind: object, value: object) -> bool:
         return value in ACTIONS
     if name == "dirs":
         return isinstance(value, list) and all(field_ok("relpath", str, v) for v in value)
+    if name == "emptied":  # directory modes: a set-group-id bit is kept
+        return isinstance(value, dict) and all(field_ok("relpath", str, k) and isinstance(v, int)
+                                               and not isinstance(v, bool) and 0 <= v <= 0o7777
+                                               for k, v in value.items())
+    if name == "after_mode":
+        return value is None or field_ok("mode", "int", value)
     if name == "probes":
         return isinstance(value, dict) and all(probe_memo_ok(k, v) for k, v in value.items())
     if name == "mode":  # never a set-id or sticky bit
@@ -68,6 +75,14 @@ def dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
                                       and relpath.startswith(d + "/") for d in dirs)
 
 
+def emptied_ok(relpath: str, action: str, dirs: list[str], removed: bool) -> bool:
+    """Directories a patch empties: each below the module directory and above the file, which is one
+    the recorded change REMOVED, so revert can only ever make directories on the way to a file it
+    puts back."""
+    return removed and action == "modify" and all(
+        len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/")) and relpath.startswith(d + "/") for d in dirs)
+
+
 def record_problem(record: dict, name: str) -> str | None:
     """Why the fields (name -> value) of one record of kind NAME ('PatchRecord' or 'FileRecord')
     break a rule; None when they keep them all."""
@@ -78,6 +93,10 @@ def record_problem(record: dict, name: str) -> str | None:
     if dirs and not dirs_ok(record["relpath"], record["action"], dirs):
         return (f"field 'dirs' of {record['relpath']} names directories that are not between "
                 f"its package module and the file: {dirs!r:.80}")
+    emptied = record.get("emptied") or {}
+    if emptied and not emptied_ok(record["relpath"], record["action"], list(emptied), record.get("after", "") is None):
+        return (f"field 'emptied' of {record['relpath']} names directories that are not between "
+                f"its package module and the file, or the file is not one removed: {emptied!r:.80}")
     return None
 
 

@@ -11,13 +11,20 @@ the module directory and above its file, and none may hold a row of the release'
 (originals.check_originals), so a forged manifest cannot name a release directory either; and
 only an empty directory is ever removed. Manifest schema 2 adds `dirs`; schema 1 manifests (no
 directory created) are still read, and an older tool refuses schema 2 by its number.
+
+Directories a patch empties (every file in them deleted or renamed away) are removed by apply
+and recorded likewise on each removed file's record (`emptied`: relpath -> mode), so revert, a
+rollback or a recovery makes them again, with their mode, before the file is put back. A file
+whose mode a patch changes (git's `old mode`/`new mode`, or a new executable file) records the
+mode apply gave it (`after_mode`; `mode` stays the one to restore). Manifest schema 3 adds both,
+journal schema 4 adds `emptied`; older ones are still read.
 """
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -26,11 +33,11 @@ from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.fsops import sha256
 from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir
-from .manifestrules import TOOL, dirs_ok, field_ok, manifest_problem
+from .manifestrules import TOOL, dirs_ok, emptied_ok, field_ok, manifest_problem
 
-MANIFEST_SCHEMA = 2
-JOURNAL_SCHEMA = 3
-JOURNAL_READABLE = (2, 3)  # 2: before `dirs`
+MANIFEST_SCHEMA = 3
+JOURNAL_SCHEMA = 4
+JOURNAL_READABLE = (2, 3, 4)  # 2: before `dirs`; 3: before `emptied`
 
 
 def now() -> str:
@@ -57,6 +64,14 @@ class FileRecord:
     patches: list[str] = field(default_factory=list)
     module: str = ""
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
+    after_mode: int | None = None
+
+
+def _fields_of(record: object) -> dict:
+    """A record's fields for JSON: dataclasses.asdict deep-copies every list and dict (a second per
+    1 600-file manifest); the encoder only reads them."""
+    return dict(vars(record))
 
 
 def import_name(package: str, module: str) -> str:
@@ -99,8 +114,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
-                "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer,
+                "patches": {k: _fields_of(v) for k, v in self.patches.items()},
+                "files": {k: _fields_of(v) for k, v in self.files.items()}, "answer": self.answer,
                 "selected": self.selected}
 
     @classmethod
@@ -127,7 +142,9 @@ class RestoreEntry:
     interrupted run was putting there: any other content means the journal is not about this
     environment, and recovery refuses. DIRS are the directories (relpaths under the import root)
     apply created for the file: made again when the file is put back, removed when empty once it
-    is removed.
+    is removed. EMPTIED are the directories (relpath -> mode) the write removes once empty after
+    removing the file, or makes (with that mode) before putting it back: made again with their mode
+    when the file is put back, removed when empty once it is removed.
     """
 
     package: str
@@ -139,6 +156,7 @@ class RestoreEntry:
     written: str | None
     mode: int
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,7 +168,7 @@ class Journal:
 
     def to_json(self) -> dict:
         return {"schema": JOURNAL_SCHEMA, "tool": TOOL, "operation": self.operation,
-                "started": self.started, "restore": [asdict(e) for e in self.restore],
+                "started": self.started, "restore": [_fields_of(e) for e in self.restore],
                 "manifest": self.manifest}
 
     @classmethod
@@ -179,6 +197,17 @@ def _check_fields(record: object, where: Path) -> None:
     if dirs and not dirs_ok(record.relpath, record.action, dirs):
         raise corrupt(where, f"field 'dirs' of {record.relpath} names directories that are not between "
                              f"its package module and the file: {dirs!r:.80}")
+    emptied = getattr(record, "emptied", {})
+    if emptied and not emptied_ok(record.relpath, record.action, list(emptied), _removes(record)):
+        raise corrupt(where, f"field 'emptied' of {record.relpath} names directories that are not between "
+                             f"its package module and the file, or the file is not one removed: {emptied!r:.80}")
+
+
+def _removes(record: object) -> bool:
+    """Whether the recorded change removes its file (a manifest record's `after`, a journal entry's
+    digest or written bytes, is None)."""
+    return (getattr(record, "after", "") is None or getattr(record, "digest", "") is None
+            or getattr(record, "written", "") is None)
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:
@@ -283,7 +312,8 @@ class StateDir:
 
     def write_json(self, path: Path, document: dict) -> None:
         with self._create() as directory:
-            directory.write(path.name, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+            # One line, by json's C encoder: with indent it encodes in Python (~1 s for a 1 600-file manifest).
+            directory.write(path.name, (json.dumps(document, sort_keys=True) + "\n").encode(), 0o644)
 
     def _create(self) -> SafeDir:
         directory = self._open(create=True)

@@ -12,13 +12,16 @@ import signal
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import (StagedFile, discard, fsync_entries, fsync_staged, import_root, install, put, read_target,
-                        remove, remove_bytecode, remove_empty_dirs, remove_temp_files, sha256, stage, stat_target,
-                        sync_directories)
+from ..fs.fsops import (StagedFile, chmod_target, discard, fsync_entries, fsync_staged, import_root, install, put,
+                        read_target, remove, remove_bytecode, remove_empty_dirs, remove_temp_files, sha256, stage,
+                        stat_target, sync_directories)
 from .interrupts import Interrupted, signals_as_errors
+
+if TYPE_CHECKING:
+    from .plan import CompileCheck
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
 KILL_ENV = "ERNIE_PATCHER_TEST_KILL_AT"
@@ -63,12 +66,22 @@ class Write:
     action: str
     code: bytes | None = None
     dirs: tuple[str, ...] = ()
+    emptied: dict[str, int] = field(default_factory=dict)
+    restore_mode: int | None = None
+    chmod_only: bool = False
 
     def journal_entry(self) -> RestoreEntry:
         written = sha256(self.data) if self.data is not None else None
+        mode = self.mode if self.restore_mode is None else self.restore_mode
         return RestoreEntry(package=self.package, module=self.module, version=self.version, relpath=self.relpath,
-                            action=self.action, digest=self.restore, written=written, mode=self.mode,
-                            dirs=list(self.dirs))
+                            action=self.action, digest=self.restore, written=written, mode=mode,
+                            dirs=list(self.dirs), emptied=dict(self.emptied))
+
+
+def made_dirs(dirs: list[str] | tuple[str, ...], emptied: dict[str, int]) -> dict[str, int | None]:
+    """The directories to make before a file is written: DIRS with their parent's mode (None),
+    EMPTIED with their own (safeio.open_tree)."""
+    return {**{d: None for d in dirs}, **emptied}
 
 
 @dataclass
@@ -88,8 +101,12 @@ def _put(state: StateDir, path: Path, entry: RestoreEntry) -> bool:
     if found is not None and stat.S_ISREG(found.st_mode):
         current = read_target(path, entry.relpath)
         if current is not None and sha256(current) == entry.digest:
-            return False
-    put(path, entry.relpath, state.fetch(entry.digest), entry.mode, entry.dirs, replace_any=True)
+            if found.st_mode & 0o7777 == entry.mode:
+                return False
+            chmod_target(path, entry.relpath, entry.mode)
+            return True
+    put(path, entry.relpath, state.fetch(entry.digest), entry.mode, made_dirs(entry.dirs, entry.emptied),
+        replace_any=True)
     return True
 
 
@@ -97,16 +114,20 @@ def _parent_dir(relpath: str) -> str:
     return relpath.rpartition("/")[0]
 
 
-def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...]]]) -> set[tuple[Path, str]]:
-    """The directories apply created for FILES (path, relpath, dirs), removed when empty, deepest
-    first; returns the parents of those removed (import root, relpath), to fsync."""
-    by_root: dict[Path, set[str]] = {}
-    for path, relpath, dirs in files:
-        if dirs:
-            by_root.setdefault(import_root(path, relpath), set()).update(dirs)
+def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...], dict[str, int]]]
+                         ) -> set[tuple[Path, str]]:
+    """The directories apply created for FILES (path, relpath, dirs, emptied), and those a patch
+    emptied, removed when empty, deepest first; returns the parents of those removed (import root,
+    relpath), to fsync."""
+    by_root: dict[Path, tuple[set[str], set[str]]] = {}
+    for path, relpath, dirs, emptied in files:
+        if dirs or emptied:
+            created, released = by_root.setdefault(import_root(path, relpath), (set(), set()))
+            created.update(dirs)
+            released.update(emptied)
     parents: set[tuple[Path, str]] = set()
-    for root, dirs in by_root.items():
-        parents |= {(root, _parent_dir(str(p.relative_to(root)))) for p in remove_empty_dirs(root, dirs)}
+    for root, (created, released) in by_root.items():
+        parents |= {(root, _parent_dir(str(p.relative_to(root)))) for p in remove_empty_dirs(root, created, released)}
     return parents
 
 
@@ -173,8 +194,8 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
         if entry.digest is not None:
             remove_temp_files(path, entry.relpath)
         checkpoint(f"restore-{number}")
-    _remove_created_dirs([(path, entry.relpath, entry.dirs) for entry, path in zip(journal.restore, paths)
-                          if entry.digest is None])
+    _remove_created_dirs([(path, entry.relpath, entry.dirs, entry.emptied)
+                          for entry, path in zip(journal.restore, paths) if entry.digest is None])
     state.write_manifest(manifest)
     checkpoint("restored-manifest-written")
     state.remove(state.journal_path)
@@ -183,14 +204,17 @@ def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Man
 
 
 def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manifest | None,
-           previous: Manifest | None) -> None:
+           previous: Manifest | None, compiling: CompileCheck | None = None) -> None:
     """Write everything, journaled; on failure undo it, leaving the files and PREVIOUS manifest.
 
     SIGINT and SIGTERM during the writes are failures like any other: the files written so far are
     put back before the process exits. A second signal during that rollback stops it and leaves the
-    journal, which the next run finishes.
+    journal, which the next run finishes. COMPILING is apply's compile check still running (in a
+    thread): it is finished once every new file is staged, before anything is renamed in place, and
+    gives the new bytecode; a file that would not compile then fails the commit like any error.
     """
-    writes = _with_bytecode(writes)
+    if compiling is None:
+        writes = _with_bytecode(writes)
     journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
                       manifest=previous.to_json() if previous else None)
     with signals_as_errors():
@@ -199,7 +223,7 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
         checkpoint("journal-written")
         begun: set[int] = set()
         try:
-            _write_all(state, writes, manifest, begun)
+            _write_all(state, writes, manifest, begun, compiling)
         except Exception as error:
             _roll_back(state, journal, writes, previous, begun,
                        error if isinstance(error, PatcherError) else None)
@@ -212,9 +236,10 @@ def _bytecode_flags(write: Write) -> int | None:
     makes, that of the directory they are made in); None: it gets none."""
     from ..fs import bytecode
 
-    if write.data is None:
+    if write.data is None or write.chmod_only:
         return None
-    beside = (import_root(write.path, write.relpath) / write.dirs[0]).parent if write.dirs else None
+    made = sorted(made_dirs(write.dirs, write.emptied), key=len)
+    beside = (import_root(write.path, write.relpath) / made[0]).parent if made else None
     return bytecode.release_flags(write.path, beside)
 
 
@@ -254,7 +279,8 @@ def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous:
             error.reason += f" during {journal.operation}; every file written so far was put back"
 
 
-def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, begun: set[int]) -> None:
+def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, begun: set[int],
+               compiling: CompileCheck | None = None) -> None:
     """Every file, then the manifest. New contents are first staged in temp files beside their
     targets and fsynced together (one journal commit, not one per file); then each is renamed in
     place, its stale bytecode removed and fresh bytecode written; every directory touched is
@@ -266,9 +292,13 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, 
     staged: dict[int, StagedFile] = {}
     try:
         for index, write in enumerate(writes):
-            if write.data is not None:
-                staged[index] = stage(write.path, write.relpath, write.data, write.mode, write.dirs)
+            if write.data is not None and not write.chmod_only:
+                staged[index] = stage(write.path, write.relpath, write.data, write.mode,
+                                      made_dirs(write.dirs, write.emptied))
         fsync_staged(list(staged.values()))
+        if compiling is not None:
+            code = compiling.finish(manifest)
+            writes = [replace(w, code=code[w.path]) if w.path in code else w for w in writes]
         touched: set[tuple[Path, str]] = set()
         compiled: list[tuple[Path, str]] = []
         for number, write in enumerate(writes, start=1):
@@ -277,16 +307,17 @@ def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, 
             begun.add(number - 1)
             if write.data is None:
                 remove(write.path, write.relpath, sync_dir=False)
+            elif write.chmod_only:
+                chmod_target(write.path, write.relpath, write.mode)
             else:
-                install(staged.pop(number - 1), sync_dir=False)
-                remove_bytecode(write.path, write.relpath)
+                install(staged.pop(number - 1), sync_dir=False, drop_bytecode=True)
             touched |= {(root, directory), (root, "/".join(filter(None, [directory, "__pycache__"])))}
-            touched |= {(root, _parent_dir(d)) for d in write.dirs}
+            touched |= {(root, _parent_dir(d)) for d in [*write.dirs, *write.emptied]}
             if flags is not None:
                 compiled += filter(None, [bytecode.write(write.path, write.relpath, write.data, write.code, flags,
-                                                         create_cache=bool(write.dirs))])
+                                                         create_cache=bool(write.dirs or write.emptied))])
             checkpoint(f"file-{number}-written")
-        touched |= _remove_created_dirs([(w.path, w.relpath, w.dirs) for w in writes if w.data is None])
+        touched |= _remove_created_dirs([(w.path, w.relpath, w.dirs, w.emptied) for w in writes if w.data is None])
     finally:
         discard(staged.values())
     fsync_entries(compiled)

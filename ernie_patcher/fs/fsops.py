@@ -9,8 +9,8 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from ..errors import ExitCode, PatcherError, environment_error
-from .safeio import (MAX_OBJECT, TEMP_SUFFIX, SafeDir, Staged, check_file, each_concurrently, entered, open_tree,
-                     saw_file, wrote_file)
+from .safeio import (MAX_OBJECT, TEMP_SUFFIX, Create, SafeDir, Staged, check_file, each_concurrently, entered, forget,
+                     open_tree, saw_file, wrote_file)
 
 LOCK_ATTEMPTS = 5
 
@@ -123,7 +123,7 @@ def _parent(relpath: str) -> tuple[str, str]:
     return parent, name
 
 
-def _directory(path: Path, relpath: str, create: Collection[str] = (), lookup: bool = False) -> SafeDir | None:
+def _directory(path: Path, relpath: str, create: Create = (), lookup: bool = False) -> SafeDir | None:
     """The directory of package file PATH (RELPATH), opened from its import root (open_tree)."""
     return open_tree(import_root(path, relpath), _parent(relpath)[0], create, lookup)
 
@@ -193,7 +193,7 @@ class StagedFile:
         self.staged = staged
 
 
-def stage(path: Path, relpath: str, data: bytes, mode: int, create: Collection[str] = (),
+def stage(path: Path, relpath: str, data: bytes, mode: int, create: Create = (),
           replace_any: bool = False) -> StagedFile:
     """A temp file beside package file PATH holding DATA with MODE and the owner of the file it will
     replace (not fsynced: fsync_staged does a batch at once). The directories of CREATE are made
@@ -227,15 +227,18 @@ def _fsync_staged(file: StagedFile) -> None:
         directory.fsync_staged(file.staged, _parent(file.relpath)[1])
 
 
-def install(file: StagedFile, sync_dir: bool = True) -> None:
+def install(file: StagedFile, sync_dir: bool = True, drop_bytecode: bool = False) -> None:
     """Rename the staged temp file over its target (atomic), through its directory entered again by
-    descriptor: a directory swapped since planning is refused, never written through."""
+    descriptor: a directory swapped since planning is refused, never written through. DROP_BYTECODE:
+    then remove the target's stale bytecode through the same directory fd (as remove_bytecode)."""
     directory = _directory(file.path, file.relpath)
     if directory is None:
         raise _vanished(file.path)
     with directory:
         directory.rename(file.staged, _parent(file.relpath)[1])
         wrote_file(file.path, file.staged.identity)
+        if drop_bytecode:
+            _remove_bytecode_in(directory, _parent(file.relpath)[1])
         if sync_dir:
             directory.sync()
 
@@ -252,7 +255,7 @@ def discard(files: Iterable[StagedFile]) -> None:
                 directory.remove(file.staged.name, quiet=True, sync_dir=False)
 
 
-def put(path: Path, relpath: str, data: bytes, mode: int, create: Collection[str] = (),
+def put(path: Path, relpath: str, data: bytes, mode: int, create: Create = (),
         replace_any: bool = False) -> None:
     """Replace package file PATH (RELPATH) with DATA atomically: stage, fsync, install (see stage)."""
     file = stage(path, relpath, data, mode, create, replace_any)
@@ -262,6 +265,27 @@ def put(path: Path, relpath: str, data: bytes, mode: int, create: Collection[str
     except BaseException:
         discard([file])
         raise
+
+
+def chmod_target(path: Path, relpath: str, mode: int) -> None:
+    """Give package file PATH (RELPATH) MODE through its own fd, its directory reached by descriptor
+    (a patch's `old mode`/`new mode`; a symlink or non-regular file there is refused)."""
+    directory = _directory(path, relpath)
+    if directory is None:
+        raise _vanished(path)
+    with directory:
+        directory.chmod(_parent(relpath)[1], mode)
+
+
+def entries(root: Path, relpath: str) -> dict[str, os.stat_result] | None:
+    """The entries of package directory ROOT/RELPATH with their lstat, reached by descriptor; None
+    when it is absent."""
+    directory = open_tree(root, relpath, lookup=True)
+    if directory is None:
+        return None
+    with directory:
+        found = {name: directory.lstat(name) for name in directory.names()}
+    return {name: st for name, st in found.items() if st is not None}
 
 
 def remove(path: Path, relpath: str, undo: bool = False, sync_dir: bool = True) -> bool:
@@ -392,11 +416,13 @@ def _remove_bytecode_in(directory: SafeDir, name: str) -> bool:
     return removed
 
 
-def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> list[Path]:
+def remove_empty_dirs(root: Path, relpaths: Iterable[str], anyone: Collection[str] = ()) -> list[Path]:
     """Remove each directory ROOT/RELPATH that is empty once an empty __pycache__ in it is removed,
     deepest first, through directories opened without following symlinks; return those removed.
-    A directory still holding something, or replaced by a non-directory, is left."""
+    A directory still holding something, or replaced by a non-directory, is left; so is one another
+    user owns, unless it is in ANYONE (one of the release's, which a patch emptied)."""
     removed: list[Path] = []
+    relpaths = set(relpaths) | set(anyone)
     for relpath in sorted(set(relpaths), key=lambda r: (-r.count("/"), r)):
         parent_rel, name = _parent(relpath)
         try:
@@ -406,19 +432,20 @@ def remove_empty_dirs(root: Path, relpaths: Iterable[str]) -> list[Path]:
         if parent is None:
             continue
         with parent:
-            if _remove_empty(parent, name):
+            if _remove_empty(parent, name, relpath in anyone):
                 removed.append(root / relpath)
+                forget(root / relpath)
     return removed
 
 
-def _remove_empty(parent: SafeDir, name: str) -> bool:
+def _remove_empty(parent: SafeDir, name: str, anyone: bool = False) -> bool:
     try:
         directory = SafeDir(parent.path / name, os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                                         | os.O_CLOEXEC, dir_fd=parent.fd))
     except OSError:
         return False
     with directory:
-        if os.fstat(directory.fd).st_uid != os.geteuid():
+        if not anyone and os.fstat(directory.fd).st_uid != os.geteuid():
             return False  # made by another user since: not the one apply made
         try:
             os.rmdir("__pycache__", dir_fd=directory.fd)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
@@ -112,6 +112,15 @@ def check_file(path: Path, found: os.stat_result | None) -> None:
 def wrote_file(path: Path, identity: Identity) -> None:
     for pins in _PINS:
         pins.wrote_file(path, identity)
+
+
+def forget(path: Path) -> None:
+    """Directory PATH was removed by this run (a patch emptied it): a directory made there again by
+    the same run (a rollback) is pinned afresh, PATH and everything below it."""
+    below = f"{path}/"
+    for pins in _PINS:
+        for seen in [p for p in pins.seen if p == path or str(p).startswith(below)]:
+            del pins.seen[seen]
 
 
 def entered(path: Path) -> bool:
@@ -451,6 +460,23 @@ class SafeDir:
         except OSError:
             pass
 
+    def chmod(self, name: str, mode: int) -> None:
+        """Set the mode of regular file NAME through its own fd (opened no-follow, non-blocking,
+        checked to be a regular file), fsynced: a symlink, FIFO or directory there is refused."""
+        path = self.path / name
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            raise _open_error(path, exc, "change the mode of", _lstat(name, {"dir_fd": self.fd})) from None
+        try:
+            check(path, os.fstat(fd), want_dir=False, owned=False)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        except OSError as exc:
+            raise environment_error("change the mode of", path, exc) from None
+        finally:
+            _close(fd)
+
     def rmdir(self, name: str) -> None:
         try:
             os.rmdir(name, dir_fd=self.fd)
@@ -492,7 +518,10 @@ def _not_a_directory(path: Path, found: os.stat_result | None) -> PatcherError:
                              f"inspect {path} and remove what does not belong to the package")
 
 
-def open_tree(root: Path, relpath: str, create: Collection[str] = (), lookup: bool = False) -> SafeDir | None:
+Create = Collection[str] | Mapping[str, "int | None"]
+
+
+def open_tree(root: Path, relpath: str, create: Create = (), lookup: bool = False) -> SafeDir | None:
     """The package directory ROOT/RELPATH, None when a component is absent (and not in CREATE).
 
     ROOT (the import root, as discovery found it) is opened by path; every component below it --
@@ -501,7 +530,10 @@ def open_tree(root: Path, relpath: str, create: Collection[str] = (), lookup: bo
     `pinned()` run each must be the directory it was when the run first entered it. A component
     named in CREATE (relpaths under ROOT) is made when missing, with os.mkdir relative to that fd
     and the mode of its parent; one that is there must then be a directory of the user running
-    ernie-patch (made earlier in this run), not one another user slipped in. A LOOKUP (to read or
+    ernie-patch (made earlier in this run), not one another user slipped in. CREATE may also map a
+    relpath to the mode to make it with (a directory a patch emptied, made again to put its files
+    back): one that is there then is the directory that was never removed, whoever owns it; None
+    means as above. A LOOKUP (to read or
     stat a file) takes a component that is a regular file or other non-directory as absent; a
     symlink is refused all the same."""
     parts = PurePosixPath(relpath).parts if relpath else ()
@@ -526,11 +558,12 @@ def open_tree(root: Path, relpath: str, create: Collection[str] = (), lookup: bo
     return current
 
 
-def _descend(parent: SafeDir, root: Path, relpath: str, create: Collection[str], lookup: bool = False) -> SafeDir | None:
+def _descend(parent: SafeDir, root: Path, relpath: str, create: Create, lookup: bool = False) -> SafeDir | None:
     """Component RELPATH of PARENT opened (made first when in CREATE); PARENT is closed."""
     name, path = relpath.rsplit("/", 1)[-1], root / relpath
+    wanted = create.get(relpath) if isinstance(create, Mapping) else None
     with parent:
-        mode = os.fstat(parent.fd).st_mode & 0o7777
+        mode = os.fstat(parent.fd).st_mode & 0o7777 if wanted is None else wanted
         made = False
         if relpath in create:
             try:
@@ -554,7 +587,7 @@ def _descend(parent: SafeDir, root: Path, relpath: str, create: Collection[str],
     opened = SafeDir(path, fd)
     try:
         found = os.fstat(fd)
-        if relpath in create and found.st_uid != os.geteuid():
+        if relpath in create and wanted is None and found.st_uid != os.geteuid():
             raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: the directory appeared while writing, "
                                f"owned by uid {found.st_uid}, not by the user running ernie-patch",
                                hint=f"another process is changing the package; inspect {path}")

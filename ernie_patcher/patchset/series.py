@@ -87,7 +87,10 @@ class PatchSpec:
         return self.path.read_bytes().decode("utf-8", "surrogateescape")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        """sha256 of the patch file, read in chunks (a whole-release diff need not be in memory twice)."""
+        with self.path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                else hashlib.sha256(handle.read()).hexdigest()
 
 
 @dataclass(frozen=True)

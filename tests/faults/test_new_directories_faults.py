@@ -200,8 +200,8 @@ def test_bytecode_is_never_written_through_a_directory_swapped_after_its_file(tm
     outside, before = _victim(tmp_path / "victim")
     real = transaction.install
 
-    def racing(file, sync_dir: bool = True) -> None:
-        real(file, sync_dir)
+    def racing(file, sync_dir: bool = True, drop_bytecode: bool = False) -> None:
+        real(file, sync_dir, drop_bytecode)
         if file.relpath == f"{SUB}/rope.py":
             os.rename(site / TOP, site / (TOP + ".moved"))
             (site / TOP).symlink_to(outside)
