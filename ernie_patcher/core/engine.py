@@ -144,11 +144,25 @@ def _prepare(target: Target, only: tuple[str, ...] = ()) -> tuple[Series, list[C
     return series, [c for c in series.resolve(list(series.patches), versions) if c.id in wanted], env
 
 
+@contextmanager
+def _probe_memo_noted(report: Report) -> Iterator[None]:
+    """REPORT says (once) when the probe memo was not used because its directory is not safely the user's."""
+    from .probememo import take_note
+
+    take_note()  # one left by an earlier command of this process is not this one's
+    try:
+        yield
+    finally:
+        note = take_note()
+        if note is not None:
+            report.notes.append(note)
+
+
 def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) -> Report:
     series, choices, env = _prepare(target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
-    with _state_access(state, write=False, report=report, target=target):
+    with _probe_memo_noted(report), _state_access(state, write=False, report=report, target=target):
         manifest = _load_manifest(state, env, report)
         report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
@@ -227,6 +241,13 @@ def _apply_changes(state: StateDir, report: Report, series: Series, states: list
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
     series, choices, env = _prepare(target, only)
     report = Report("apply", env, series, dry_run=dry_run)
+    with _probe_memo_noted(report):
+        return _apply(report, target, series, choices, env, only, allow_untested)
+
+
+def _apply(report: Report, target: Target, series: Series, choices: list[Choice], env: Environment,
+           only: tuple[str, ...], allow_untested: bool) -> Report:
+    dry_run = report.dry_run
     implied = sorted({c.id for c in choices} - set(only)) if only else []
     if implied:
         report.notes.append(f"also selected, as required: {', '.join(implied)}")
