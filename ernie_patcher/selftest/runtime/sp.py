@@ -22,7 +22,7 @@ import torch
 from .checks import CheckResult, Skip, measured
 from .device import Device
 
-DEFAULT_WORKER_TIMEOUT_S = 600.0  # ernie-patch passes ERNIE_PATCHER_SELFTEST_SP_TIMEOUT, read by its settings
+DEFAULT_WORKER_TIMEOUT_S = 600.0  # ernie-patch passes the timeout its settings read (options["sp_timeout"])
 # Relative bar (max abs difference / max |SP=1 output|), float32. Both runs execute the same ops on the
 # same device in the same precision; Ulysses SP only moves tokens and heads between ranks (all-to-all is
 # exact) and pads the sequence, and every op but attention is per token. What may differ is the
