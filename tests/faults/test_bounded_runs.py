@@ -22,13 +22,17 @@ from support.patchsets import PatchDef, file_diff, write_patchset
 
 TIMEOUT = 3
 CAP = 1 << 20
-# Hostile target interpreters (sh). Each records the pids of what it started in $PIDS, one a line.
+# Hostile target interpreters (sh). Each child records its own pid in $PIDS; a printer ignores SIGPIPE, so
+# only being killed ends it; a "parent-gone" interpreter exits once its child is recorded, leaving it
+# holding the pipes.
+_SLEEPER = "setsid sh -c 'echo $$ >> \"$PIDS\"; exec sleep 1000' &"
+_PRINTER = "(setsid sh -c 'trap \"\" PIPE; echo $$ >> \"$PIDS\"; while :; do echo noise; done' &);"
+_RECORDED = "while [ ! -s \"$PIDS\" ]; do sleep 0.01; done; echo started;"
 HOSTILE = {
-    "setsid-sleeper": "setsid sleep 1000 & echo $! >> \"$PIDS\"; echo started; exec sleep 1000",
-    "setsid-sleeper-parent-gone": "setsid sleep 1000 & echo $! >> \"$PIDS\"; echo started; exit 0",
-    "double-fork-printer": "(setsid sh -c 'echo $$ >> \"$PIDS\"; while :; do echo noise; done' &); exec sleep 1000",
-    "double-fork-printer-parent-gone": "(setsid sh -c 'echo $$ >> \"$PIDS\"; while :; do echo noise; done' &); "
-                                       "while [ ! -s \"$PIDS\" ]; do sleep 0.01; done; exit 0",
+    "setsid-sleeper": f"{_SLEEPER} {_RECORDED} exec sleep 1000",
+    "setsid-sleeper-parent-gone": f"{_SLEEPER} {_RECORDED} exit 0",
+    "double-fork-printer": f"{_PRINTER} {_RECORDED} exec sleep 1000",
+    "double-fork-printer-parent-gone": f"{_PRINTER} {_RECORDED} exit 0",
     "endless-stdout": "echo $$ >> \"$PIDS\"; exec yes",
     "endless-stderr": "echo $$ >> \"$PIDS\"; exec yes >&2",
 }
@@ -162,6 +166,27 @@ def test_malformed_settings_mean_the_default(site: Path, tmp_path: Path, variabl
         if use == "selftest-sp":
             options = json.loads(json.loads(argv.read_text())[-1])
             assert options["sp_timeout"] == 600.0, f"{variable}={value[:20]!r}: {options}"
+
+
+def _timeout_readers() -> list[tuple[str, object, float, float]]:
+    from ernie_patcher.selftest import launch
+    from ernie_patcher.target import interpreter
+
+    return [(interpreter.TIMEOUT_ENV, interpreter._timeout, interpreter.DEFAULT_TIMEOUT, interpreter.MAX_TIMEOUT),
+            (launch.TIMEOUT_ENV, launch._timeout, launch.DEFAULT_TIMEOUT, launch.MAX_TIMEOUT),
+            (launch.SP_TIMEOUT_ENV, launch._sp_timeout, launch.DEFAULT_SP_TIMEOUT, launch.MAX_TIMEOUT)]
+
+
+def test_no_timeout_is_disabled_or_unbounded(monkeypatch: pytest.MonkeyPatch):
+    """nan or inf must not disable a timeout (a wait on nan or inf never ends); a huge one is capped."""
+    for variable, read, default, maximum in _timeout_readers():
+        for value in MALFORMED:
+            monkeypatch.setenv(variable, value)
+            assert read() == default, f"{variable}={value[:20]!r} gives {read()}, not the default {default}"
+        monkeypatch.setenv(variable, "1e300")
+        assert read() == maximum
+        monkeypatch.setenv(variable, " 7.5 ")
+        assert read() == 7.5
 
 
 def test_sp_timeout_is_passed_only_with_sp_and_read_nowhere_else(tmp_path: Path):
