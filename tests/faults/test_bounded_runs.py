@@ -193,7 +193,8 @@ def test_sp_timeout_is_passed_only_with_sp_and_read_nowhere_else(tmp_path: Path)
     python, argv = _reading_python(tmp_path, GOOD_SELFTEST)
     assert run("selftest", "--python", python, env={"ERNIE_PATCHER_SELFTEST_SP_TIMEOUT": "abc"}).code == 0
     assert json.loads(json.loads(argv.read_text())[-1])["sp_timeout"] is None
-    assert run("selftest", "--python", python, "--sp", "2", env={"ERNIE_PATCHER_SELFTEST_SP_TIMEOUT": "1e300"}).code == 0
+    assert run("selftest", "--python", python, "--sp", "2",
+               env={"ERNIE_PATCHER_SELFTEST_SP_TIMEOUT": "1e300"}).code == 0
     assert json.loads(json.loads(argv.read_text())[-1])["sp_timeout"] == 86400.0
     runtime = ROOT / "ernie_patcher" / "selftest" / "runtime"
     readers = [p.name for p in runtime.glob("*.py") if "ERNIE_PATCHER_SELFTEST_SP_TIMEOUT" in p.read_text()]
