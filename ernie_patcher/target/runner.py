@@ -21,8 +21,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 STDOUT_CAP = 1 << 20
 STDERR_TAIL = 1 << 16
@@ -34,8 +33,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):  # not a dataclass: the fast path (--python) does not load dataclasses
     """How a bounded run ended."""
 
     code: int | None  # the program's exit status; None when it was ended (deadline, stdout over the cap)
@@ -51,11 +49,11 @@ def run_bounded(argv: list[str], timeout: float, stdout_cap: int = STDOUT_CAP,
     import subprocess  # only runs of another program pay for it
 
     deadline = time.monotonic() + timeout
-    with _subreaper():
+    with _subreaper() as reaping:
         before = _own_children()
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    start_new_session=True, close_fds=True)
-        tree = _Tree(process, before)
+        tree = _Tree(process, before, reaping)
         reading = _Reading(process, stdout_cap, stderr_tail)
         try:
             ended = reading.until(deadline, tree.end)
@@ -153,9 +151,9 @@ def _pidfd(pid: int) -> int | None:
 
 
 @contextmanager
-def _subreaper() -> Iterator[None]:
-    """This process as a child subreaper for the block: orphans of the run come to it, not to init.
-    Where prctl is unavailable, the run's session is all _Tree.end finds besides its descendants."""
+def _subreaper() -> Iterator[bool]:
+    """This process as a child subreaper for the block (whether it is): orphans of the run come to
+    it, not to init. Where prctl is unavailable, _members adds the run's session to its descendants."""
     libc = _libc()
     previous = None
     if libc is not None:
@@ -166,7 +164,7 @@ def _subreaper() -> Iterator[None]:
                 and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
             previous = flag.value
     try:
-        yield
+        yield previous is not None
     finally:
         if previous is not None:
             libc.prctl(_PR_SET_CHILD_SUBREAPER, previous, 0, 0, 0)
@@ -204,28 +202,59 @@ def _processes() -> dict[int, tuple[int, int]]:
     return table
 
 
+def _children_files() -> bool:
+    """Whether /proc lists each thread's children (CONFIG_PROC_CHILDREN): a walk of the run's tree
+    then reads a few files instead of every process's stat."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    """The children of PID, from /proc/PID/task/*/children; none when it is gone."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children", "rb") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _own_children() -> set[int]:
     me = os.getpid()
+    if _children_files():
+        return set(_children(me))
     return {pid for pid, (parent, _) in _processes().items() if parent == me}
 
 
-def _members(table: dict[int, tuple[int, int]], leader: int, before: set[int]) -> set[int]:
-    """The processes of the run led by LEADER: it, its descendants, processes re-parented to this one
-    since the run started (not in BEFORE) and theirs, and any process of its session."""
+def _members(leader: int, before: set[int], reaping: bool) -> set[int]:
+    """The processes of the run led by LEADER: it, its descendants, the processes re-parented to this
+    one since the run started (not in BEFORE) and theirs. Without REAPING (no subreaper, orphans go
+    to init) also every process of the leader's session and theirs, from a scan of all processes."""
     me = os.getpid()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    roots = {leader} | {pid for pid in children.get(me, []) if pid not in before}
-    roots |= {pid for pid, (_, session) in table.items() if session == leader}
+    if reaping and _children_files():
+        children = _children
+        roots = {leader} | (set(_children(me)) - before)
+    else:
+        table = _processes()
+        by_parent: dict[int, list[int]] = {}
+        for pid, (parent, _) in table.items():
+            by_parent.setdefault(parent, []).append(pid)
+        children = lambda pid: by_parent.get(pid, [])  # noqa: E731
+        roots = {leader} | (set(by_parent.get(me, [])) - before)
+        roots |= {pid for pid, (_, session) in table.items() if session == leader}
     found: set[int] = set()
-    todo = [pid for pid in roots if pid in table]
+    todo = list(roots)
     while todo:
         pid = todo.pop()
         if pid in found:
             continue
         found.add(pid)
-        todo.extend(children.get(pid, []))
+        todo.extend(children(pid))
     return {pid for pid in found if pid > 1 and pid != me}
 
 
@@ -239,8 +268,8 @@ def _signal(pid: int, number: int) -> None:
 class _Tree:
     """The processes of one run, ended once: frozen, then killed, then the killed ones reaped."""
 
-    def __init__(self, process, before: set[int]) -> None:  # process: subprocess.Popen
-        self.process, self.before = process, before
+    def __init__(self, process, before: set[int], reaping: bool) -> None:  # process: subprocess.Popen
+        self.process, self.before, self.reaping = process, before, reaping
         self.ended = False
 
     def end(self) -> None:
@@ -254,7 +283,7 @@ class _Tree:
             pass
         frozen: set[int] = set()
         for _ in range(FREEZE_ROUNDS):
-            new = _members(_processes(), leader, self.before) - frozen
+            new = _members(leader, self.before, self.reaping) - frozen
             if not new:
                 break
             for pid in new:
