@@ -10,10 +10,11 @@ ends only the direct child and then waits for the pipes to close, which any desc
   the pipes;
 - every process the run started is ended when it finishes, at the deadline, or when the caller
   is interrupted: for the run, ernie-patch is a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so
-  an orphan (double fork) is re-parented to it instead of init; the processes descending from the
-  program, re-parented to ernie-patch, or in the program's session are found through /proc, each
-  frozen with SIGSTOP until a walk finds no new one (a stopped process cannot fork), then all
-  killed with SIGKILL; only the killed processes are reaped.
+  an orphan (double fork, setsid) is re-parented to it instead of init; the processes descending
+  from the program or re-parented to ernie-patch since it started (where prctl is unavailable: also
+  those of the program's session) are found through /proc, each frozen with SIGSTOP until a walk
+  finds no new one (a stopped process cannot fork), then all killed with SIGKILL; only the killed
+  processes are reaped. (No cgroup: ernie-patch does not assume a writable cgroup tree.)
 """
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ def run_bounded(argv: list[str], timeout: float, stdout_cap: int = STDOUT_CAP,
         before = _own_children()
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    start_new_session=True, close_fds=True)
-        tree = _Tree(process, before, reaping)
-        reading = _Reading(process, stdout_cap, stderr_tail)
+        tree, reading = _Tree(process, before, reaping), None
         try:
+            reading = _Reading(process, stdout_cap, stderr_tail)
             ended = reading.until(deadline, tree.end)
         finally:
             tree.end()  # whatever happened: a deadline, the cap, an interrupt, or done
-            reading.close()
+            if reading is not None:
+                reading.close()
     timed_out = ended == "deadline"
     code = None if timed_out or reading.over else process.returncode
     return Finished(code, bytes(reading.out), reading.over, bytes(reading.err[-stderr_tail:]), timed_out)
