@@ -115,7 +115,7 @@ def _copy_runtime(into: Path) -> Path:
 
 
 def _run(python: str, options: dict[str, Any]) -> tuple[int | None, bytes, bool, str]:
-    """(exit code or None on timeout, stdout, stdout over the cap, stderr tail) of one selftest run."""
+    """(exit code, None when ended; stdout; stdout over the cap; stderr tail) of one selftest run."""
     with tempfile.TemporaryDirectory(prefix="ernie-patch-selftest-") as tmp:
         directory = _copy_runtime(Path(tmp))
         try:
@@ -224,11 +224,11 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
     options = {"device": device, "dtype": dtype, "sp": sp, "threads": threads,
                "site": _checked_site(site) if site else None, "sp_timeout": _sp_timeout() if sp else None}
     code, stdout, over, stderr = _run(python, options)
+    if over:
+        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout and was ended", stderr)
     if code is None:
         raise _refuse(python, f"did not finish within {_timeout():g} s ({TIMEOUT_ENV}) and was ended with every "
                               "process it started", stderr)
-    if over:
-        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout", stderr)
     if code != 0:
         raise _refuse(python, f"failed (exit {code})", stderr)
     try:

@@ -22,11 +22,12 @@ from support.patchsets import PatchDef, file_diff, write_patchset
 
 TIMEOUT = 3
 CAP = 1 << 20
-# Hostile target interpreters (sh). Each child records its own pid in $PIDS; a printer ignores SIGPIPE, so
+# Hostile target interpreters (sh). Each child records its own pid in $PIDS; a printer floods stderr and
+# ignores SIGPIPE, so
 # only being killed ends it; a "parent-gone" interpreter exits once its child is recorded, leaving it
 # holding the pipes.
 _SLEEPER = "setsid sh -c 'echo $$ >> \"$PIDS\"; exec sleep 1000' &"
-_PRINTER = "(setsid sh -c 'trap \"\" PIPE; echo $$ >> \"$PIDS\"; while :; do echo noise; done' &);"
+_PRINTER = "(setsid sh -c 'trap \"\" PIPE; echo $$ >> \"$PIDS\"; while :; do echo noise >&2; done' &);"
 _RECORDED = "while [ ! -s \"$PIDS\" ]; do sleep 0.01; done; echo started;"
 HOSTILE = {
     "setsid-sleeper": f"{_SLEEPER} {_RECORDED} exec sleep 1000",
@@ -36,6 +37,9 @@ HOSTILE = {
     "endless-stdout": "echo $$ >> \"$PIDS\"; exec yes",
     "endless-stderr": "echo $$ >> \"$PIDS\"; exec yes >&2",
 }
+SAID = {"setsid-sleeper": f"within {TIMEOUT} s", "double-fork-printer": f"within {TIMEOUT} s",
+        "endless-stderr": f"within {TIMEOUT} s", "endless-stdout": f"printed more than {CAP} bytes on stdout",
+        "setsid-sleeper-parent-gone": "printed no", "double-fork-printer-parent-gone": "printed no"}
 SETTINGS = {  # each numeric setting, and a command that reads it
     "ERNIE_PATCHER_PYTHON_TIMEOUT": "python",
     "ERNIE_PATCHER_SELFTEST_TIMEOUT": "selftest",
@@ -98,7 +102,7 @@ def _check_bounded(tmp_path: Path, kind: str, args: tuple[str, ...], variable: s
     code, seconds, rss, stderr = _bounded(*args, "--python", hostile, env=env)
     first = stderr.splitlines()[0] if stderr else ""
     assert code == 7, stderr
-    assert first.startswith("error: "), stderr
+    assert first.startswith("error: ") and SAID[kind] in first, stderr
     assert seconds < TIMEOUT + 2, f"{kind}: took {seconds:.1f} s with a {TIMEOUT} s timeout"
     assert rss <= baseline + CAP // 1024 + 6 * 1024, f"{kind}: peak RSS {rss} KiB, {baseline} KiB without the flood"
     time.sleep(0.3)
