@@ -23,9 +23,8 @@ from support.patchsets import PatchDef, file_diff, write_patchset
 TIMEOUT = 3
 CAP = 1 << 20
 # Hostile target interpreters (sh). Each child records its own pid in $PIDS; a printer floods stderr and
-# ignores SIGPIPE, so
-# only being killed ends it; a "parent-gone" interpreter exits once its child is recorded, leaving it
-# holding the pipes.
+# ignores SIGPIPE, so only being killed ends it; a "parent-gone" interpreter exits once its child is
+# recorded, leaving it holding the pipes.
 _SLEEPER = "setsid sh -c 'echo $$ >> \"$PIDS\"; exec sleep 1000' &"
 _PRINTER = "(setsid sh -c 'trap \"\" PIPE; echo $$ >> \"$PIDS\"; while :; do echo noise >&2; done' &);"
 _RECORDED = "while [ ! -s \"$PIDS\" ]; do sleep 0.01; done; echo started;"
