@@ -30,6 +30,7 @@ T_LIFE = "tests/engine/test_lifecycle.py"
 T_DISC = "tests/engine/test_discovery.py"
 T_CRASH = "tests/faults/test_crash_recovery.py"
 T_HOSTILE = "tests/faults/test_hostile_patchsets.py"
+T_RACES = "tests/faults/test_root_races.py"
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ MUTATIONS = [
              "if False:",
              ("tests/faults/test_drift_reinstall.py::test_hand_edit_after_apply",)),
     Mutation("temp file not fsynced before rename", "ernie_patcher/fs/fsops.py",
-             "            if sync:\n                os.fsync(handle.fileno())\n", "",
+             "            os.fchmod(handle.fileno(), mode)\n            os.fsync(handle.fileno())\n",
+             "            os.fchmod(handle.fileno(), mode)\n",
              ("tests/engine/test_fsops.py",)),
     Mutation("staged files not fsynced before they are renamed", "ernie_patcher/core/transaction.py",
-             "        fsync_files(staged.values())\n", "",
+             "        fsync_staged(list(staged.values()))\n", "",
              ("tests/engine/test_fsops.py",)),
     Mutation("manifest after journal removal", "ernie_patcher/core/transaction.py",
              '    state.write_manifest(manifest)\n    checkpoint("manifest-written")\n'
@@ -83,17 +85,19 @@ MUTATIONS = [
              '    checkpoint("manifest-written")\n',
              (f"{T_CRASH}::test_apply_killed_at_checkpoint",)),
     Mutation("recovery restores nothing", "ernie_patcher/core/transaction.py",
-             "if _put_entry(state, path, entry):", "if False:",
+             "if _put(state, path, entry):", "if False:",
              (f"{T_LIFE}::test_crash_between_files_is_recovered", f"{T_CRASH}::test_apply_killed_at_checkpoint")),
     Mutation("version gate off", "ernie_patcher/core/assess.py",
              "            if not self.allow_untested:\n", "            if False:\n",
              (f"{T_LIFE}::test_version_gate_refuses_then_allow_untested_tries",)),
     Mutation("stale bytecode kept", "ernie_patcher/core/transaction.py",
-             "if remove_bytecode(write.path, sync_dir=False) or flags is not None:", "if flags is not None:",
+             "                install(staged.pop(number - 1), sync_dir=False)\n"
+             "                remove_bytecode(write.path, write.relpath)\n",
+             "                install(staged.pop(number - 1), sync_dir=False)\n",
              (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
     Mutation("no fresh bytecode", "ernie_patcher/core/transaction.py",
-             "compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,",
-             "compiled += filter(None, [None and bytecode.write(write.path, write.data, write.code, flags,",
+             "compiled += filter(None, [bytecode.write(write.path, write.relpath, write.data, write.code, flags,",
+             "compiled += filter(None, [None and bytecode.write(write.path, write.relpath, write.data, write.code, flags,",
              (f"{T_DISC}::test_after_apply_and_revert_importing_the_written_modules_compiles_nothing",)),
     Mutation("bytecode in timestamp mode whatever the release used", "ernie_patcher/fs/bytecode.py",
              "    if flags & HASH_BASED:\n        header += source_hash(data)\n    else:\n",
@@ -113,7 +117,7 @@ MUTATIONS = [
              "fcntl.flock(self._fd, flag | fcntl.LOCK_NB)", "(flag | fcntl.LOCK_NB)",
              ("tests/faults/test_env_faults.py", "-k", "lock")),
     Mutation("file mode not kept", "ernie_patcher/core/plan.py",
-             "mode = file.path.stat().st_mode & 0o7777 if", "mode = 0o644 if",
+             "mode = (_current_mode(file.path, file.relpath) if", "mode = (0o644 if",
              (f"{T_LIFE}::test_mode_and_owner_are_kept",)),
     Mutation("symlinked targets followed", "ernie_patcher/core/assess.py",
              "if not inside or path.is_symlink():", "if False:",
@@ -122,8 +126,29 @@ MUTATIONS = [
              "return [results[index] for index in range(len(sources))]",
              "return [results[index] for index in reversed(range(len(sources)))]",
              ("tests/engine/test_compilepool.py::test_workers_give_what_compiling_here_gives_in_the_same_order",)),
+    Mutation("package directories entered through a symlink", "ernie_patcher/fs/safeio.py",
+             "_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
+             "_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC",
+             (f"{T_RACES}::test_directories_swapped_before_the_recovering_run_starts[inner-symlink]",)),
+    Mutation("a directory swapped since planning written through", "ernie_patcher/fs/safeio.py",
+             "        if pinned != identity:\n", "        if False:\n",
+             (f"{T_RACES}::test_directories_swapped_while_apply_writes[journal-written-directory]",)),
+    Mutation("temp file's owner set by name", "ernie_patcher/fs/safeio.py",
+             "            if owner is not None:\n                _fchown(fd, owner)\n",
+             "            if owner is not None:\n                os.chown(temp, *owner, dir_fd=self.fd)\n",
+             (f"{T_RACES}::test_a_symlink_planted_at_a_temp_file_name_hands_nothing_over",)),
+    Mutation("rename not checked to have put the written file in place", "ernie_patcher/fs/safeio.py",
+             "        if found is None or not stat.S_ISREG(found.st_mode) or (found.st_dev, found.st_ino) != staged.identity:\n"
+             "            raise self._replaced(name)\n",
+             "",
+             (f"{T_RACES}::test_a_symlink_put_at_a_staged_temp_name_before_its_rename_is_refused",)),
+    Mutation("root writes in a tree another user can write", "ernie_patcher/core/engine.py",
+             "    if os.geteuid() != 0 or allowed or not pins.user_writable:\n",
+             "    if True:\n",
+             (f"{T_RACES}::test_root_refuses_a_tree_another_user_can_write_and_status_names_it",)),
     Mutation("directories apply created left behind", "ernie_patcher/core/transaction.py",
-             "        removed += remove_empty_dirs(root, dirs)\n", "",
+             "        parents |= {(root, _parent_dir(str(p.relative_to(root)))) for p in remove_empty_dirs(root, dirs)}\n",
+             "",
              ("tests/engine/test_new_directories.py::"
               "test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree",)),
 ]

@@ -175,6 +175,10 @@ def main() -> None:
 _ONLY_HELP = "Only these patches (repeatable)."
 
 
+_USER_WRITABLE_HELP = ("As root, write even in package directories another user can write (by default refused: "
+                       "that user could swap what root writes).")
+
+
 @main.command(epilog=EXIT_CODES)
 @_target_options
 @click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
@@ -202,7 +206,8 @@ def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
               shell_complete=_complete_ids)
 @click.option("--dry-run", is_flag=True, help="Plan every hunk and report; write nothing.")
 @click.option("--allow-untested", is_flag=True, help="Try patches outside their tested version range (conflicts are still refused).")
-def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested) -> None:
+@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
+def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested, allow_user_writable) -> None:
     """Apply the patches: all or nothing, idempotent.
 
     \b
@@ -213,8 +218,8 @@ def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_u
     """
     from ..core.engine import apply as run
 
-    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested),
-         _verbosity(quiet, verbose))
+    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested,
+                                       allow_user_writable), _verbosity(quiet, verbose))
 
 
 @main.command(epilog=EXIT_CODES)
@@ -241,7 +246,8 @@ def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> Non
 @_target_options
 @click.option("--dry-run", is_flag=True, help="Report what would be restored; write nothing.")
 @click.option("--force", is_flag=True, help="Restore originals even over files edited since apply (a copy is kept).")
-def revert(python, site, patches, as_json, quiet, verbose, dry_run, force) -> None:
+@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
+def revert(python, site, patches, as_json, quiet, verbose, dry_run, force, allow_user_writable) -> None:
     """Put every changed byte back exactly as it was before apply.
 
     \b
@@ -251,7 +257,8 @@ def revert(python, site, patches, as_json, quiet, verbose, dry_run, force) -> No
     """
     from ..core.engine import revert as run
 
-    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force), _verbosity(quiet, verbose))
+    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force, allow_user_writable),
+         _verbosity(quiet, verbose))
 
 
 @main.command("list", epilog=EXIT_CODES)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import creates_dirs_detail, made_dirs_detail, read_bytes, sha256
+from ..fs.fsops import creates_dirs_detail, made_dirs_detail, read_target, sha256
 from ..patchset.probes import ProbeResult, recall, run_probe
 from ..patchset.series import PatchSpec, ProbeSpec
 from ..target.discovery import Environment, InstalledPackage, record_digest
@@ -103,8 +103,12 @@ def encode(text: str) -> bytes:
 def target_path(package: InstalledPackage, relpath: str) -> Path:
     """The absolute path of RELPATH, refusing any that leaves the package through a symlink."""
     path = package.import_root / relpath
-    module_dir = (package.import_root / package.module).resolve()
-    parent = path.parent.resolve()
+    try:
+        module_dir = (package.import_root / package.module).resolve()
+        parent = path.parent.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop planted in the package
+        raise PatcherError(ExitCode.ENVIRONMENT, f"refusing {path}: {exc}",
+                           hint="a symlink inside the package leads nowhere; the tool only writes inside it") from None
     inside = parent == module_dir or module_dir in parent.parents
     if not inside or path.is_symlink():
         real = os.path.realpath(path)
@@ -168,9 +172,10 @@ class Assessor:
     def rollback(self, saved: tuple[dict[Path, bytes | None], set[Path]]) -> None:
         self.working, self._planned = dict(saved[0]), set(saved[1])
 
-    def current(self, path: Path) -> bytes | None:
+    def current(self, path: Path, relpath: str) -> bytes | None:
+        """The bytes of package file PATH (RELPATH) as planned so far: read once, by descriptor."""
         if path not in self.working:
-            self.working[path] = read_bytes(path)
+            self.working[path] = read_target(path, relpath)
         return self.working[path]
 
     def record_digest(self, package: InstalledPackage, relpath: str) -> str | None:
@@ -224,7 +229,7 @@ class Assessor:
         for relpath in recorded.files:
             path = target_path(package, relpath)
             entry = self.manifest.files.get(relpath)
-            current = self.current(path)
+            current = self.current(path, relpath)
             digest = sha256(current) if current is not None else None
             if entry is None or spec.id not in entry.patches or digest != entry.after:
                 return None
@@ -255,7 +260,7 @@ class Assessor:
         return self.record_digest(package, relpath) == record_digest(data)
 
     def _probe_source(self, package: InstalledPackage, relpath: str) -> bytes | None:
-        return read_bytes(package.import_root / relpath)
+        return read_target(package.import_root / relpath, relpath)
 
     def _file(self, package: InstalledPackage, fp: FilePatch, spec: PatchSpec, managed: bool) -> FileState:
         relpath = str(fp.path)
@@ -264,7 +269,7 @@ class Assessor:
         if fp.creates and path not in self.working and not path.parent.is_dir():
             dirs, blocked = new_directories(package, relpath)
             self.working[path] = None
-        current = self.current(path)
+        current = self.current(path, relpath)
         state = FileState(relpath=relpath, path=path, state=NOT_APPLIED, creates=fp.creates, current=current,
                           dirs=dirs)
         if blocked:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import Lock, import_root, read_bytes, sha256
+from ..fs.fsops import Lock, import_root, read_target, sha256, stat_target
+from ..fs.safeio import Pins, note_insecure_path, pinned
 from ..patchset.series import Choice, PatchSpec, Series, load_series, ranges_text
 from ..target.discovery import Environment, discover
 from .assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, UNSUPPORTED, Assessor, PatchState, recorded_path
@@ -16,6 +17,9 @@ from .report import Action, Report, Target
 from .state import Manifest, RestoreEntry, StateDir, import_name
 
 if TYPE_CHECKING:  # the write machinery is imported by the commands that write (or recover)
+    from ..patchset.probes import ProbeResult
+    from ..patchset.series import ProbeSpec
+    from ..target.discovery import InstalledPackage
     from .transaction import Locate, Recovery, Write
 
 REFUSALS = ((MISSING, ExitCode.MISSING), (UNSUPPORTED, ExitCode.UNSUPPORTED_VERSION),
@@ -45,29 +49,55 @@ def _locator(target: Target) -> Locate:
 
 
 @contextmanager
-def _state_access(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[None]:
+def _state_access(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[Pins]:
     """Lock the state directory; any pending journal is recovered first (needs write access).
+    Yields the pins of the run (safeio.pinned): the package directories it enters keep the
+    identity they had when it first entered them (planning), and it knows which others can write.
 
     A run that fails in any way (a refusal, an interruption, an internal error) leaves no lock
     file or empty state directory behind."""
     if not write and not state.exists():
-        yield
+        with pinned() as pins:
+            _note_paths(target, report.env)
+            yield pins
         return
+    try:
+        with _locked(state, write, report, target) as pins:
+            yield pins
+    finally:
+        state.close()
+
+
+@contextmanager
+def _locked(state: StateDir, write: bool, report: Report, target: Target) -> Iterator[Pins]:
+    """_state_access once the state directory exists or is to be written."""
     needs_recovery = state.has_journal()
     exclusive = write or needs_recovery
-    with Lock(state.lock_path, exclusive=exclusive):
+    with Lock(state.lock_path, exclusive=exclusive) as lock:
+        state.pin(lock.directory)
         if needs_recovery:
             from .transaction import recover
 
-            _note_recovery(report, recover(state, _locator(target)))
+            with pinned():
+                _note_recovery(report, recover(state, _locator(target)))
         try:
-            yield
+            with pinned() as pins:
+                _note_paths(target, report.env)
+                yield pins
         except BaseException:
             if write:
                 _tidy(state)  # a refused run (e.g. a malformed patch) leaves no state dir behind
             raise
         if needs_recovery:
             state.remove_if_empty()  # under the lock: a waiting run must never lock a removed lock file
+
+
+def _note_paths(target: Target, env: Environment) -> None:
+    """Name (in the run's pins) a directory through which another user could redirect the site as
+    given, the environment's packages directory or a package's import root elsewhere (editable)."""
+    roots = {env.state_dir.parent, *(p.import_root for p in env.packages.values() if p is not None)}
+    for path in ([target.site] if target.site else []) + sorted(roots):
+        note_insecure_path(path)
 
 
 def _tidy(state: StateDir) -> None:
@@ -162,10 +192,11 @@ def status(target: Target, only: tuple[str, ...] = (), reparse: bool = False) ->
     series, choices, env = _prepare(target, only)
     report = Report("status", env, series)
     state = StateDir(env.state_dir)
-    with _probe_memo_noted(report), _state_access(state, write=False, report=report, target=target):
+    with _probe_memo_noted(report), _state_access(state, write=False, report=report, target=target) as pins:
         manifest = _load_manifest(state, env, report)
         report.patches = _assess(choices, manifest, env, reparse=reparse)
         report.manifest_patches = sorted(manifest.patches) if manifest else []
+        _note_user_writable(report, pins)
     foreign = sorted(set(report.manifest_patches) - {p.id for p in series.patches})
     if foreign:
         report.notes.append(f"the manifest also records patches not in this patch set: {', '.join(foreign)}")
@@ -221,38 +252,50 @@ def _refusal(states: list[PatchState]) -> PatcherError | None:
 
 
 def _apply_changes(state: StateDir, report: Report, series: Series, states: list[PatchState],
-                   todo: list[PatchState], previous: Manifest | None) -> None:
-    from ..patchset.probes import run_probe
+                   todo: list[PatchState], previous: Manifest | None, pins: Pins, allow_user_writable: bool) -> None:
     from .plan import build_plan  # only apply plans writes: status and verify start faster
     from .transaction import commit
 
     plan = build_plan(todo)
     report.actions = plan.actions(states)
+    _refuse_user_writable(pins, allow_user_writable)
     if report.dry_run:
         return
     commit(state, "apply", plan.writes(state), plan.manifest(previous, series, states, todo), previous)
     for patch in todo:
         patch.state, patch.stale = APPLIED, False
-        patch.probes = [run_probe(p, read_bytes(patch.package.import_root / p.file)) for p in patch.spec.probes]
+        patch.probes = [_probe_written(p, patch.package) for p in patch.spec.probes]
         if patch.strip_inferred:
             report.notes.append(f"{patch.spec.id}: strip level {patch.strip} inferred from its paths")
 
 
-def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False) -> Report:
+def _probe_written(probe: ProbeSpec, package: InstalledPackage) -> ProbeResult:
+    """PROBE on what apply wrote; a file now out of reach fails the probe (verify will say more): apply
+    itself is done, and its exit code says so."""
+    from ..patchset.probes import ProbeResult, run_probe
+
+    try:
+        return run_probe(probe, read_target(package.import_root / probe.file, probe.file))
+    except PatcherError as error:
+        return ProbeResult(probe, False, error.reason)
+
+
+def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False,
+          allow_user_writable: bool = False) -> Report:
     series, choices, env = _prepare(target, only)
     report = Report("apply", env, series, dry_run=dry_run)
     with _probe_memo_noted(report):
-        return _apply(report, target, series, choices, env, only, allow_untested)
+        return _apply(report, target, series, choices, env, only, allow_untested, allow_user_writable)
 
 
 def _apply(report: Report, target: Target, series: Series, choices: list[Choice], env: Environment,
-           only: tuple[str, ...], allow_untested: bool) -> Report:
+           only: tuple[str, ...], allow_untested: bool, allow_user_writable: bool) -> Report:
     dry_run = report.dry_run
     implied = sorted({c.id for c in choices} - set(only)) if only else []
     if implied:
         report.notes.append(f"also selected, as required: {', '.join(implied)}")
     state = StateDir(env.state_dir)
-    with _state_access(state, write=not dry_run, report=report, target=target):
+    with _state_access(state, write=not dry_run, report=report, target=target) as pins:
         previous = _load_manifest(state, env, report)
         report.patches = states = _assess(choices, previous, env, allow_untested)
         for patch in states:
@@ -269,7 +312,7 @@ def _apply(report: Report, target: Target, series: Series, choices: list[Choice]
                 state.remove_if_empty()
             return report
         try:
-            _apply_changes(state, report, series, states, todo, previous)
+            _apply_changes(state, report, series, states, todo, previous, pins, allow_user_writable)
         except PatcherError as error:
             report.error, report.exit_code = error, error.code
             if not dry_run:
@@ -277,19 +320,21 @@ def _apply(report: Report, target: Target, series: Series, choices: list[Choice]
     return report
 
 
-def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Report) -> tuple[list[Write], list[str]]:
-    """What revert would write; with --dry-run nothing is stored or saved on the way."""
+def _revert_writes(state: StateDir, manifest: Manifest, force: bool,
+                   report: Report) -> tuple[list[Write], list[str], list[tuple[bytes, int]]]:
+    """What revert would write, the files drifted since apply, and what the files to restore hold now
+    (for the object store, before the transaction); with --dry-run nothing is saved on the way."""
     from .transaction import Write
 
     writes: list[Write] = []
     drifted: list[str] = []
-    kept: list[bytes] = []  # what the files hold now, stored (once each) before the transaction
+    kept: list[tuple[bytes, int]] = []  # what the files hold now (and their mode), stored before the transaction
     for entry in manifest.files.values():
         path = recorded_path(report.env, entry)
         if path is None:
             report.notes.append(f"{entry.package} is no longer installed: nothing to restore for {entry.relpath}")
             continue
-        current = read_bytes(path)
+        current = read_target(path, entry.relpath)
         digest = sha256(current) if current is not None else None
         if digest == entry.before and not entry.dirs:
             report.notes.append(f"{path} already holds its original bytes")
@@ -310,7 +355,7 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
                 report.notes.append(f"--force would overwrite {path}, edited after apply (a copy would be kept)")
         restore = digest if current is not None and not report.dry_run else None
         if restore is not None:
-            kept.append(current)
+            kept.append((current, entry.mode))
         writes.append(Write(path, original, entry.mode, restore, package=entry.package,
                             module=import_name(entry.package, entry.module), version=entry.version,
                             relpath=entry.relpath, action=entry.action, dirs=tuple(entry.dirs)))
@@ -320,19 +365,17 @@ def _revert_writes(state: StateDir, manifest: Manifest, force: bool, report: Rep
             detail += (f"{' (already gone)' if current is None else ''}; and, when empty, the director"
                        f"{'ies' if len(entry.dirs) > 1 else 'y'} apply created: {', '.join(entry.dirs)}")
         report.actions.append(Action(str(path), what, detail))
-    if kept and not drifted:
-        state.store_many(kept)
-    return writes, drifted
+    return writes, drifted, kept
 
 
-def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report:
+def revert(target: Target, dry_run: bool = False, force: bool = False, allow_user_writable: bool = False) -> Report:
     env = discover([], target.python, target.site)
     report = Report("revert", env, None, dry_run=dry_run)
     state = StateDir(env.state_dir)
     if not state.exists():
         report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
         return report
-    with _state_access(state, write=not dry_run, report=report, target=target):
+    with _state_access(state, write=not dry_run, report=report, target=target) as pins:
         manifest = state.manifest()
         if manifest is None:
             report.notes.append("nothing to do: no patches applied by ernie-patch in this environment")
@@ -342,10 +385,13 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
         report.manifest_patches = sorted(manifest.patches)
         packages = sorted({(e.package, import_name(e.package, e.module)) for e in manifest.files.values()})
         report.env = discover(packages, target.python, target.site)
+        _note_paths(target, report.env)
+        _enter_directories(report.env, manifest)
+        _refuse_user_writable(pins, allow_user_writable)  # before anything is saved or dropped
         unchecked = check_originals(report.env, manifest, state, state.manifest_path)
         if unchecked:
             report.notes.append(unchecked_note(unchecked))
-        writes, drifted = _revert_writes(state, manifest, force, report)
+        writes, drifted, kept = _revert_writes(state, manifest, force, report)
         if drifted:
             state.drop_objects({e.before for e in manifest.files.values() if e.before})  # refused: keep none
             report.actions = []
@@ -358,6 +404,9 @@ def revert(target: Target, dry_run: bool = False, force: bool = False) -> Report
         if dry_run:
             return report
         from .transaction import commit
+
+        if kept:
+            state.store_many([data for data, _ in kept], [mode for _, mode in kept])
 
         commit(state, "revert", writes, None, manifest)
         state.remove_if_empty()
@@ -372,3 +421,37 @@ def _note_kept_directories(report: Report, writes: list[Write]) -> None:
     if kept:
         report.notes.append(f"kept {len(kept)} director{'ies' if len(kept) > 1 else 'y'} apply created, as they "
                             f"are not empty (files ernie-patch did not create): {', '.join(kept)}")
+
+
+def _enter_directories(env: Environment, manifest: Manifest) -> None:
+    """Enter (and so pin, and learn who can write) the directory of every file the manifest names."""
+    for entry in manifest.files.values():
+        path = recorded_path(env, entry)
+        if path is not None:
+            stat_target(path, entry.relpath)
+
+
+def _writable_directories(pins: Pins, limit: int = 3) -> str:
+    found = sorted(pins.user_writable.items())
+    listed = ", ".join(f"{path} ({why})" for path, why in found[:limit])
+    return listed + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def _note_user_writable(report: Report, pins: Pins) -> None:
+    """Name the package directories another user than root (or the one running ernie-patch) can write."""
+    if pins.user_writable:
+        report.notes.append(f"package directories another user can write: {_writable_directories(pins)}; "
+                            "as root, apply and revert refuse to write there without --allow-user-writable")
+
+
+def _refuse_user_writable(pins: Pins, allowed: bool) -> None:
+    """As rpm does, root does not write in package directories another user can change (that user could
+    swap what root writes), unless the operator says that user is trusted (ALLOWED)."""
+    if os.geteuid() != 0 or allowed or not pins.user_writable:
+        return
+    (first, why), *rest = sorted(pins.user_writable.items())
+    raise PatcherError(ExitCode.ENVIRONMENT, f"refusing to write as root in {first}: it is {why}, so another "
+                       "user could swap what root writes there",
+                       details=[f"also {path} ({reason})" for path, reason in rest[:10]],
+                       hint="make the package directories root's and not group- or world-writable (chown root, "
+                            "chmod go-w), or pass --allow-user-writable if every user who can write them is trusted")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..fs.fsops import read_bytes, sha256
+from ..fs.fsops import read_target, sha256
 from ..target.discovery import Environment, InstalledPackage, parse_record, record_form
 from .state import FileRecord, Manifest, StateDir, corrupt
 
@@ -34,7 +34,7 @@ def _release_record(package: InstalledPackage, entries: list[FileRecord], state:
     """RECORD as the release shipped it (without the rows apply added); None when there is none."""
     if package.dist_info is None:
         return None
-    current = read_bytes(package.dist_info / "RECORD")
+    current = read_target(package.dist_info / "RECORD", f"{package.dist_info.name}/RECORD")
     if current is None:
         return None
     register = next((e for e in entries if e.action == "register"), None)

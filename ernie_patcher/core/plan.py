@@ -13,7 +13,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.compilepool import CompileFailure, compile_many
-from ..fs.fsops import creates_dirs_detail, read_bytes, sha256
+from ..fs.fsops import creates_dirs_detail, new_file_mode, read_bytes, read_target, sha256, stat_target
+from ..fs.safeio import FILE_MODE_BITS
 from ..patchset.probes import ProbeResult, memo, probe_key, run_probe
 from ..patchset.series import SERIES_FILE, ProbeSpec, Series
 from ..target.discovery import record_digest
@@ -49,7 +50,8 @@ def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
                 continue
             change = changes.get(file.path)
             if change is None:
-                mode = file.path.stat().st_mode & 0o7777 if file.current is not None else _new_file_mode(file.path)
+                mode = (_current_mode(file.path, file.relpath) if file.current is not None
+                        else new_file_mode(file.path, file.relpath))
                 change = FileChange(file.path, file.relpath, patch.spec.package, patch.package.version,
                                  "create" if file.creates else "modify", file.current, file.patched, mode,
                                  module=patch.spec.module)
@@ -60,14 +62,10 @@ def _collect(todo: list[PatchState]) -> dict[Path, FileChange]:
     return changes
 
 
-def _new_file_mode(path: Path) -> int:
-    """The mode of a .py file in PATH's directory, else in the nearest existing one above it
-    (PATH may lie in directories apply creates), else 0o644."""
-    directory = path.parent
-    while not directory.is_dir() and directory != directory.parent:
-        directory = directory.parent
-    siblings = [p for p in directory.glob("*.py") if p.is_file()]
-    return siblings[0].stat().st_mode & 0o7777 if siblings else 0o644
+def _current_mode(path: Path, relpath: str) -> int:
+    """The permission bits of the file PATH replaces; never a set-id or sticky bit (safeio.FILE_MODE_BITS)."""
+    found = stat_target(path, relpath)
+    return found.st_mode & FILE_MODE_BITS if found is not None else 0o644
 
 
 def _encoding_refusal(data: bytes) -> CompileFailure | None:
@@ -115,7 +113,8 @@ def _check_results(changes: dict[Path, FileChange], todo: list[PatchState]) -> d
     for patch in todo:
         memos[patch.spec.id] = {}
         for probe in patch.spec.probes:
-            source = planned[probe.file] if probe.file in planned else read_bytes(patch.package.import_root / probe.file)
+            source = (planned[probe.file] if probe.file in planned
+                      else read_target(patch.package.import_root / probe.file, probe.file))
             result = _probe_planned(probe, source)
             if not result.passed:
                 raise PatcherError(ExitCode.CONFLICT,
@@ -149,17 +148,17 @@ def _registrations(changes: dict[Path, FileChange], todo: list[PatchState]) -> l
         created = [c for c in changes.values() if c.action == "create" and c.package == package_name]
         if not created or package.dist_info is None or package.editable:
             continue
-        record = package.dist_info / "RECORD"
-        before = read_bytes(record)
-        if before is None:
+        record, relpath = package.dist_info / "RECORD", f"{package.dist_info.name}/RECORD"
+        before, found = read_target(record, relpath), stat_target(record, relpath)
+        if before is None or found is None:
             continue
         text = decode(before)
         if text and not text.endswith("\n"):
             text += "\n"
         text += "".join(_record_line(c.relpath, c.after or b"") for c in created)
-        extra.append(FileChange(record, f"{package.dist_info.name}/RECORD", package_name, package.version,
+        extra.append(FileChange(record, relpath, package_name, package.version,
                              "register", before, text.encode("utf-8", "surrogateescape"),
-                             record.stat().st_mode & 0o7777, sorted({p for c in created for p in c.patches}),
+                             found.st_mode & FILE_MODE_BITS, sorted({p for c in created for p in c.patches}),
                              module=package.module))
     return extra
 
@@ -241,7 +240,8 @@ class Plan:
 
     def writes(self, state: StateDir) -> list[Write]:
         """The writes for the transaction; the current bytes of each file are stored first."""
-        stored = iter(state.store_many([c.before for c in self.changes if c.before is not None]))
+        kept = [c for c in self.changes if c.before is not None]
+        stored = iter(state.store_many([c.before for c in kept], [c.mode for c in kept]))
         return [Write(c.path, c.after, c.mode, next(stored) if c.before is not None else None,
                       package=c.package, module=import_name(c.package, c.module), version=c.version,
                       relpath=c.relpath, action=c.action, code=c.code, dirs=tuple(c.dirs)) for c in self.changes]

@@ -191,6 +191,8 @@ def _field_ok(name: str, kind: object, value: object) -> bool:
         return isinstance(value, list) and all(_field_ok("relpath", str, v) for v in value)
     if name == "probes":
         return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
+    if name == "mode":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind.startswith("list["):
@@ -244,13 +246,56 @@ class StateDir:
         self.journal_path = root / "journal.json"
         self.objects = root / "objects"
         self.lock_path = root / "lock"
+        self._held: SafeDir | None = None
 
     def exists(self) -> bool:
         """Whether anything is at ROOT (a symlink too: it is refused when opened, never skipped)."""
         return os.path.lexists(self.root)
 
     def _open(self, create: bool = False) -> SafeDir | None:
-        return SafeDir.open(self.root, create=create)
+        """The state directory, opened once per run and held: every later use goes through that
+        descriptor, so a directory swapped in at its path meanwhile is never used (check_in_place
+        refuses before the run commits to anything)."""
+        if self._held is None:
+            self._held = SafeDir.open(self.root, create=create)
+            if self._held is None:
+                return None
+        return SafeDir(self.root, os.dup(self._held.fd))
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self._held is None:
+            return None
+        found = os.fstat(self._held.fd)
+        return found.st_dev, found.st_ino
+
+    def pin(self, identity: tuple[int, int] | None) -> None:
+        """The state directory of this run is the one its lock is in: another one is refused."""
+        if identity is None:
+            return
+        self._open()
+        if self._identity() != identity:
+            raise self._moved()
+
+    def check_in_place(self) -> None:
+        """Refuse when the state directory this run holds is no longer the one at its path (moved away
+        and replaced): a journal or manifest written there would never be found by the next run."""
+        held = self._identity()
+        try:
+            found = os.stat(self.root, follow_symlinks=False)
+        except OSError:
+            found = None
+        if held is not None and (found is None or (found.st_dev, found.st_ino) != held):
+            raise self._moved()
+
+    def _moved(self) -> PatcherError:
+        return PatcherError(ExitCode.ENVIRONMENT, f"refusing {self.root}: it is another directory than the one "
+                            "this run locked (moved or replaced meanwhile)",
+                            hint=f"another process is changing {self.root.parent}; find out who can write it")
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def has_journal(self) -> bool:
         """Whether a journal is pending; an unsafe state directory is refused here already."""
@@ -325,18 +370,21 @@ class StateDir:
         """Keep DATA under its digest (once); return the digest."""
         return self.store_many([data])[0]
 
-    def store_many(self, datas: list[bytes]) -> list[str]:
-        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once."""
+    def store_many(self, datas: list[bytes], modes: list[int] | None = None) -> list[str]:
+        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once.
+        MODES (those of the files the bytes are from) limit who may read each copy: a file only its
+        owner may read is not stored readable by everyone."""
         digests = [sha256(data) for data in datas]
         with self._subdir(self.objects.name, create=True) as objects:
             written: dict[str, bool] = {}
-            for digest, data in zip(digests, datas):
+            for index, (digest, data) in enumerate(zip(digests, datas)):
                 if digest in written:
                     continue
                 kept = objects.read(digest, MAX_OBJECT)
                 written[digest] = kept is None or sha256(kept) != digest
                 if written[digest]:
-                    objects.write(digest, data, 0o444, sync_dir=False, sync_file=False)
+                    mode = 0o444 if modes is None else (modes[index] & 0o444) | 0o400
+                    objects.write(digest, data, mode, sync_dir=False, sync_file=False)
             objects.fsync_entries([d for d, new in written.items() if new])
             objects.sync()
         return digests
@@ -363,7 +411,7 @@ class StateDir:
         """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
         name = f"{sha256(data)[:16]}-{path.name}"
         with self._subdir("overwritten", create=True) as saved:
-            saved.write(name, data, 0o644)
+            saved.write(name, data, 0o600)  # someone's edits, of a file perhaps only they could read
         return self.root / "overwritten" / name
 
     def remove_if_empty(self) -> None:
@@ -378,6 +426,7 @@ class StateDir:
             root.sweep_temp()
             root.rmdir(self.objects.name)
             root.remove(self.lock_path.name, quiet=True)
+        self.close()
         try:
             os.rmdir(self.root)
         except OSError:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ExitCode, PatcherError
-from ..fs.fsops import (atomic_write, discard, fsync_files, import_root, install, install_below, read_bytes,
-                        remove_below, remove_bytecode, remove_empty_dirs, remove_file, remove_temp_files, sha256, stage,
-                        stage_below, sync_dirs)
+from ..fs.fsops import (StagedFile, discard, fsync_entries, fsync_staged, import_root, install, put, read_target,
+                        remove, remove_bytecode, remove_empty_dirs, remove_temp_files, sha256, stage, stat_target,
+                        sync_directories)
 from .interrupts import Interrupted, signals_as_errors
 from .state import Journal, Manifest, RestoreEntry, StateDir
 
@@ -76,46 +77,36 @@ class Recovery:
     restored: list[str] = field(default_factory=list)
 
 
-def _put(state: StateDir, path: Path, digest: str | None, mode: int) -> bool:
-    current = read_bytes(path)
-    if digest is None:
-        if current is None:
+def _put(state: StateDir, path: Path, entry: RestoreEntry) -> bool:
+    """Put ENTRY's stored original at PATH (remove the file when it had none); False when it already
+    holds that. Every directory is reached from the import root by descriptor: one moved or
+    replaced since this run entered it refuses (the journal stays for the run after it is back)."""
+    if entry.digest is None:
+        return remove(path, entry.relpath, undo=True)
+    found = stat_target(path, entry.relpath)
+    if found is not None and stat.S_ISREG(found.st_mode):
+        current = read_target(path, entry.relpath)
+        if current is not None and sha256(current) == entry.digest:
             return False
-        remove_file(path)
-        return True
-    if current is not None and sha256(current) == digest:
-        return False
-    atomic_write(path, state.fetch(digest), mode=mode)
+    put(path, entry.relpath, state.fetch(entry.digest), entry.mode, entry.dirs, replace_any=True)
     return True
 
 
-def _put_entry(state: StateDir, path: Path, entry: RestoreEntry) -> bool:
-    """_put of ENTRY at PATH. A file in directories apply created is removed through them without
-    following a symlink (one planted there since leads to nothing ernie-patch wrote), and put
-    back after the directories are made again."""
-    if entry.dirs and entry.digest is None:
-        return remove_below(path, entry.relpath, undo=True)
-    if entry.dirs:
-        current = read_bytes(path)
-        if current is not None and sha256(current) == entry.digest:
-            return False
-        temp = stage_below(path, entry.relpath, state.fetch(entry.digest), entry.mode, entry.dirs)
-        install_below(temp, path, entry.relpath)
-        return True
-    return _put(state, path, entry.digest, entry.mode)
+def _parent_dir(relpath: str) -> str:
+    return relpath.rpartition("/")[0]
 
 
-def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...]]]) -> set[Path]:
+def _remove_created_dirs(files: list[tuple[Path, str, list[str] | tuple[str, ...]]]) -> set[tuple[Path, str]]:
     """The directories apply created for FILES (path, relpath, dirs), removed when empty, deepest
-    first; returns the parents of those removed (to fsync)."""
+    first; returns the parents of those removed (import root, relpath), to fsync."""
     by_root: dict[Path, set[str]] = {}
     for path, relpath, dirs in files:
         if dirs:
             by_root.setdefault(import_root(path, relpath), set()).update(dirs)
-    removed: list[Path] = []
+    parents: set[tuple[Path, str]] = set()
     for root, dirs in by_root.items():
-        removed += remove_empty_dirs(root, dirs)
-    return {p.parent for p in removed}
+        parents |= {(root, _parent_dir(str(p.relative_to(root)))) for p in remove_empty_dirs(root, dirs)}
+    return parents
 
 
 def _referenced(manifest: Manifest | None) -> set[str]:
@@ -124,8 +115,8 @@ def _referenced(manifest: Manifest | None) -> set[str]:
     return {f.before for f in manifest.files.values() if f.before}
 
 
-def _digest(path: Path) -> str | None:
-    data = read_bytes(path)
+def _digest(path: Path, relpath: str) -> str | None:
+    data = read_target(path, relpath)
     return sha256(data) if data is not None else None
 
 
@@ -135,7 +126,7 @@ def _check_matches(state: StateDir, journal: Journal, paths: list[Path]) -> None
     for entry, path in zip(journal.restore, paths):
         if entry.digest is not None:
             state.fetch(entry.digest)  # every stored original is there before anything is written
-        found = _digest(path)
+        found = _digest(path, entry.relpath)
         if found not in (entry.digest, entry.written):
             raise PatcherError(
                 ExitCode.ENVIRONMENT,
@@ -161,20 +152,25 @@ def recover(state: StateDir, locate: Locate) -> Recovery | None:
     return _restore(state, journal, paths, manifest)
 
 
-def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Manifest | None) -> Recovery:
+def _restore(state: StateDir, journal: Journal, paths: list[Path], manifest: Manifest | None,
+             begun: set[int] | None = None) -> Recovery:
     """Put back every file of JOURNAL (at PATHS), the previous MANIFEST, then drop the journal.
+    BEGUN (a rollback in the failing run itself): the indexes of the files that run began to
+    write; the others it never wrote are left as they are, whatever happened to them meanwhile.
 
     Bytecode is removed only of files put back here: a file the interrupted run never wrote is
     left alone, __pycache__ included (it may be unwritable, and its cache is not stale). The
     directories apply created for files now absent are removed when empty, after every file."""
     report = Recovery(operation=journal.operation, started=journal.started)
     for number, (entry, path) in enumerate(zip(journal.restore, paths), start=1):
-        if _put_entry(state, path, entry):
+        if begun is not None and number - 1 not in begun:
+            continue
+        if _put(state, path, entry):
             report.restored.append(str(path))
-            if not entry.dirs:  # below directories apply made, _put_entry reaches them no-follow itself
-                remove_bytecode(path)
-        if not entry.dirs:
-            remove_temp_files(path)
+            if entry.digest is not None:
+                remove_bytecode(path, entry.relpath)
+        if entry.digest is not None:
+            remove_temp_files(path, entry.relpath)
         checkpoint(f"restore-{number}")
     _remove_created_dirs([(path, entry.relpath, entry.dirs) for entry, path in zip(journal.restore, paths)
                           if entry.digest is None])
@@ -196,12 +192,15 @@ def commit(state: StateDir, operation: str, writes: list[Write], manifest: Manif
     journal = Journal(operation=operation, restore=[w.journal_entry() for w in writes],
                       manifest=previous.to_json() if previous else None)
     with signals_as_errors():
+        state.check_in_place()
         state.write_json(state.journal_path, journal.to_json())
         checkpoint("journal-written")
+        begun: set[int] = set()
         try:
-            _write_all(state, writes, manifest)
+            _write_all(state, writes, manifest, begun)
         except Exception as error:
-            _roll_back(state, journal, writes, previous, error if isinstance(error, PatcherError) else None)
+            _roll_back(state, journal, writes, previous, begun,
+                       error if isinstance(error, PatcherError) else None)
             raise
     state.drop_objects(_referenced(manifest))
 
@@ -231,10 +230,11 @@ def _with_bytecode(writes: list[Write]) -> list[Write]:
 
 
 def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous: Manifest | None,
-               error: PatcherError | None) -> None:
-    """Put back what was written; ERROR (None for an unexpected exception) is told what happened."""
+               begun: set[int], error: PatcherError | None) -> None:
+    """Put back what was written (BEGUN: the indexes of the writes begun); ERROR (None for an
+    unexpected exception) is told what happened."""
     try:
-        _restore(state, journal, [w.path for w in writes], previous)
+        _restore(state, journal, [w.path for w in writes], previous, begun)
     except Exception as second:
         if error is None:
             return
@@ -252,46 +252,44 @@ def _roll_back(state: StateDir, journal: Journal, writes: list[Write], previous:
             error.reason += f" during {journal.operation}; every file written so far was put back"
 
 
-def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None) -> None:
+def _write_all(state: StateDir, writes: list[Write], manifest: Manifest | None, begun: set[int]) -> None:
     """Every file, then the manifest. New contents are first staged in temp files beside their
     targets and fsynced together (one journal commit, not one per file); then each is renamed in
     place, its stale bytecode removed and fresh bytecode written; every directory touched is
-    fsynced once before the manifest says the files are in place."""
+    fsynced once before the manifest says the files are in place. Every file and directory is
+    reached from its import root by descriptor, never by path (fsops). BEGUN collects the index of
+    each write as it begins, for the rollback."""
     from ..fs import bytecode
 
-    staged: dict[int, str] = {}
+    staged: dict[int, StagedFile] = {}
     try:
         for index, write in enumerate(writes):
             if write.data is not None:
-                staged[index] = (stage_below(write.path, write.relpath, write.data, write.mode, write.dirs)
-                                 if write.dirs else stage(write.path, write.data, mode=write.mode, sync=False))
-        fsync_files(staged.values())
-        touched: set[Path] = set()
-        compiled: list[Path] = []
+                staged[index] = stage(write.path, write.relpath, write.data, write.mode, write.dirs)
+        fsync_staged(list(staged.values()))
+        touched: set[tuple[Path, str]] = set()
+        compiled: list[tuple[Path, str]] = []
         for number, write in enumerate(writes, start=1):
             flags = _bytecode_flags(write)
-            if write.data is None and write.dirs:
-                remove_below(write.path, write.relpath)
-            elif write.data is None:
-                remove_file(write.path, sync_dir=False)
-            elif write.dirs:
-                install_below(staged.pop(number - 1), write.path, write.relpath)
-                touched.update((import_root(write.path, write.relpath) / d).parent for d in write.dirs)
+            root, directory = import_root(write.path, write.relpath), _parent_dir(write.relpath)
+            begun.add(number - 1)
+            if write.data is None:
+                remove(write.path, write.relpath, sync_dir=False)
             else:
-                install(staged.pop(number - 1), write.path, sync_dir=False)
-            touched.add(write.path.parent)
-            # below directories apply made, bytecode is reached through them (no-follow), never by path
-            if (not write.dirs and remove_bytecode(write.path, sync_dir=False)) or flags is not None:
-                touched.add(write.path.parent / "__pycache__")
+                install(staged.pop(number - 1), sync_dir=False)
+                remove_bytecode(write.path, write.relpath)
+            touched |= {(root, directory), (root, "/".join(filter(None, [directory, "__pycache__"])))}
+            touched |= {(root, _parent_dir(d)) for d in write.dirs}
             if flags is not None:
-                compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,
-                                                         below=write.relpath if write.dirs else None)])
+                compiled += filter(None, [bytecode.write(write.path, write.relpath, write.data, write.code, flags,
+                                                         create_cache=bool(write.dirs))])
             checkpoint(f"file-{number}-written")
         touched |= _remove_created_dirs([(w.path, w.relpath, w.dirs) for w in writes if w.data is None])
     finally:
         discard(staged.values())
-    fsync_files(compiled)
-    sync_dirs(touched)
+    fsync_entries(compiled)
+    sync_directories(touched)
+    state.check_in_place()
     state.write_manifest(manifest)
     checkpoint("manifest-written")
     state.remove(state.journal_path)

@@ -9,6 +9,7 @@ from ..errors import ExitCode, PatcherError
 from . import envprobe
 
 STATE_DIRNAME = ".ernie-patcher"
+MAX_RECORD = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,17 @@ class InstalledPackage:
     editable: bool
 
     def record(self) -> dict[str, str | None]:
-        """RECORD entries: import-root-relative path -> 'sha256=<urlsafe-b64>' (or None)."""
+        """RECORD entries: import-root-relative path -> 'sha256=<urlsafe-b64>' (or None). Read by
+        descriptor like every package file (a symlink, FIFO or file over 64 MiB is refused)."""
         if self.dist_info is None:
             return {}
+        from ..fs.fsops import read_target
+
+        data = read_target(self.dist_info / "RECORD", f"{self.dist_info.name}/RECORD", cap=MAX_RECORD)
         try:
-            text = (self.dist_info / "RECORD").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            return parse_record(data.decode("utf-8")) if data is not None else {}
+        except UnicodeDecodeError:
             return {}
-        return parse_record(text)
 
 
 def parse_record(text: str) -> dict[str, str | None]:

@@ -10,6 +10,7 @@ so no layout it knows is lost.
 """
 import json
 import os
+import stat
 import sys
 
 _SUFFIXES = (".dist-info", ".egg-info")
@@ -25,11 +26,22 @@ def _normalize(name):
 
 
 def _read(path):
+    """At most 1 MiB of the regular file PATH, None when it is anything else: opened non-blocking and
+    not through a symlink at its name, so a FIFO planted as METADATA never hangs the caller."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read(1 << 20).decode("utf-8", "surrogateescape")
     except OSError:
         return None
+    finally:
+        os.close(fd)
 
 
 def _headers(text):
@@ -60,28 +72,34 @@ def _info_dirs(entry, wanted):
 
 
 def _scan(name, paths):
-    """The first metadata directory of distribution NAME along PATHS with a readable version."""
+    """The first metadata directory of distribution NAME along PATHS with a readable version; False
+    when there are such directories but none is readable (then importlib.metadata is not asked:
+    it would open a FIFO planted as METADATA and wait forever)."""
     wanted = _normalize(name)
+    seen = False
     for entry in paths:
         for dirname, suffix in _info_dirs(entry, wanted):
+            seen = True
             path = os.path.join(entry or ".", dirname)
             text = _read(os.path.join(path, _METADATA[suffix]))
             headers = _headers(text) if text is not None else {}
             if headers.get("Version") and _normalize(headers.get("Name", name)) == wanted:
                 return path, headers
-    return None
+    return False if seen else None
 
 
 def _direct_url(path):
     text = _read(os.path.join(path, "direct_url.json"))
     try:
         return json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
 def _distribution(name, paths):
     found = _scan(name, sys.path if paths is None else paths)
+    if found is False:
+        return None
     if found is None:
         return _metadata_distribution(name, paths)
     path, headers = found
@@ -112,7 +130,7 @@ def _metadata_distribution(name, paths):
     path = getattr(dist, "_path", None)
     try:
         direct = json.loads(dist.read_text("direct_url.json") or "null") or {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         direct = {}
     return {
         "name": dist.metadata["Name"],

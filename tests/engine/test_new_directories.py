@@ -20,7 +20,7 @@ from support.tree import snapshot
 
 def test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree(site: Path, tmp_path: Path):
     patches = subpackage_set(site, tmp_path / "set")
-    (site / "diffusers").chmod(0o2775)  # not what mkdir and the umask give: the mode must be copied
+    (site / "diffusers").chmod(0o2751)  # not what mkdir and the umask give: the mode must be copied
     pristine = snapshot(site)
 
     status = cli("status", "--site", site, "--patches", patches, "--json").json()
