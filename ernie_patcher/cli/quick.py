@@ -21,7 +21,7 @@ _ONLY_FOR = {"reparse": "verify", "dry_run": "apply", "allow_untested": "apply"}
 # Variables standing for an option (the click CLI reads them the same way: the option wins).
 _OPTION_ENV = {"ERNIE_PATCHER_PYTHON": "python", "ERNIE_PATCHER_SITE": "site", "ERNIE_PATCHER_PATCHES": "patches"}
 _KNOWN_ENV = {"ERNIE_PATCHER_PYTHON_TIMEOUT", "ERNIE_PATCHER_JOBS", "ERNIE_PATCHER_SELFTEST_TIMEOUT",
-              "ERNIE_PATCHER_PROBE_CACHE", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
+              "ERNIE_PATCHER_SELFTEST_SP_TIMEOUT", "ERNIE_PATCHER_PROBE_CACHE", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
               "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT", *_OPTION_ENV}
 
 

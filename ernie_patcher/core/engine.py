@@ -182,6 +182,20 @@ def _choices(series: Series, env: Environment, only: tuple[str, ...]) -> list[Ch
     return [c for c in series.resolve(list(series.patches), versions) if c.id in wanted]
 
 
+@contextmanager
+def _probe_memo_noted(report: Report) -> Iterator[None]:
+    """REPORT says (once) when the probe memo was not used because its directory is not safely the user's."""
+    from .probememo import take_note
+
+    take_note()  # one left by an earlier command of this process is not this one's
+    try:
+        yield
+    finally:
+        note = take_note()
+        if note is not None:
+            report.notes.append(note)
+
+
 def _reported(report: Report, body: Callable[[], None]) -> Report:
     """REPORT after BODY; a refusal or failure once the environment is known (a held lock, a corrupt
     manifest, an unknown id, an interruption) is the report's error, so every output of the command
@@ -242,7 +256,7 @@ def _look(command: str, target: Target, only: tuple[str, ...], reparse: bool, ga
 
     def body() -> None:
         state = StateDir(env.state_dir)
-        with _state_access(state, write=False, report=report, target=target) as pins:
+        with _probe_memo_noted(report), _state_access(state, write=False, report=report, target=target) as pins:
             manifest = _load_manifest(state, env, report)
             selected = _default_selection(series, manifest, only, report, checks=gate or command == "verify")
             report.patches = _assess(_choices(series, env, selected), manifest, env, reparse=reparse)
@@ -399,7 +413,8 @@ def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, all
           allow_user_writable: bool = False) -> Report:
     series, env = _prepare(target)
     report = Report("apply", env, series, dry_run=dry_run)
-    return _reported(report, lambda: _apply(report, target, series, only, allow_untested, allow_user_writable))
+    with _probe_memo_noted(report):
+        return _reported(report, lambda: _apply(report, target, series, only, allow_untested, allow_user_writable))
 
 
 def _apply(report: Report, target: Target, series: Series, only: tuple[str, ...], allow_untested: bool,
