@@ -149,6 +149,19 @@ def set_chip(chip: str) -> None:
     importlib.import_module("mindiesd.utils.get_platform").PLATFORM = None
 
 
+def routes(torch_npu: types.ModuleType) -> dict[str, int]:
+    """Calls by route since the counters were last cleared: torch_npu's kernels (called by the patch or by
+    MindIE-SD) and MindIE-SD's operators ("... with a mask" when a mask reached one); the `mindiesd::la` kernel
+    itself is left out (one per ascend_laser_attention call)."""
+    return dict(torch_npu.calls) | {name: count for name, count in calls.items() if name != "la" and count}
+
+
+def clear(torch_npu: types.ModuleType) -> None:
+    """Forget the calls counted so far (torch_npu's and MindIE-SD's)."""
+    torch_npu.calls.clear()
+    calls.clear()
+
+
 def available() -> bool:
     """Whether mindiesd is installed in this interpreter (it is never imported to answer this)."""
     return importlib.util.find_spec("mindiesd") is not None
