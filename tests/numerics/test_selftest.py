@@ -50,10 +50,11 @@ def applied_site(tmp_path_factory: pytest.TempPathFactory, diffusers_version: st
 
 
 def with_mindiesd(site: Path) -> None:
-    """The tier's own mindiesd package linked into SITE, so the selftest's target has it."""
-    spec = importlib.util.find_spec("mindiesd")
-    assert spec is not None and spec.origin, "the tier's mindiesd overlay is not on the path"
-    (site / "mindiesd").symlink_to(Path(spec.origin).parent, target_is_directory=True)
+    """The tier's own mindiesd package and einops (which it imports) linked into SITE, so the target has them."""
+    for name in ("mindiesd", "einops"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, f"the tier's {name} (mindiesd overlay) is not on the path"
+        (site / name).symlink_to(Path(spec.origin).parent, target_is_directory=True)
 
 
 def selftest(site: Path, *args: str) -> tuple[int, dict[str, Any], str]:
