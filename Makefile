@@ -15,7 +15,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test test-core test-numerics test-sp test-sp-matrix bench matrix mutate clean
+.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix bench matrix mutate clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ MINDIESD := overlay tests/requirements-mindiesd.txt
 demo: $(VENV)/.ready
 	$(VENV)/bin/python bench/demo.py
 
-test: test-core test-numerics test-sp
+test: lint-imports test-core test-numerics test-sp
+
+# The layer contracts of pyproject.toml (import-linter): no module imports from a folder above its own.
+lint-imports: $(VENV)/.ready
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test-core: $(VENV)/.ready
 	$(call pytest,$(VENV)/bin/python,tests/engine $(wildcard tests/faults) $(wildcard tests/authoring))

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".hypothesis", ".pytest_cache", "__pycache__", "*.egg-info")
 PYTEST = ["-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:randomly"]
 
-HUNKS = "ernie_patcher/hunks.py"
+HUNKS = "ernie_patcher/patchset/hunks.py"
 T_HUNKS = "tests/engine/test_hunks.py"
 T_LIFE = "tests/engine/test_lifecycle.py"
 T_DISC = "tests/engine/test_discovery.py"
@@ -62,67 +62,67 @@ MUTATIONS = [
              (f"{T_HUNKS}::test_offset_search_is_bounded",)),
     Mutation("CRLF not kept", HUNKS, "crlf = _uses_crlf(lines)", "crlf = False",
              (f"{T_HUNKS}::test_crlf_file_keeps_its_line_endings",)),
-    Mutation("edited .patch file not drifted", "ernie_patcher/engine.py",
+    Mutation("edited .patch file not drifted", "ernie_patcher/core/engine.py",
              "if patch.state == APPLIED and recorded and recorded.patch_sha256 != patch.spec.digest():",
              "if False:",
              ("tests/faults/test_drift_reinstall.py::test_patch_file_edited_after_apply_marks_the_patch_drifted",)),
-    Mutation("hand edit after apply not drifted", "ernie_patcher/assess.py",
+    Mutation("hand edit after apply not drifted", "ernie_patcher/core/assess.py",
              "if digest != entry.before and self._differs_from_release(package, relpath, current):",
              "if False:",
              ("tests/faults/test_drift_reinstall.py::test_hand_edit_after_apply",)),
-    Mutation("temp file not fsynced before rename", "ernie_patcher/fsops.py",
+    Mutation("temp file not fsynced before rename", "ernie_patcher/fs/fsops.py",
              "            if sync:\n                os.fsync(handle.fileno())\n", "",
              ("tests/engine/test_fsops.py",)),
-    Mutation("staged files not fsynced before they are renamed", "ernie_patcher/transaction.py",
+    Mutation("staged files not fsynced before they are renamed", "ernie_patcher/core/transaction.py",
              "        fsync_files(staged.values())\n", "",
              ("tests/engine/test_fsops.py",)),
-    Mutation("manifest after journal removal", "ernie_patcher/transaction.py",
+    Mutation("manifest after journal removal", "ernie_patcher/core/transaction.py",
              '    state.write_manifest(manifest)\n    checkpoint("manifest-written")\n'
              '    state.remove(state.journal_path)\n',
              '    state.remove(state.journal_path)\n    state.write_manifest(manifest)\n'
              '    checkpoint("manifest-written")\n',
              (f"{T_CRASH}::test_apply_killed_at_checkpoint",)),
-    Mutation("recovery restores nothing", "ernie_patcher/transaction.py",
+    Mutation("recovery restores nothing", "ernie_patcher/core/transaction.py",
              "if _put_entry(state, path, entry):", "if False:",
              (f"{T_LIFE}::test_crash_between_files_is_recovered", f"{T_CRASH}::test_apply_killed_at_checkpoint")),
-    Mutation("version gate off", "ernie_patcher/assess.py",
+    Mutation("version gate off", "ernie_patcher/core/assess.py",
              "            if not self.allow_untested:\n", "            if False:\n",
              (f"{T_LIFE}::test_version_gate_refuses_then_allow_untested_tries",)),
-    Mutation("stale bytecode kept", "ernie_patcher/transaction.py",
+    Mutation("stale bytecode kept", "ernie_patcher/core/transaction.py",
              "if remove_bytecode(write.path, sync_dir=False) or flags is not None:", "if flags is not None:",
              (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
-    Mutation("no fresh bytecode", "ernie_patcher/transaction.py",
+    Mutation("no fresh bytecode", "ernie_patcher/core/transaction.py",
              "compiled += filter(None, [bytecode.write(write.path, write.data, write.code, flags,",
              "compiled += filter(None, [None and bytecode.write(write.path, write.data, write.code, flags,",
              (f"{T_DISC}::test_after_apply_and_revert_importing_the_written_modules_compiles_nothing",)),
-    Mutation("bytecode in timestamp mode whatever the release used", "ernie_patcher/bytecode.py",
+    Mutation("bytecode in timestamp mode whatever the release used", "ernie_patcher/fs/bytecode.py",
              "    if flags & HASH_BASED:\n        header += source_hash(data)\n    else:\n",
              "    flags = 0\n    if False:\n        header += source_hash(data)\n    else:\n",
              (f"{T_DISC}::test_stale_bytecode_is_removed_including_unchecked_hash",)),
-    Mutation("created files not in RECORD", "ernie_patcher/plan.py",
+    Mutation("created files not in RECORD", "ernie_patcher/core/plan.py",
              "if not created or package.dist_info is None or package.editable:", "if True:",
              (f"{T_DISC}::test_python_option_patches_another_venv_and_pip_uninstall_removes_created_file",
               f"{T_DISC}::test_revert_undoes_the_record_registration_exactly")),
-    Mutation("unknown series keys accepted", "ernie_patcher/series.py",
+    Mutation("unknown series keys accepted", "ernie_patcher/patchset/series.py",
              "    if unknown:\n        raise _fail(where, f\"unknown key(s)", "    if False:\n        raise _fail(where, f\"unknown key(s)",
              (T_HOSTILE, "-k", "unknown")),
-    Mutation("'..' paths accepted", "ernie_patcher/series.py",
+    Mutation("'..' paths accepted", "ernie_patcher/patchset/series.py",
              'or ".." in pure.parts ', "",
              (T_HOSTILE, "-k", "dotdot or outside")),
-    Mutation("no lock", "ernie_patcher/fsops.py",
+    Mutation("no lock", "ernie_patcher/fs/fsops.py",
              "fcntl.flock(self._fd, flag | fcntl.LOCK_NB)", "(flag | fcntl.LOCK_NB)",
              ("tests/faults/test_env_faults.py", "-k", "lock")),
-    Mutation("file mode not kept", "ernie_patcher/plan.py",
+    Mutation("file mode not kept", "ernie_patcher/core/plan.py",
              "mode = file.path.stat().st_mode & 0o7777 if", "mode = 0o644 if",
              (f"{T_LIFE}::test_mode_and_owner_are_kept",)),
-    Mutation("symlinked targets followed", "ernie_patcher/assess.py",
+    Mutation("symlinked targets followed", "ernie_patcher/core/assess.py",
              "if not inside or path.is_symlink():", "if False:",
              (f"{T_HOSTILE}::test_symlink_in_package_pointing_outside_is_refused",)),
-    Mutation("compile workers' results out of order", "ernie_patcher/compilepool.py",
+    Mutation("compile workers' results out of order", "ernie_patcher/fs/compilepool.py",
              "return [results[index] for index in range(len(sources))]",
              "return [results[index] for index in reversed(range(len(sources)))]",
              ("tests/engine/test_compilepool.py::test_workers_give_what_compiling_here_gives_in_the_same_order",)),
-    Mutation("directories apply created left behind", "ernie_patcher/transaction.py",
+    Mutation("directories apply created left behind", "ernie_patcher/core/transaction.py",
              "        removed += remove_empty_dirs(root, dirs)\n", "",
              ("tests/engine/test_new_directories.py::"
               "test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree",)),
@@ -181,7 +181,7 @@ def _baseline(scratch: Path, mutations: list[Mutation]) -> None:
 
 
 def _imports_from(scratch: Path) -> None:
-    probe = subprocess.run([sys.executable, "-c", "import ernie_patcher.hunks as m; print(m.__file__)"],
+    probe = subprocess.run([sys.executable, "-c", "import ernie_patcher.patchset.hunks as m; print(m.__file__)"],
                            cwd=scratch, capture_output=True, text=True, env=_env(scratch), check=True)
     if not probe.stdout.strip().startswith(str(scratch)):
         sys.exit(f"error: the scratch copy is not what gets imported ({probe.stdout.strip()})")

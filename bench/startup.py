@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from demo import TARGETS, build  # noqa: E402
 
-from ernie_patcher.series import load_series  # noqa: E402
+from ernie_patcher.patchset.series import load_series  # noqa: E402
 
 FORBIDDEN = ("torch", "torch_npu", "diffusers", "vllm", "vllm_omni")
 CACHE = Path(os.environ.get("ERNIE_PATCHER_CACHE", Path.home() / ".cache" / "ernie-patcher"))
@@ -92,7 +92,7 @@ def gnu_patch_dry_run(site: Path, versions: dict[str, str]) -> list[str]:
 
 
 def imported_modules(python: Path, tool_args: list[str]) -> list[str]:
-    code = "import sys; from ernie_patcher.quick import main; sys.argv = ['ernie-patch'] + sys.argv[1:]; main()"
+    code = "import sys; from ernie_patcher.cli.quick import main; sys.argv = ['ernie-patch'] + sys.argv[1:]; main()"
     done = subprocess.run([str(python), "-X", "importtime", "-c", code, *tool_args], capture_output=True, text=True)
     names = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     return sorted({n for n in names if n.split(".")[0] in FORBIDDEN})

@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ernie_patcher.assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, Assessor  # noqa: E402
-from ernie_patcher.discovery import discover  # noqa: E402
+from ernie_patcher.core.assess import APPLIED, CONFLICT, DRIFTED, MISSING, NOT_APPLIED, Assessor  # noqa: E402
+from ernie_patcher.target.discovery import discover  # noqa: E402
 from ernie_patcher.errors import PatcherError  # noqa: E402
-from ernie_patcher.fsops import read_bytes  # noqa: E402
-from ernie_patcher.probes import run_probe  # noqa: E402
-from ernie_patcher.series import PatchSpec, Series, load_series  # noqa: E402
+from ernie_patcher.fs.fsops import read_bytes  # noqa: E402
+from ernie_patcher.patchset.probes import run_probe  # noqa: E402
+from ernie_patcher.patchset.series import PatchSpec, Series, load_series  # noqa: E402
 
 CACHE = Path(os.environ.get("ERNIE_PATCHER_CACHE", Path.home() / ".cache" / "ernie-patcher"))
 WHEELS = CACHE / "wheels"

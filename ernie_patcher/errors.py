@@ -5,6 +5,10 @@ import errno
 from enum import IntEnum
 from pathlib import Path
 
+# Everything parsing or compiling hostile source raises: syntax, null bytes, nesting too deep for
+# the compiler's recursion limit, a constant too large for memory.
+COMPILE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError)
+
 
 class ExitCode(IntEnum):
     """Process exit codes; documented in `ernie-patch --help` and the README."""

@@ -87,13 +87,10 @@ class SelftestReport:
                             details=[f"{c.name}: {c.detail}" for c in self.failed],
                             hint="run `ernie-patch verify`; attach `ernie-patch selftest --json` to a bug report")
 
-    def to_json(self) -> dict[str, Any]:
-        """The command's JSON document (jsondoc): the checks under `selftest`."""
-        from ..jsondoc import document
-
-        return document("selftest", self.error(), self.exit_code, python=self.python,
-                        selftest={"device": self.device, "dtype": self.dtype, "versions": self.versions,
-                                  "seconds": self.seconds, "checks": [check.to_dict() for check in self.checks]})
+    def to_dict(self) -> dict[str, Any]:
+        """What goes under `selftest` in the command's JSON document: the checks and where they ran."""
+        return {"device": self.device, "dtype": self.dtype, "versions": self.versions, "seconds": self.seconds,
+                "checks": [check.to_dict() for check in self.checks]}
 
 
 def _timeout() -> float:
@@ -221,7 +218,7 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
                  threads: int | None = None) -> SelftestReport:
     """Run the checks in PYTHON (default: this interpreter) with SITE first on its sys.path."""
     if python:
-        from ..interpreter import resolve
+        from ..target.interpreter import resolve
 
         python = resolve(python)
     python = python or sys.executable
@@ -243,18 +240,3 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
                               _number(document.get("seconds", 0.0)) or 0.0)
     except (ValueError, RecursionError, UnicodeDecodeError, AttributeError) as exc:
         raise _refuse(python, f"printed no valid selftest document ({str(exc)[:200]})", stderr) from None
-
-
-def render_table(report: SelftestReport) -> str:
-    """The checks as plain text, one line each, and a summary line."""
-    lines = [f"ernie-patch selftest: {report.python}", f"device: {report.device}, dtype {report.dtype}",
-             f"{'check':36} {'status':8} {'error':>10} {'tolerance':>10}  detail"]
-    for check in report.checks:
-        error = "" if check.error is None else f"{check.error:.3g}"
-        tolerance = "" if check.tolerance is None else f"{check.tolerance:.3g}"
-        unit = f" {check.unit}" if check.unit and check.tolerance is not None else ""
-        lines.append(f"{check.name:36} {check.status:8} {error:>10} {tolerance:>10}{unit}  {check.detail}")
-    counts = {status: sum(1 for c in report.checks if c.status == status) for status in STATUSES}
-    lines.append(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
-                 f"in {report.seconds:.1f} s")
-    return "\n".join(lines)

@@ -55,7 +55,7 @@ def test_a_malformed_patch_is_shown_and_reported(tmp_path: Path):
 
 def test_plain_diff_does_not_import_rich_or_the_targets(site: Path, tmp_path: Path):
     patches = one_patch_set(site, tmp_path / "set")
-    script = ("import sys\nfrom ernie_patcher.cli import main\n"
+    script = ("import sys\nfrom ernie_patcher.cli.commands import main\n"
               f"sys.argv = ['ernie-patch', 'diff', 'shown', '--patches', {str(patches)!r}]\n"
               "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
               "loaded = sorted(m for m in ('rich', 'torch', 'diffusers', 'vllm_omni') if m in sys.modules)\n"

@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 
 from support.cli import cli
-from ernie_patcher.probes import run_probe
-from ernie_patcher.series import load_series
+from ernie_patcher.patchset.probes import run_probe
+from ernie_patcher.patchset.series import load_series
 from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target, wheel
 from support.tree import file_record_digest, record_sha256, snapshot
 
@@ -26,7 +26,7 @@ NEWER_OMNI = ("vllm-omni", "0.30.0")
 # were written for; each variant the top of its range.
 RELEASES = {spec.file: {VARIANT: (NEWER_DIFFUSERS,), OMNI_VARIANT: (NEWER_OMNI,)}.get(spec.file, (DIFFUSERS, VLLM_OMNI))
             for spec in SERIES.patches}
-# Every published vllm-omni release the set supports (the README's version matrix).
+# Every published vllm-omni release the set supports (docs/patch-sets.md, the version matrix).
 OMNI_RELEASES = ("0.20.0", "0.22.0", "0.24.0", "0.26.0", "0.28.0", "0.30.0")
 PROBES = [(patch.file, index) for patch in SERIES.patches for index in range(len(patch.probes))]
 DIST_INFO = {"diffusers": "diffusers-0.38.0.dist-info", "vllm-omni": "vllm_omni-0.20.0.dist-info"}

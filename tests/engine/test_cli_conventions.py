@@ -12,8 +12,8 @@ import pytest
 
 from support.cli import TRANSFORMER, cli, run
 
-from ernie_patcher.cli import main
-from ernie_patcher.series import load_series
+from ernie_patcher.cli.commands import main
+from ernie_patcher.patchset.series import load_series
 
 IDS = load_series(None).ids
 
@@ -80,7 +80,7 @@ def test_environment_variables_set_the_target(site: Path, tmp_path: Path):
 def _complete(words: str) -> list[str]:
     env = {**os.environ, "_ERNIE_PATCH_COMPLETE": "bash_complete", "COMP_WORDS": words,
            "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
-    out = subprocess.run([sys.executable, "-c", "from ernie_patcher.cli import main; main(prog_name='ernie-patch')"],
+    out = subprocess.run([sys.executable, "-c", "from ernie_patcher.cli.commands import main; main(prog_name='ernie-patch')"],
                          env=env, capture_output=True, text=True).stdout
     return [line.split(",", 1)[1] for line in out.splitlines() if "," in line]
 
@@ -108,9 +108,9 @@ def test_did_you_mean(site: Path):
 
 def test_create_without_pip_says_so_and_names_wheel(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """uv environments have no pip: create says that, and that --wheel is the way, instead of 'found no wheel'."""
-    from ernie_patcher import authoring
+    from ernie_patcher.authoring import wheels
 
-    monkeypatch.setattr(authoring, "_has_pip", lambda python: False)
+    monkeypatch.setattr(wheels, "_has_pip", lambda python: False)
     path = site / TRANSFORMER
     path.write_text(path.read_text() + "# edited\n")
     result = cli("create", "diffusers", TRANSFORMER, "--site", site, "--name", "mine", "--patches", tmp_path / "set")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ernie_patcher.series import load_series
+from ernie_patcher.patchset.series import load_series
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BOX = set("┏┓┗┛┃━┡┩╇┳┻│─└┘┌┐├┤┼╋")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ernie_patcher import compilepool
-from ernie_patcher.bytecode import compile_source
-from ernie_patcher.compilepool import compile_many, compile_one
+from ernie_patcher.fs import compilepool
+from ernie_patcher.fs.bytecode import compile_source
+from ernie_patcher.fs.compilepool import compile_many, compile_one
 from support.cli import ROOT, cli
 from support.patchsets import PatchDef, file_diff, write_patchset
 from support.tree import snapshot
@@ -91,7 +91,7 @@ def test_a_worker_that_dies_leaves_the_compiling_to_this_process(site: Path, poo
 _KILLED_PARENT = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from ernie_patcher import compilepool
+    from ernie_patcher.fs import compilepool
 
     os.environ[compilepool.JOBS_ENV] = "2"
     start, send = compilepool._Pool._start, compilepool._Pool._send

@@ -86,7 +86,7 @@ def test_discovery_and_apply_never_import_the_targets(tmp_path: Path, site: Path
     patches = omni_set(site, tmp_path / "set")
     script = (
         "import json, sys\n"
-        "from ernie_patcher.cli import main\n"
+        "from ernie_patcher.cli.commands import main\n"
         "for args in (['status'], ['apply'], ['verify'], ['revert']):\n"
         "    try:\n"
         f"        main(args + ['--site', {str(site)!r}] + (['--patches', {str(patches)!r}] if args[0] != 'revert' else []))\n"

@@ -12,13 +12,13 @@ import pytest
 
 from support.cli import DISPATCH, ROOT, cli, environ
 
-HEAVY = ("ernie_patcher.engine", "ernie_patcher.series", "click", "unidiff", "rich", "packaging", "tomllib",
+HEAVY = ("ernie_patcher.core.engine", "ernie_patcher.patchset.series", "click", "unidiff", "rich", "packaging", "tomllib",
          "dataclasses", "importlib.metadata")
 PROBE = ("import sys, atexit, json\n"
          "atexit.register(lambda: sys.stderr.write('LOADED=' + json.dumps(sorted(m for m in sys.modules "
          "if m.split('.')[0] in {h.split('.')[0] for h in HEAVY} and any(m == h or m.startswith(h + '.') "
          "for h in HEAVY))) + '\\n'))\n"
-         "from ernie_patcher.quick import main\n"
+         "from ernie_patcher.cli.quick import main\n"
          "sys.argv = ['ernie-patch'] + sys.argv[1:]\n"
          "main()\n")
 
@@ -68,7 +68,7 @@ def test_a_hand_edit_goes_to_the_engine_which_reports_it(site: Path):
     assert cli("apply", "--site", site).code == 0
     (site / DISPATCH).write_bytes((site / DISPATCH).read_bytes() + b"# edited\n")
     code, out, loaded = run_quick("verify", "--json", "--site", site)
-    assert "ernie_patcher.engine" in loaded
+    assert "ernie_patcher.core.engine" in loaded
     assert code == 6 and json.loads(out)["patches"][1]["state"] == "drifted"
 
 
@@ -80,17 +80,17 @@ def test_a_changed_series_file_goes_to_the_engine(site: Path, tmp_path: Path):
     with open(patches / "series.toml", "a", encoding="utf-8") as handle:
         handle.write("\n# a comment changes the digest, not the meaning\n")
     code, _, loaded = run_quick("verify", "--site", site, "--patches", patches)
-    assert code == 0 and "ernie_patcher.engine" in loaded
+    assert code == 0 and "ernie_patcher.core.engine" in loaded
 
 
 def test_before_apply_and_unknown_options_go_to_the_engine_and_click(site: Path):
     code, _, loaded = run_quick("status", "--site", site)
-    assert code == 0 and "ernie_patcher.engine" in loaded
+    assert code == 0 and "ernie_patcher.core.engine" in loaded
     assert cli("apply", "--site", site).code == 0
     code, _, loaded = run_quick("verify", "--site", site, "--no-such-option")
     assert code == 2 and "click" in loaded
     code, _, loaded = run_quick("verify", "--reparse", "--site", site)
-    assert code == 0 and "ernie_patcher.engine" in loaded and "click" not in loaded
+    assert code == 0 and "ernie_patcher.core.engine" in loaded and "click" not in loaded
 
 
 @pytest.mark.parametrize("args", [("apply", "--dry-run"), ("apply", "--dry-run", "--json", "--only", "omni-ulysses")])

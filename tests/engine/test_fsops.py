@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ernie_patcher import fsops
+from ernie_patcher.fs import fsops
 
 
 def fsync_and_replace_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ernie_patcher.diffparse import parse_patch
-from ernie_patcher.hunks import HunkConflict, apply_hunks, split_lines
+from ernie_patcher.patchset.diffparse import parse_patch
+from ernie_patcher.patchset.hunks import HunkConflict, apply_hunks, split_lines
 
 
 def _patch(old: list[str], new: list[str], n: int = 3):

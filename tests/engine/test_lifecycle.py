@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ernie_patcher.jsondoc import SCHEMA
+from ernie_patcher.cli.jsondoc import SCHEMA
 from support.cli import DISPATCH, OMNI_PIPELINE, TRANSFORMER, cli, run
 from support.patchsets import PatchDef, file_diff, insert_after, new_file_diff, write_patchset
 from support.tree import file_record_digest, record_sha256, snapshot

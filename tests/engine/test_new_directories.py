@@ -69,7 +69,7 @@ def test_new_modules_get_bytecode_as_the_release_has_and_importing_compiles_noth
     import importlib.util
     import sys
 
-    from ernie_patcher.bytecode import compile_source
+    from ernie_patcher.fs.bytecode import compile_source
 
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "diffusers" / "__init__.py")], check=True)
     patches = subpackage_set(site, tmp_path / "set")

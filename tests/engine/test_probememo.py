@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ernie_patcher import probememo, probes
+from ernie_patcher.core import probememo
+from ernie_patcher.patchset import probes
 from support.cli import DISPATCH, cli
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ernie_patcher.probes import run_probe
-from ernie_patcher.series import ProbeSpec
+from ernie_patcher.patchset.probes import run_probe
+from ernie_patcher.patchset.series import ProbeSpec
 
 SOURCE = b'''
 import torch.distributed as dist

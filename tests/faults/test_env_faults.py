@@ -176,7 +176,7 @@ def test_simultaneous_applies_never_both_write(site: Path, tmp_path: Path):
 def test_lock_file_removed_between_open_and_flock_is_not_trusted(tmp_path: Path, monkeypatch):
     """A finishing run may remove the lock file after we opened it: locking that orphan would let a
     third run, which creates a new lock file, write at the same time as us."""
-    from ernie_patcher import fsops
+    from ernie_patcher.fs import fsops
     from ernie_patcher.errors import PatcherError
 
     path = tmp_path / STATE / "lock"

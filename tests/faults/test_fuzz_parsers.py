@@ -13,11 +13,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ernie_patcher.diffparse import parse_patch
+from ernie_patcher.patchset.diffparse import parse_patch
 from ernie_patcher.errors import PatcherError
-from ernie_patcher.hunks import HunkConflict, apply_hunks
-from ernie_patcher.series import parse_series
-from ernie_patcher.state import JOURNAL_SCHEMA, Journal, Manifest
+from ernie_patcher.patchset.hunks import HunkConflict, apply_hunks
+from ernie_patcher.patchset.series import parse_series
+from ernie_patcher.core.state import JOURNAL_SCHEMA, Journal, Manifest
 from faultkit import FUZZ_COUNTS
 
 EXAMPLES = int(os.environ.get("ERNIE_PATCHER_FUZZ_EXAMPLES", "1000"))

@@ -192,7 +192,7 @@ def test_bytecode_is_never_written_through_a_directory_swapped_after_its_file(tm
     import subprocess
     import sys
 
-    from ernie_patcher import transaction
+    from ernie_patcher.core import transaction
 
     site = install_target(tmp_path / "site", DIFFUSERS)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "diffusers" / "__init__.py")], check=True)

@@ -79,7 +79,7 @@ def test_patched_file_too_deep_to_compile_is_refused_leaving_nothing(site: Path,
 
 
 def test_internal_error_is_one_line_with_a_traceback_file(site: Path, tmp_path: Path, monkeypatch):
-    from ernie_patcher import engine
+    from ernie_patcher.core import engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("planted bug")

@@ -103,7 +103,7 @@ def test_fifo_state_file_is_refused_without_blocking(applied: tuple[Path, Path],
 
 
 def test_oversized_manifest_is_refused(applied: tuple[Path, Path]):
-    from ernie_patcher.safeio import MAX_JSON
+    from ernie_patcher.fs.safeio import MAX_JSON
 
     site, patches = applied
     manifest = site / STATE / "manifest.json"

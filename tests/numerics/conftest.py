@@ -45,7 +45,7 @@ def apply_patches(site: Path, patch_ids: Sequence[str]) -> dict[str, str]:
     """Apply the built-in patches PATCH_IDS to the install tree SITE with the project's own engine (the one
     place the tests apply patches), all or nothing; the engine chooses each id's variant for the installed
     version. Checks that every one was applied; returns the patch file used per id."""
-    from ernie_patcher.engine import Target, apply
+    from ernie_patcher.core.engine import Target, apply
 
     report = apply(Target(site=site), only=tuple(patch_ids))
     if report.error is not None:

@@ -97,7 +97,7 @@ def apply_patches(site: Path, patch_ids: Sequence[str]) -> None:
     """Apply the patches PATCH_IDS to the install tree SITE with the project's own engine, all or
     nothing, without --allow-untested (the one place this tier applies patches): the release
     must be inside each patch's declared range, and the engine picks the variant for it."""
-    from ernie_patcher.engine import Target, apply
+    from ernie_patcher.core.engine import Target, apply
 
     report = apply(Target(site=site), only=tuple(patch_ids))
     if report.error is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ernie_patcher.cli import main
+from ernie_patcher.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRANSFORMER = "diffusers/models/transformers/transformer_ernie_image.py"
