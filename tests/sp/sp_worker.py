@@ -28,7 +28,7 @@ import torch
 import npu_kernels
 from ernie_patcher.selftest.runtime import cpu_platform
 from ernie_patcher.selftest.runtime.sp_worker import fixed_weights
-from tiny import GRID, TEXT_LENS, TINY_CONFIG
+from tiny import GRID, JOINT_TOKENS, TEXT_LENS, TINY_CONFIG
 
 PLATFORM = cpu_platform.install()
 
@@ -50,7 +50,8 @@ CACHE_DIT_STEPS = 8
 # threshold >= 1.0 would take cache-dit's shortcut (always similar: no residual compared, no all-reduce).
 # Under SP every rank compares the residual of its own tokens; cache-dit (1.3.0 and later) treats the blocks as
 # parallelized whenever the world size is > 1 and all-reduces the residual means (AVG) before deciding, so the
-# ranks take one decision. The second threshold of a run lies between two ranks' local diffs (see main()).
+# ranks take one decision. --cache-dit-threshold sets another (tests/sp/test_sp_cache_dit.py picks one between two
+# ranks' local diffs).
 CACHE_DIT_DEFAULT_THRESHOLD = 0.24
 CACHE_DIT_CONFIG = {
     "Fn_compute_blocks": 1,
@@ -58,6 +59,11 @@ CACHE_DIT_CONFIG = {
     "max_warmup_steps": 2,
     "max_continuous_cached_steps": 2,
 }
+CACHE_DIT_MODULATION_SCALE = 0.05
+"""fixed_weights() draws the timestep modulation (adaLN_modulation) at random like every weight: the sinusoids of
+consecutive timesteps then give unrelated shift/scale/gate, the residual changes by 100-200 % from step to step and
+no threshold below 1.0 ever caches. Scaled down 20x, the modulation drifts from step to step (as a trained model's
+does), consecutive residuals differ by 20-35 %, and vllm-omni's default 0.24 caches some steps."""
 SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
@@ -91,8 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latents", action="store_true", help="check the SP latent broadcast")
     parser.add_argument("--pipeline", action="store_true", help="run one ErnieImagePipeline step (NPU)")
     parser.add_argument("--cache-dit", action="store_true", help="run the pipeline with cache-dit enabled (NPU)")
-    parser.add_argument("--cache-dit-threshold", type=float, default=None,
-                        help="second cache-dit threshold (default: between the ranks' first local residual diffs)")
+    parser.add_argument("--cache-dit-threshold", type=float, default=CACHE_DIT_DEFAULT_THRESHOLD,
+                        help="cache-dit's residual-diff threshold (default: vllm-omni's, %(default)s)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -365,16 +371,27 @@ def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionCo
 @contextmanager
 def residual_diffs(trace: list[dict[str, Any]]) -> Iterator[None]:
     """Record each cache-dit residual comparison of this rank: its local diff (mean |t1 - t2| / mean |t1| over
-    this rank's tokens, what cache-dit computes before its all-reduce), whether cache-dit treated it as
-    parallelized, and the decision (similar: the step reuses the cached residual)."""
+    this rank's tokens, what cache-dit computes before its all-reduce); "parts": those two means, and the two
+    sums over this rank's tokens that are not SP padding (the test combines the ranks' parts into the diff
+    cache-dit decides on and the diff one device computes); whether cache-dit treated the comparison as
+    parallelized; and the decision (similar: the step reuses the cached residual). Recording communicates
+    nothing: it adds no collective to the run under test."""
     from cache_dit.caching.cache_contexts.cache_manager import CachedContextManager
+
+    group = parallel_state.get_sp_group()
 
     def record(original: Callable) -> Callable:
         def wrapper(self: Any, t1: torch.Tensor, t2: torch.Tensor, *, threshold: float, parallelized: bool = False,
                     **kwargs: Any) -> bool:
-            local = float((t1 - t2).abs().mean() / t1.abs().mean())
             similar = original(self, t1, t2, threshold=threshold, parallelized=parallelized, **kwargs)
-            trace.append({"local": local, "parallelized": parallelized, "similar": bool(similar)})
+            diff, base = (t1 - t2).abs().double(), t1.abs().double()
+            real = max(0, min(t1.shape[0], JOINT_TOKENS - group.rank_in_group * t1.shape[0]))  # [S_local, B, C]
+            trace.append({
+                "local": float(diff.mean() / base.mean()),
+                "parts": (float(diff.mean()), float(base.mean()), float(diff[:real].sum()), float(base[:real].sum())),
+                "parallelized": parallelized,
+                "similar": bool(similar),
+            })
             return similar
 
         return wrapper
@@ -386,14 +403,21 @@ def residual_diffs(trace: list[dict[str, Any]]) -> Iterator[None]:
 def cached_denoise(vllm_config: VllmConfig, od_config: OmniDiffusionConfig, threshold: float) -> dict[str, Any]:
     """CACHE_DIT_STEPS steps with cache-dit enabled the way vllm-omni's model runner does it
     (the cache backend's enable() on the pipeline, which reads the transformer's
-    _cache_dit_adapter_config, then refresh() per request), from the same seeded noise on every
-    rank, at residual-diff THRESHOLD. Returns the final latents, per layer how often its attention
-    ran (with Fn_compute_blocks=1 the first layer runs every step and the last one only when
-    cache-dit does not reuse its residual, so fewer calls there show that caching took place) and
-    each residual comparison (residual_diffs)."""
+    _cache_dit_adapter_config, then refresh() per request; once per process, as in a vllm-omni
+    worker: cache-dit 1.3.0 marks its stand-in pipeline class as cached, so a second enable() in
+    the same process finds no cache context), from the same seeded noise on every rank, at
+    residual-diff THRESHOLD, with the modulation scaled by CACHE_DIT_MODULATION_SCALE.
+    Returns the final latents, per layer how often its attention ran (with Fn_compute_blocks=1 the
+    first layer runs every step and the last one only when cache-dit does not reuse its residual,
+    so fewer calls there show that caching took place) and each residual comparison
+    (residual_diffs); {"supported": False} for a release without ERNIE-Image's cache-dit adapter."""
     from vllm_omni.diffusion.cache.selector import get_cache_backend
 
+    if getattr(ErnieImageTransformer2DModel, "_cache_dit_adapter_config", None) is None:
+        return {"supported": False}
     pipeline = tiny_pipeline(vllm_config, od_config)
+    with torch.no_grad():
+        pipeline.transformer.adaLN_modulation[-1].weight.mul_(CACHE_DIT_MODULATION_SCALE)
     backend = get_cache_backend("cache_dit", dict(CACHE_DIT_CONFIG, residual_diff_threshold=threshold))
     layer_of = {id(layer.self_attention): index for index, layer in enumerate(pipeline.transformer.layers)}
     trace: dict[str, Any] = {}
@@ -406,29 +430,8 @@ def cached_denoise(vllm_config: VllmConfig, od_config: OmniDiffusionConfig, thre
     calls = [0] * len(layer_of)
     for attn, _ in trace["processor_calls"]:
         calls[layer_of[attn]] += 1
-    return {"threshold": threshold, "latents": latents, "layer_calls": calls, "comparisons": comparisons}
-
-
-def between_ranks(first: dict[str, Any]) -> float | None:
-    """A threshold between the lowest and the highest local residual diff the ranks of the world saw at their
-    first comparison (identical on every rank up to there, whatever the threshold), or None on one rank."""
-    if torch.distributed.get_world_size() < 2 or not first["comparisons"]:
-        return None
-    local = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(local, first["comparisons"][0]["local"])
-    return (min(local) + max(local)) / 2
-
-
-def cache_dit_runs(vllm_config: VllmConfig, od_config: OmniDiffusionConfig, second: float | None) -> dict[str, Any]:
-    """cached_denoise at vllm-omni's default threshold and at SECOND (or between the ranks' local diffs)."""
-    if getattr(ErnieImageTransformer2DModel, "_cache_dit_adapter_config", None) is None:
-        return {"supported": False}
-    default = cached_denoise(vllm_config, od_config, CACHE_DIT_DEFAULT_THRESHOLD)
-    second = second if second is not None else between_ranks(default)
-    runs = {"supported": True, "default": default}
-    if second is not None:
-        runs["between"] = cached_denoise(vllm_config, od_config, second)
-    return runs
+    return {"supported": True, "threshold": threshold, "latents": latents, "layer_calls": calls,
+            "comparisons": comparisons}
 
 
 def main() -> None:
@@ -451,7 +454,7 @@ def main() -> None:
     if args.pipeline:
         result["pipeline_latents"] = pipeline_step(rank, vllm_config, od_config)
     if args.cache_dit:
-        result["cache_dit"] = cache_dit_runs(vllm_config, od_config, args.cache_dit_threshold)
+        result["cache_dit"] = cached_denoise(vllm_config, od_config, args.cache_dit_threshold)
     for mode in (m for m in modes if MODES[m].npu_backend):  # last: it swaps the attention backend
         result[mode] = run_transformer(mode, vllm_config, od_config)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
