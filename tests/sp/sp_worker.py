@@ -61,9 +61,9 @@ CACHE_DIT_CONFIG = {
 }
 CACHE_DIT_MODULATION_SCALE = 0.05
 """fixed_weights() draws the timestep modulation (adaLN_modulation) at random like every weight: the sinusoids of
-consecutive timesteps then give unrelated shift/scale/gate, the residual changes by 100-200 % from step to step and
-no threshold below 1.0 ever caches. Scaled down 20x, the modulation drifts from step to step (as a trained model's
-does), consecutive residuals differ by 20-35 %, and vllm-omni's default 0.24 caches some steps."""
+consecutive timesteps then give unrelated shift/scale/gate, consecutive residuals differ by 97-205 % (measured) and
+vllm-omni's default 0.24 never caches. Scaled down 20x, the modulation drifts from step to step (as a trained
+model's does), consecutive residuals differ by 21-33 %, and 0.24 caches 2 of the 6 compared steps."""
 SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
