@@ -15,7 +15,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 pytest = $(1) -m pytest $(PYTEST_FLAGS) $(2) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: no tests collected in $(2)" >&2; exit $$rc; }
 
-.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix bench matrix mutate clean
+.PHONY: demo test lint-imports test-core test-numerics test-sp test-sp-matrix test-container bench matrix canary mutate clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ MINDIESD := overlay tests/requirements-mindiesd.txt
 demo: $(VENV)/.ready
 	$(VENV)/bin/python bench/demo.py
 
-test: lint-imports test-core test-numerics test-sp
+test: lint-imports test-core test-numerics test-sp test-container
 
 # The layer contracts of pyproject.toml (import-linter): no module imports from a folder above its own.
 lint-imports: $(VENV)/.ready
@@ -55,6 +55,14 @@ test-sp-%:
 	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && overlay=$(call tier_env,$(MINDIESD)) && \
 	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR):$$overlay $$venv/bin/python,tests/sp)
 
+# The example image serves (tests/engine/test_container_layout.py): examples/Dockerfile's install step
+# over the cached SP environment of the vllm-omni release it installs (whose vllm and what vllm
+# requires stand in for the vllm-ascend base image), then pip check and a serving process's imports.
+IMAGE_BASE_REQ := tests/sp/requirements/vllm-omni-$(shell sed -n "s/^ARG VLLM_OMNI=//p" examples/Dockerfile).txt
+test-container: $(VENV)/.ready
+	base=$(call tier_env,sp $(IMAGE_BASE_REQ) $(SP_REQS)) && \
+	$(call pytest,ERNIE_PATCHER_IMAGE_BASE=$$base $(VENV)/bin/python,tests/engine/test_container_layout.py)
+
 # Start-up ratios (small and ~220-distribution environments), then large diffs against GNU patch.
 bench: $(VENV)/.ready
 	$(VENV)/bin/python bench/startup.py
@@ -62,6 +70,12 @@ bench: $(VENV)/.ready
 
 matrix: $(VENV)/.ready
 	$(VENV)/bin/python bench/version_matrix.py
+
+# Not part of `make test` (it needs the package index): the newest release of each package, and any
+# given as VERSIONS="vllm-omni==0.28.0 diffusers==0.39.0", planned with apply --dry-run; writes
+# bench/RELEASES.md and exits 1 when a release has a patch that does not fit.
+canary: $(VENV)/.ready
+	$(VENV)/bin/python bench/canary.py $(VERSIONS)
 
 # Not part of `make test`: breaks the engine one mutation at a time, lists any the core tests miss.
 mutate: $(VENV)/.ready

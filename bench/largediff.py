@@ -33,18 +33,21 @@ FUNCTION = ('def f_{i}(x):\n    """Function {i}."""\n    a = x\n    b = a\n    y
             '    c = y\n    d = c\n    return d\n\n')
 
 
-def timed(command: list[str], tool_root: Path) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS MB) of COMMAND, run under GNU time; it must succeed."""
+def timed(command: list[str], tool_root: Path, cwd: Path | None = None, check: bool = True,
+          env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of COMMAND, run under GNU time (in CWD, with ENV added); it must
+    succeed unless CHECK is false."""
     out = Path(tempfile.mktemp(prefix="ernie-bench-time-"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(tool_root)
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    environ.update(env or {})
+    environ["PYTHONPATH"] = str(tool_root)
     start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-o", str(out), "-f", "%U %S %M", *command], env=env,
+    done = subprocess.run(["/usr/bin/time", "-o", str(out), "-f", "%U %S %M", *command], env=environ, cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     fields = out.read_text().split()[-3:]
     out.unlink()
-    if done.returncode:
+    if done.returncode and check:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
     user, system, rss = map(float, fields)
     return wall, user + system, rss / 1024

@@ -85,15 +85,18 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def released_versions(package: str, low: str, high: str) -> list[str]:
-    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+def index_versions(package: str) -> list[Version]:
+    """Every final release of PACKAGE the index has (`pip index versions`), oldest first."""
     done = _pip("index", "versions", package)
     match = re.search(r"^Available versions: (.+)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or not match:
         raise SystemExit(f"pip index versions {package} failed: {done.stderr.strip()[-300:]}")
-    versions = [Version(v.strip()) for v in match.group(1).split(",")]
-    chosen = [v for v in versions if Version(low) <= v <= Version(high) and not v.is_prerelease]
-    return [str(v) for v in sorted(chosen)]
+    return sorted(v for v in (Version(v.strip()) for v in match.group(1).split(",")) if not v.is_prerelease)
+
+
+def released_versions(package: str, low: str, high: str) -> list[str]:
+    """Final releases of PACKAGE in [LOW, HIGH] that the index really has."""
+    return [str(v) for v in index_versions(package) if Version(low) <= v <= Version(high)]
 
 
 def wheel(package: str, version: str) -> Path:
@@ -189,11 +192,32 @@ def _probes(spec: PatchSpec, root: Path, working: dict[Path, bytes | None]) -> t
     return passed, len(spec.probes)
 
 
-def sp_numerics(version: str) -> str:
-    """One release's SP tier figures, from its results file; 'not measured' without one."""
+NOT_MEASURED = "not measured"
+
+
+def recorded_sp_cells(matrix: Path) -> dict[str, str]:
+    """The SP numerics cells MATRIX (an earlier output) holds, by vllm-omni release; {} without one."""
+    try:
+        text = matrix.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    section = text.split("## vllm-omni", 1)[1] if "## vllm-omni" in text else ""
+    header = next((line for line in section.splitlines() if line.startswith("| patch | declared |")), None)
+    row = next((line for line in section.splitlines() if line.startswith("| SP numerics")), None)
+    if header is None or row is None:
+        return {}
+    versions = [cell.strip() for cell in header.strip().strip("|").split("|")][2:]
+    cells = [cell.strip() for cell in row.strip().strip("|").split("|")][2:]
+    return {v: c for v, c in zip(versions, cells) if c and c != NOT_MEASURED}
+
+
+def sp_numerics(version: str, recorded: dict[str, str] | None = None) -> str:
+    """One release's SP tier figures, from its results file; without one, the cell RECORDED (the matrix
+    written before) has for it, so a machine that has not run the SP tier never rewrites a measured
+    cell as 'not measured'; 'not measured' when neither has one."""
     path = SP_RESULTS / f"vllm-omni-{version}.json"
     if not path.is_file():
-        return "not measured"
+        return (recorded or {}).get(version, NOT_MEASURED)
     record = json.loads(path.read_text(encoding="utf-8"))
     figures = record["figures"]
     outcomes = record["outcomes"]
@@ -217,7 +241,8 @@ def sp_numerics(version: str) -> str:
     return verdict + "; ".join(parts) + f" ({record['measured']})"
 
 
-def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], elapsed: float) -> str:
+def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], elapsed: float,
+             recorded: dict[str, str] | None = None) -> str:
     lines = [f"# Version matrix of the patch set `{series.name}`", "",
              "Produced by `python bench/version_matrix.py` from the real wheels (`pip download --no-deps`) of "
              "every final release in range that the index has. Per patch and release: how the hunks fit "
@@ -247,12 +272,21 @@ def markdown(series: Series, results: dict[str, dict[str, dict[str, Cell]]], ela
             lines.append(f"| {label} | `{spec.tested}` | " + " | ".join(row) + " |")
         if package == "vllm-omni":
             lines.append("| SP numerics (`make test-sp-matrix`) | fp32 ≤ 1e-5; bf16 ≤ 2u = 7.8e-3 | "
-                         + " | ".join(sp_numerics(v) for v in versions) + " |")
+                         + " | ".join(sp_numerics(v, recorded) for v in versions) + " |")
         lines.append("")
     if notes:
         lines += ["## Why a cell is not ✅", ""] + notes + [""]
     lines.append(f"_{sum(len(v) for v in results.values())} releases checked in {elapsed:.0f} s._")
     return "\n".join(lines) + "\n"
+
+
+def load_or_say_why(patches: Path | None) -> Series | None:
+    """The patch set PATCHES (default: the built-in one), or None after saying on stderr why it does not load."""
+    try:
+        return load_series(patches)
+    except PatcherError as error:
+        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,10 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "MATRIX.md", help="Markdown file to write")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    try:
-        series = load_series(args.patches)
-    except PatcherError as error:
-        print(f"error: {error.reason}" + (f"\n  try: {error.hint}" if error.hint else ""), file=sys.stderr)
+    series = load_or_say_why(args.patches)
+    if series is None:
         return 2
     results: dict[str, dict[str, dict[str, Cell]]] = {}
     for package in sorted({p.package for p in series.patches}):
@@ -273,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         versions = released_versions(package, *RANGES[package])
         print(f"{package}: {', '.join(versions)}", file=sys.stderr)
         results[package] = {v: assess_release(series, package, v) for v in versions}
-    text = markdown(series, results, time.monotonic() - started)
+    text = markdown(series, results, time.monotonic() - started, recorded_sp_cells(args.out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)

@@ -301,24 +301,32 @@ def _new_series_text(directory: Path) -> str:
 
 def _write(created: Created, text: str, summary: str, replacing: bool) -> None:
     """Write the patch file and append its entry; undo both if the series no longer loads."""
-    directory = created.patch_file.parent
+    add_to_series(created.patch_file, text, None if replacing else series_entry(created, summary), created.id)
+
+
+def add_to_series(patch_file: Path, text: str, entry: str | None, patch_id: str) -> None:
+    """Write PATCH_FILE (TEXT) and append ENTRY (a [[patch]] table; None: the entry is there) to the
+    series file beside it, created if missing; undo both if the series then no longer loads with
+    PATCH_ID in it."""
+    directory = patch_file.parent
+    series_file = directory / SERIES_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"cannot create {directory}: {exc.strerror}") from None
-    old_patch = read_bytes(created.patch_file)
-    old_series = read_bytes(created.series_file)
-    atomic_write(created.patch_file, text.encode("utf-8", "surrogateescape"))
-    if not replacing:
+    old_patch = read_bytes(patch_file)
+    old_series = read_bytes(series_file)
+    atomic_write(patch_file, text.encode("utf-8", "surrogateescape"))
+    if entry is not None:
         base = decode(old_series) if old_series is not None else _new_series_text(directory)
         if base and not base.endswith("\n"):
             base += "\n"
-        atomic_write(created.series_file, encode(base + "\n" + series_entry(created, summary)))
+        atomic_write(series_file, encode(base + "\n" + entry))
     try:
-        load_series(directory).get(created.id)
+        load_series(directory).get(patch_id)
     except PatcherError:
-        _restore(created.patch_file, old_patch)
-        _restore(created.series_file, old_series)
+        _restore(patch_file, old_patch)
+        _restore(series_file, old_series)
         raise
 
 

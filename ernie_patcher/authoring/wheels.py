@@ -36,9 +36,14 @@ def pip_command(python: str | None, requirement: str) -> list[str]:
 
 
 def download_wheel(package: InstalledPackage, python: str | None, dest: Path, progress: bool = False) -> Path:
-    """`pip download --no-deps PACKAGE==VERSION` (wheels only) into DEST; the wheel's path. With
+    """`pip download --no-deps PACKAGE==VERSION` of the installed release (see download_release)."""
+    return download_release(package.name, package.version, python, dest, progress)
+
+
+def download_release(name: str, version: str, python: str | None, dest: Path, progress: bool = False) -> Path:
+    """`pip download --no-deps NAME==VERSION` (wheels only) into DEST; the wheel's path. With
     PROGRESS, pip's own output (its progress bar) goes to stderr."""
-    requirement = f"{package.name}=={package.version}"
+    requirement = f"{name}=={version}"
     command = [*pip_command(python, requirement), "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", *([] if progress else ["-q"]), "-d", str(dest), requirement]
     output = {"stdout": sys.stderr, "stderr": None} if progress else {"capture_output": True}
@@ -50,22 +55,33 @@ def download_wheel(package: InstalledPackage, python: str | None, dest: Path, pr
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         tail = [line for line in (done.stderr or "").strip().splitlines() if line.strip()][-3:]
-        raise PatcherError(ExitCode.ENVIRONMENT, f"pip download {requirement} found no wheel of the installed release",
+        raise PatcherError(ExitCode.ENVIRONMENT, f"pip download {requirement} found no wheel of that release",
                            details=tail, hint="check access to the package index (a local build such as "
                            "'+npu' is not published), or pass --wheel FILE with the wheel it was installed from")
     return wheels[0]
 
 
-def check_wheel_release(wheel: Path, package: InstalledPackage) -> None:
+def wheel_release(wheel: Path) -> tuple[str, str]:
+    """(distribution name, version) that WHEEL's file name declares."""
     try:
         name, version, _, _ = parse_wheel_filename(Path(wheel).name)
     except InvalidWheelFilename as exc:
         raise PatcherError(ExitCode.USAGE, f"{wheel} is not a wheel: {exc}") from None
+    return str(name), str(version)
+
+
+def same_release(name: str, version: str, wanted_name: str, wanted_version: str) -> bool:
+    """Whether NAME VERSION (a wheel's) is the release WANTED_NAME WANTED_VERSION."""
     try:
-        same_version = version == Version(package.version)
+        same_version = Version(version) == Version(wanted_version)
     except InvalidVersion:
-        same_version = str(version) == package.version
-    if name != canonicalize_name(package.name) or not same_version:
+        same_version = version == wanted_version
+    return canonicalize_name(name) == canonicalize_name(wanted_name) and same_version
+
+
+def check_wheel_release(wheel: Path, package: InstalledPackage) -> None:
+    name, version = wheel_release(wheel)
+    if not same_release(name, version, package.name, package.version):
         raise PatcherError(ExitCode.USAGE, f"{Path(wheel).name} is {name} {version}, but {package.name} "
                            f"{package.version} is installed", hint="use the wheel of the installed release")
 

@@ -51,15 +51,27 @@ def _patches_option() -> Callable:
 
 
 def _target_options(func: Callable) -> Callable:
+    return _where_options(_patches_option()(_output_options(func)))
+
+
+def _where_options(func: Callable) -> Callable:
     options = [
         click.option("--python", "python", metavar="PATH", envvar=ENV_PREFIX + "PYTHON",
                      help="Patch the environment of this interpreter, or of this environment directory "
                           "(a venv) [default: the one running ernie-patch; env: ERNIE_PATCHER_PYTHON]."),
-        click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+        # Not click.Path(file_okay=False): a --site that is not a directory is a missing target (exit 3).
+        click.option("--site", type=click.Path(path_type=Path), metavar="DIR",
                      envvar=ENV_PREFIX + "SITE",
                      help="Patch packages installed in DIR (e.g. by pip install --target DIR) "
                           "[env: ERNIE_PATCHER_SITE]."),
-        _patches_option(),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _output_options(func: Callable) -> Callable:
+    options = [
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
         click.option("-q", "--quiet", "quiet", is_flag=True,
                      help="One verdict line on stdout (errors: one line on stderr)."),
@@ -76,14 +88,16 @@ def _verbosity(quiet: bool, verbose: bool) -> int:
     return -1 if quiet else int(verbose)
 
 
-def _fail(command: str, error: PatcherError, as_json: bool = False, shown: bool = False) -> None:
+def _fail(command: str, error: PatcherError, as_json: bool = False, shown: bool = False, quiet: bool = False) -> None:
     """Report an error that left no report (JSON on stdout, or the reason on stderr unless SHOWN
-    already) and exit."""
+    already; only its first line when QUIET) and exit."""
     from .jsondoc import document, emit
     from .render import render_error
 
     if as_json:
         emit(document(command, error))
+    elif quiet:
+        print(f"error: {error.reason}", file=sys.stderr)
     elif not shown:
         render_error(error)
     sys.exit(int(error.code))
@@ -109,10 +123,8 @@ def internal_error(command: str, exc: BaseException) -> PatcherError:
                              "undone by the next run")
 
 
-def _run(command: str, as_json: bool, call: Callable, verbosity: int = 0,
-         exit_code: Callable | None = None) -> None:
-    """Run CALL (the engine) under signal handling, render its report and exit with its code
-    (or EXIT_CODE(report))."""
+def _run(command: str, as_json: bool, call: Callable, verbosity: int = 0) -> None:
+    """Run CALL (the engine) under signal handling, render its report and exit with its code."""
     from ..core.interrupts import signals_as_errors
     from .render import render
 
@@ -120,16 +132,30 @@ def _run(command: str, as_json: bool, call: Callable, verbosity: int = 0,
         with signals_as_errors():
             report = call()
     except PatcherError as error:
-        _fail(command, error, as_json)
+        _fail(command, error, as_json, quiet=verbosity < 0)
     except Exception as exc:  # a bug: one line and a traceback file, never a bare traceback
-        _fail(command, internal_error(command, exc), as_json)
+        _fail(command, internal_error(command, exc), as_json, quiet=verbosity < 0)
     render(report, as_json, verbosity)
-    sys.exit(int(exit_code(report) if exit_code else report.exit_code))
+    sys.exit(int(report.exit_code))
 
 
 def _target(python: str | None, site: Path | None, patches: Path | None):
+    """The target the options name. An option on the command line wins over its variable; --python and
+    --site name the target either way, so one of them given wins over both ERNIE_PATCHER_PYTHON and
+    ERNIE_PATCHER_SITE."""
+    from click.core import ParameterSource
+
     from ..core.report import Target
 
+    context = click.get_current_context()
+    given = {name for name in ("python", "site") if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if given == {"python"}:
+        site = None
+    elif given == {"site"}:
+        python = None
+    elif not given and python and site:
+        raise click.UsageError("ERNIE_PATCHER_PYTHON and ERNIE_PATCHER_SITE are both set: unset one, or pass "
+                               "--python or --site")
     return Target(python=python, site=site, patches=patches)
 
 
@@ -137,20 +163,22 @@ class _Group(click.Group):
     def main(self, args=None, *rest, **kwargs):  # type: ignore[override]
         argv = [str(a) for a in args] if args is not None else sys.argv[1:]
         as_json = "--json" in argv
+        quiet = "-q" in argv or "--quiet" in argv
         command = next((word for word in argv if word in self.commands), "")
         try:
             return super().main(argv, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            if not as_json:
+            if not as_json and not quiet:
                 exc.show()
             _fail(command, PatcherError(ExitCode.USAGE, exc.format_message(),
-                                        hint="ernie-patch --help lists the commands and options"), as_json, shown=True)
+                                        hint="ernie-patch --help lists the commands and options"), as_json,
+                  shown=not quiet, quiet=quiet)
         except click.exceptions.Abort:
-            _fail(command, PatcherError(ExitCode.INTERRUPTED, "interrupted"), as_json)
+            _fail(command, PatcherError(ExitCode.INTERRUPTED, "interrupted"), as_json, quiet=quiet)
         except Exception as exc:  # a bug in a command outside _run: still one line (or one JSON document)
-            _fail(command, internal_error(command, exc), as_json)
+            _fail(command, internal_error(command, exc), as_json, quiet=quiet)
 
 
 @click.group(cls=_Group, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,14 +203,21 @@ def main() -> None:
 _ONLY_HELP = "Only these patches (repeatable)."
 
 
+_USER_WRITABLE_HELP = ("As root, write even in package directories another user can write (by default refused: "
+                       "that user could swap what root writes).")
+
+
 @main.command(epilog=EXIT_CODES)
 @_target_options
 @click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
 @click.option("--exit-code", "gate", is_flag=True,
-              help="Exit 0 only when every patch is applied; else the code of the worst state "
+              help="Exit 0 only when every selected patch is applied; else the code of the worst state "
                    "(1 not applied, 3 missing, 4 unsupported, 5 conflict, 6 drifted), for a CI gate.")
 def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
     """Show what is installed where and the state of each patch.
+
+    --exit-code without --only gates on the patches apply was given (`apply --only`), else on the
+    whole set.
 
     \b
     Examples:
@@ -192,8 +227,8 @@ def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
     """
     from ..core.engine import status as run
 
-    _run("status", as_json, lambda: run(_target(python, site, patches), tuple(only)), _verbosity(quiet, verbose),
-         (lambda report: report.gate_code()) if gate else None)
+    target = _target(python, site, patches)
+    _run("status", as_json, lambda: run(target, tuple(only), gate=gate), _verbosity(quiet, verbose))
 
 
 @main.command(epilog=EXIT_CODES)
@@ -202,7 +237,8 @@ def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
               shell_complete=_complete_ids)
 @click.option("--dry-run", is_flag=True, help="Plan every hunk and report; write nothing.")
 @click.option("--allow-untested", is_flag=True, help="Try patches outside their tested version range (conflicts are still refused).")
-def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested) -> None:
+@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
+def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested, allow_user_writable) -> None:
     """Apply the patches: all or nothing, idempotent.
 
     \b
@@ -213,7 +249,8 @@ def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_u
     """
     from ..core.engine import apply as run
 
-    _run("apply", as_json, lambda: run(_target(python, site, patches), tuple(only), dry_run, allow_untested),
+    target = _target(python, site, patches)
+    _run("apply", as_json, lambda: run(target, tuple(only), dry_run, allow_untested, allow_user_writable),
          _verbosity(quiet, verbose))
 
 
@@ -225,6 +262,8 @@ def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_u
 def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> None:
     """Prove the patches are in place: versions, file digests and AST probes.
 
+    Without --only: the patches apply was given (`apply --only`), else the whole set.
+
     \b
     Examples:
       ernie-patch verify                     # exit 0 only when every patch is in place
@@ -233,25 +272,42 @@ def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> Non
     """
     from ..core.engine import verify as run
 
-    _run("verify", as_json, lambda: run(_target(python, site, patches), tuple(only), reparse),
-         _verbosity(quiet, verbose))
+    target = _target(python, site, patches)
+    _run("verify", as_json, lambda: run(target, tuple(only), reparse), _verbosity(quiet, verbose))
+
+
+def _refuse_patches(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        raise click.UsageError("revert takes no --patches: it works from the manifest and the stored originals, "
+                               "whatever patch set applied them", ctx)
 
 
 @main.command(epilog=EXIT_CODES)
-@_target_options
+@_where_options
+@_output_options
+@click.option("--patches", hidden=True, expose_value=False, callback=_refuse_patches, metavar="DIR")
+@click.option("--only", multiple=True, metavar="ID", shell_complete=_complete_ids,
+              help="Only these patches (and the applied ones that require them).")
 @click.option("--dry-run", is_flag=True, help="Report what would be restored; write nothing.")
-@click.option("--force", is_flag=True, help="Restore originals even over files edited since apply (a copy is kept).")
-def revert(python, site, patches, as_json, quiet, verbose, dry_run, force) -> None:
+@click.option("--force", is_flag=True,
+              help="Restore originals even over files edited since apply (a copy is kept in .ernie-patcher/overwritten/).")
+@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
+def revert(python, site, as_json, quiet, verbose, only, dry_run, force, allow_user_writable) -> None:
     """Put every changed byte back exactly as it was before apply.
+
+    Needs no patch files (no --patches): it works from the manifest and the stored originals.
 
     \b
     Examples:
       ernie-patch revert --dry-run           # what would be restored
       ernie-patch revert
+      ernie-patch revert --only omni-ulysses # that patch and the applied ones requiring it
     """
     from ..core.engine import revert as run
 
-    _run("revert", as_json, lambda: run(_target(python, site, patches), dry_run, force), _verbosity(quiet, verbose))
+    target = _target(python, site, None)
+    _run("revert", as_json, lambda: run(target, dry_run, force, tuple(only), allow_user_writable),
+         _verbosity(quiet, verbose))
 
 
 @main.command("list", epilog=EXIT_CODES)
@@ -280,7 +336,7 @@ def list_command(patches: Path | None, as_json: bool) -> None:
 @click.argument("patch_id", metavar="ID|FILE", shell_complete=_complete_ids)
 @_patches_option()
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="Highlight the diff: on a terminal (auto), always, or never.")
+              help="Highlight the diff: on a terminal without NO_COLOR or TERM=dumb (auto), always, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (the text under diff.text).")
 def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool) -> None:
     """Show one patch of the set (a patch file name shows that versioned variant).
@@ -304,7 +360,9 @@ def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool)
     if as_json:
         render_diff_json(view)
     else:
-        render_diff(view, color == "always" or (color == "auto" and sys.stdout.isatty()))
+        from .render import fancy_terminal
+
+        render_diff(view, color == "always" or (color == "auto" and fancy_terminal(sys.stdout)))
     if view.problem is not None:
         if as_json:
             sys.exit(int(view.problem.code))
@@ -358,11 +416,59 @@ def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None
 
 
 @main.command(epilog=EXIT_CODES)
+@click.argument("patch_id", metavar="ID", shell_complete=_complete_ids)
+@click.option("--to", "to_version", required=True, metavar="VERSION", help="The newer release to port the patch onto.")
+@click.option("--from", "from_version", metavar="VERSION",
+              help="The release the patch was written for [default: the newest one its range names below --to].")
+@click.option("--from-wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
+              help="The wheel of that release instead of pip download.")
+@click.option("--to-wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
+              help="The wheel of the --to release instead of pip download.")
+@click.option("--patches", "patches", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Patch set holding the patch; the new variant is added to it [default: ./patches].")
+@click.option("--scratch", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where merged files that need a person go [default: a new temporary directory].")
+@click.option("--resolved", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+              help="Take the merged files from DIR (a --scratch directory whose conflicts you resolved).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def port(patch_id: str, to_version: str, from_version: str | None, from_wheel: Path | None, to_wheel: Path | None,
+         patches: Path | None, scratch: Path | None, resolved: Path | None, as_json: bool) -> None:
+    """Carry a patch onto a newer release by a three-way merge (as git apply -3).
+
+    Base is the file of the release the patch was written for, ours that file patched, theirs the
+    file of the --to release, each from the published wheel. A clean merge that compiles and passes
+    the patch's probes becomes a new variant file with versions "==VERSION", added to the series;
+    otherwise the merged files, with conflict markers, go to a scratch directory and the conflicting
+    hunks are named (exit 5). No installed environment is read or changed.
+
+    \b
+    Examples:
+      ernie-patch port omni-sp-transformer --to 0.30.0
+      ernie-patch port omni-sp-transformer --to 0.30.0 --from-wheel vllm_omni-0.28.0-py3-none-any.whl \\
+          --to-wheel vllm_omni-0.30.0-py3-none-any.whl --patches ./patches
+      ernie-patch port omni-sp-transformer --to 0.30.0 --resolved /tmp/ernie-patch-port-omni-sp-transformer-x
+    """
+    from ..authoring.port import PortRequest, port_patch
+
+    request = PortRequest(patch_id=patch_id, to_version=to_version, from_version=from_version, from_wheel=from_wheel,
+                          to_wheel=to_wheel, patches=patches, scratch=scratch, resolved=resolved,
+                          progress=not as_json and sys.stderr.isatty())
+    try:
+        ported = port_patch(request)
+    except PatcherError as error:
+        _fail("port", error, as_json)
+    from .render_authoring import render_ported
+
+    render_ported(ported, as_json)
+    if ported.error is not None:
+        sys.exit(int(ported.error.code))
+
+
+@main.command(epilog=EXIT_CODES)
 @click.option("--python", "python", metavar="PATH", envvar=ENV_PREFIX + "PYTHON",
               help="Run the checks in this interpreter, or this environment directory's "
                    "[default: the one running ernie-patch; env: ERNIE_PATCHER_PYTHON].")
-@click.option("--site", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
-              envvar=ENV_PREFIX + "SITE",
+@click.option("--site", type=click.Path(path_type=Path), metavar="DIR", envvar=ENV_PREFIX + "SITE",
               help="Put DIR (e.g. made by pip install --target DIR) first on the checks' sys.path "
                    "[env: ERNIE_PATCHER_SITE].")
 @click.option("--device", type=click.Choice(["auto", "npu", "cpu"]), default="auto", show_default=True,
@@ -389,6 +495,9 @@ def selftest(python: str | None, site: Path | None, device: str, sp: int | None,
     from .render import render_error, selftest_table
 
     try:
+        if site is not None and not site.is_dir():
+            raise PatcherError(ExitCode.MISSING, f"--site {site} is not a directory",
+                               hint="pass the directory pip install --target wrote to, or use --python")
         report = run_selftest(python, site, device, sp, dtype)
     except PatcherError as error:
         _fail("selftest", error, as_json)
@@ -399,7 +508,9 @@ def selftest(python: str | None, site: Path | None, device: str, sp: int | None,
         emit(document("selftest", report.error(), report.exit_code, python=report.python,
                       selftest=report.to_dict()))
     else:
-        print(selftest_table(report))
+        from .fit import terminal_width
+
+        print(selftest_table(report, terminal_width(sys.stdout)))
     if error is not None and not as_json:
         render_error(error)
     sys.exit(int(report.exit_code))

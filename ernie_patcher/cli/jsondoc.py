@@ -13,7 +13,8 @@ SCHEMA = 2
 # Keys every document has; a command without that kind of data leaves the empty value.
 EMPTY: dict[str, Any] = {
     "python": None, "state_dir": None, "patch_set": None, "dry_run": False, "patches": [], "actions": [],
-    "notes": [], "manifest_patches": None, "series": None, "diff": None, "created": None, "selftest": None,
+    "notes": [], "manifest_patches": [], "series": None, "diff": None, "created": None, "selftest": None,
+    "ported": None,
 }
 
 

@@ -21,7 +21,7 @@ _ONLY_FOR = {"reparse": "verify", "dry_run": "apply", "allow_untested": "apply"}
 # Variables standing for an option (the click CLI reads them the same way: the option wins).
 _OPTION_ENV = {"ERNIE_PATCHER_PYTHON": "python", "ERNIE_PATCHER_SITE": "site", "ERNIE_PATCHER_PATCHES": "patches"}
 _KNOWN_ENV = {"ERNIE_PATCHER_PYTHON_TIMEOUT", "ERNIE_PATCHER_JOBS", "ERNIE_PATCHER_SELFTEST_TIMEOUT",
-              "ERNIE_PATCHER_PROBE_CACHE", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
+              "ERNIE_PATCHER_SELFTEST_SP_TIMEOUT", "ERNIE_PATCHER_PROBE_CACHE", "ERNIE_PATCHER_CACHE", "ERNIE_PATCHER_TIER",
               "ERNIE_PATCHER_TEST_KILL_AT", "ERNIE_PATCHER_TEST_PAUSE_AT", *_OPTION_ENV}
 
 
@@ -51,9 +51,12 @@ def parse(argv: list[str]) -> dict | None:
             return None
     if any(options[flag] and options["command"] != command for flag, command in _ONLY_FOR.items()):
         return None
+    target_given = options["python"] is not None or options["site"] is not None
     for variable, key in _OPTION_ENV.items():
-        if options[key] is None and os.environ.get(variable):
-            options[key] = os.environ[variable]
+        if options[key] is None and os.environ.get(variable) and not (target_given and key != "patches"):
+            options[key] = os.environ[variable]  # --python or --site given wins over both target variables
+    if options["python"] is not None and options["site"] is not None:
+        return None  # the click CLI says which two were given
     if options["command"] == "apply" and not options["dry_run"]:
         return None  # writes go through the click CLI
     for key in ("site", "patches"):
@@ -74,7 +77,7 @@ def _plain(document: dict) -> str:
     patches = document["patches"]
     lines = [f"ernie-patch {document['command']}: {document['python']}"]
     rows = [[p["id"], p["package"], p["installed_version"], p["versions"], p["state"], "",
-             "" if p["strip"] is None else str(p["strip"]),
+             "" if p["strip"] is None else f"{p['strip']}{' (inferred)' if p['strip_inferred'] else ''}",
              f"{sum(r['passed'] for r in p['probes'])}/{len(p['probes'])}" if p["probes"] else "-"]
             for p in patches]
     if rows:
@@ -108,8 +111,9 @@ def _fast_output(options: dict) -> str | None:
     if options["as_json"]:
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
     if options.get("quiet"):
+        count = len(doc["patches"])
         return _plain(doc).splitlines()[-1] + "\n" if doc["command"] == "verify" else \
-            f"status: {len(doc['patches'])} applied\n"
+            f"status: {count} patch{'es' if count != 1 else ''}: {count} applied\n"
     return _plain(doc)
 
 
@@ -144,11 +148,11 @@ def run(options: dict) -> None:
     except PatcherError as error:
         from .commands import _fail
 
-        _fail(command, error, options["as_json"])
+        _fail(command, error, options["as_json"], quiet=options["quiet"])
     except Exception as exc:  # a bug: the click CLI's one line and traceback file
         from .commands import _fail, internal_error
 
-        _fail(command, internal_error(command, exc), options["as_json"])
+        _fail(command, internal_error(command, exc), options["as_json"], quiet=options["quiet"])
     from .render import render
 
     render(report, options["as_json"], -1 if options["quiet"] else 0)

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING, Collection, TextIO
 
 from ..core.report import Report
 from ..errors import ExitCode, PatcherError
+from .fit import terminal_width, wrap, wrap_units
 from .jsondoc import document, emit
 
 if TYPE_CHECKING:
     from ..selftest.launch import SelftestReport
 
 _STYLES = {"applied": "green", "not-applied": "yellow", "drifted": "red", "conflict": "red",
-           "unsupported": "magenta", "missing": "red"}
+           "unsupported": "magenta", "missing": "red", "upstream": "cyan"}
 
 
 def to_json(report: Report | None, command: str, error: PatcherError | None = None) -> dict:
@@ -47,19 +48,10 @@ def _verify_summary(report: Report) -> str:
     probes = [r for p in report.patches for r in p.probes]
     files = sum(len(p.files) for p in report.patches if p.state == "applied")
     verdict = "verified" if report.exit_code == ExitCode.OK else "NOT verified"
-    return (f"{verdict}: {applied}/{len(report.patches)} patches applied, {files} files as recorded, "
+    upstream = sum(p.state == "upstream" for p in report.patches)
+    fixed = f", {upstream} fixed upstream" if upstream else ""
+    return (f"{verdict}: {applied}/{len(report.patches)} patches applied{fixed}, {files} files as recorded, "
             f"{sum(r.passed for r in probes)}/{len(probes)} probes pass")
-
-
-def _verify_failure(report: Report) -> str:
-    """The first patch not in place, in one line, for the log of a failed build step."""
-    for patch in report.patches:
-        failed = [r for r in patch.probes if not r.passed]
-        if patch.state != "applied" or failed:
-            why = patch.reason or (f"probe '{failed[0].probe.describe()}' fails" if failed and patch.state == "applied"
-                                   else f"patch is {patch.state}")
-            return f"verify failed: {patch.spec.id}: {why}"
-    return "verify failed"
 
 
 def _failed_probes(report: Report) -> list[tuple[str, object]]:
@@ -135,28 +127,46 @@ def _table_width(rows: list[list[str]]) -> int:
     return sum(widths) + 3 * len(widths) + 1
 
 
-def _compact_lines(rows: list[list[str]]) -> list[str]:
-    """One patch per two lines, for a terminal too narrow for the table: nothing is folded mid-word."""
+def _compact_lines(rows: list[list[str]], width: int) -> list[tuple[str, str]]:
+    """One patch per two lines or more, for a terminal too narrow for the table: (text, style of the
+    state word), broken only between facts, so no id, package, version or path is folded mid-word."""
     lines = []
     for patch, package, installed, tested, state, fit, strip, probes in rows:
-        style = _STYLES.get(state, "")
-        lines.append(f"[bold]{patch}[/]  [{style}]{state}[/]" if style else f"[bold]{patch}[/]  {state}")
+        lines += [(line, _STYLES.get(state, "")) for line in wrap_units([patch, state], width, rest="  ", sep="  ")]
         facts = [f"{package} {installed}" if installed != "-" else f"{package} not installed", f"tested {tested}"]
         facts += [f"fit {fit}"] * bool(fit) + [f"strip {strip}"] * bool(strip) + [f"probes {probes}"] * (probes != "-")
-        lines.append("  " + ", ".join(facts))
+        lines += [(line, "") for line in wrap_units(facts, width, first="  ", rest="  ", sep=", ")]
     return lines
 
 
-def render_rich(report: Report) -> list[str]:
-    """The report on a terminal: a table when it fits the width, else a compact list. Returns the
-    reason lines shown, so an error's details do not repeat them."""
+def _print_fitted(console, text: str, lead: str = "", lead_style: str = "", rest: str = "    ",
+                  style: str = "") -> None:
+    """TEXT broken between words to the console's width; LEAD_STYLE styles LEAD, the start of its
+    first line after the indentation."""
+    from rich.markup import escape
+
+    for number, line in enumerate(wrap(text, console.width, rest)):
+        body = line.lstrip(" ")
+        indent = line[:len(line) - len(body)]
+        if number == 0 and lead and body.startswith(lead):
+            markup = f"{indent}[{lead_style}]{escape(lead)}[/]{escape(body[len(lead):])}"
+        else:
+            markup = escape(line)
+        console.print(f"[{style}]{markup}[/]" if style else markup, highlight=False, soft_wrap=True)
+
+
+def render_rich(report: Report, verbose_lines: list[str] = ()) -> list[str]:
+    """The report on a terminal: a table when it fits the width, else a compact list; every other line
+    broken between words to the width. Returns the reason lines shown, so an error's details do not
+    repeat them."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     rows = _patch_rows(report)
     if not rows:
-        console.print(_heading(report), highlight=False)
+        _print_fitted(console, _heading(report))
     elif _table_width(rows) <= console.width:
         table = Table(title=_heading(report), title_justify="left", show_lines=False)
         for header in HEADERS:
@@ -167,22 +177,28 @@ def render_rich(report: Report) -> list[str]:
             table.add_row(*row)
         console.print(table)
     else:
-        console.print(_heading(report), highlight=False)
-        for line in _compact_lines(rows):
-            console.print(line, highlight=False)
+        _print_fitted(console, _heading(report))
+        for text, style in _compact_lines(rows, console.width):
+            name, sep, state = text.partition("  ")
+            if style and sep and not text.startswith(" "):
+                console.print(f"[bold]{escape(name)}[/]  [{style}]{escape(state)}[/]", highlight=False, soft_wrap=True)
+            else:
+                console.print(escape(text), highlight=False, soft_wrap=True)
     for reason in _reasons(report):
-        console.print(f"  {reason}", highlight=False)
+        _print_fitted(console, f"  {reason}")
     for patch_id, probe in _failed_probes(report) if report.command == "verify" else []:
-        console.print(f"  [red]probe failed:[/] {patch_id}: {probe.probe.describe()} "
-                      f"[dim]{probe.probe.file}[/] - {probe.detail}", highlight=False)
+        _print_fitted(console, f"  probe failed: {patch_id}: {probe.probe.describe()} {probe.probe.file} - {probe.detail}",
+                      lead="probe failed:", lead_style="red")
     for action in report.actions:
-        console.print(f"[bold]{action.what:>10}[/]  {_short(action.path, report)}  [dim]({action.detail})[/]",
-                      highlight=False)
+        _print_fitted(console, f"{action.what:>10}  {_short(action.path, report)}  ({action.detail})",
+                      lead=action.what, lead_style="bold")
     for note in report.notes:
-        console.print(f"[cyan]note:[/] {note}", highlight=False)
+        _print_fitted(console, f"note: {note}", lead="note:", lead_style="cyan")
     if report.command == "verify":
         style = "green" if report.exit_code == ExitCode.OK else "red"
-        console.print(f"[{style}]{_verify_summary(report)}[/]", highlight=False)
+        _print_fitted(console, _verify_summary(report), style=style)
+    for line in verbose_lines:
+        _print_fitted(console, line, rest="      ")
     return _reasons(report)
 
 
@@ -200,17 +216,53 @@ def fancy_terminal(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
+# How a reader counts what apply and revert write: source files, and the RECORDs listing created files.
+_ACTION_WORDS = {"patch": "patched", "create": "created", "restore": "restored", "remove": "removed",
+                 "register": "updated", "unregister": "restored"}
+_RECORD_ACTIONS = ("register", "unregister")
+
+
+def _files_text(report: Report) -> str:
+    """The actions as a reader counts files: '4 files patched, 1 created, 1 RECORD updated'."""
+    counts: dict[str, int] = {}
+    for action in report.actions:
+        counts[action.what] = counts.get(action.what, 0) + 1
+    parts = []
+    for index, (what, count) in enumerate((w, n) for w, n in counts.items() if w not in _RECORD_ACTIONS):
+        noun = ("file " if count == 1 else "files ") if index == 0 else ""
+        parts.append(f"{count} {noun}{_ACTION_WORDS.get(what, what)}")
+    parts += [f"{n} RECORD{'s' if n != 1 else ''} {_ACTION_WORDS[w]}" for w, n in counts.items() if w in _RECORD_ACTIONS]
+    return ", ".join(parts)
+
+
+def _patches(count: int) -> str:
+    return f"{count} patch{'es' if count != 1 else ''}"
+
+
 def verdict(report: Report) -> str:
-    """The whole outcome in one line (--quiet): what a build log needs."""
+    """The whole outcome in one line (--quiet): what a build log needs, counted in patches and files."""
     if report.command == "verify":
         return _verify_summary(report)
+    verb = f"{report.command} (dry run)" if report.dry_run else report.command
+    if report.command == "revert":
+        if not report.changed:
+            return f"{verb}: nothing to do"
+        did = "would be reverted" if report.dry_run else "reverted"
+        planned = " (planned)" if report.dry_run and report.actions else ""
+        return f"{verb}: {_patches(len(report.changed))} {did}; {_files_text(report) or 'no file to write'}{planned}"
     counts: dict[str, int] = {}
     for patch in report.patches:
         counts[patch.state] = counts.get(patch.state, 0) + 1
-    states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no patches"
-    verb = f"{report.command} (dry run)" if report.dry_run else report.command
-    written = f"; {len(report.actions)} file actions{' planned' if report.dry_run else ''}" if report.actions else ""
-    return f"{verb}: {states}{written}"
+    states = ", ".join(f"{n} {state}" for state, n in counts.items())
+    if report.command == "apply" and report.changed:
+        did = "would be applied" if report.dry_run else "applied"
+        before = counts.get("applied", 0) - (0 if report.dry_run else len(report.changed))
+        already = f" ({before} already were)" if before > 0 else ""
+        planned = " (planned)" if report.dry_run else ""
+        return f"{verb}: {_patches(len(report.changed))} {did}{already}; {_files_text(report)}{planned}"
+    if report.command == "apply" and report.error is None:
+        return f"{verb}: nothing to do, {_patches(len(report.patches))} already applied"
+    return f"{verb}: {_patches(len(report.patches))}: {states}" if report.patches else f"{verb}: no patches"
 
 
 def _verbose_lines(report: Report) -> list[str]:
@@ -235,37 +287,45 @@ def render(report: Report, as_json: bool, verbosity: int = 0) -> None:
         emit_json(to_json(report, report.command))
         return
     if verbosity < 0:
-        if report.error is None and not (report.command == "verify" and report.exit_code != ExitCode.OK):
+        if report.error is None:
             print(verdict(report))
-        elif report.error:
-            print(_error_lines(report.error)[0], file=sys.stderr)
         else:
-            print(f"error: {_verify_failure(report)}", file=sys.stderr)
+            print(_error_lines(report.error)[0], file=sys.stderr)
         return
+    verbose = _verbose_lines(report) if verbosity > 0 else []
     if fancy_terminal(sys.stdout):
-        render_rich(report)
+        render_rich(report, verbose)
     else:
         render_plain(report, sys.stdout)
-    if verbosity > 0:
-        for line in _verbose_lines(report):
+        for line in verbose:
             print(line)
     if report.error:
         render_error(report.error, shown=set(_reasons(report)))
-    elif report.command == "verify" and report.exit_code != ExitCode.OK:
-        print(f"error: {_verify_failure(report)}", file=sys.stderr)
 
 
-def selftest_table(report: SelftestReport) -> str:
-    """The checks as plain text, one line each, and a summary line."""
+def selftest_table(report: SelftestReport, width: int | None = None) -> str:
+    """The checks as plain text, one line each, and a summary line; on a terminal WIDTH columns wide,
+    a row that does not fit puts its detail on lines of its own below, broken between words."""
     from ..selftest.launch import STATUSES
 
-    lines = [f"ernie-patch selftest: {report.python}", f"device: {report.device}, dtype {report.dtype}",
-             f"{'check':36} {'status':8} {'error':>10} {'tolerance':>10}  detail"]
+    lines = wrap(f"ernie-patch selftest: {report.python}", width) + wrap(f"device: {report.device}, dtype {report.dtype}", width)
+    narrow = width is not None and width < 36 + 1 + 8 + 1 + 10 + 1 + 10 + 2
+    if not narrow:
+        lines.append(f"{'check':36} {'status':8} {'error':>10} {'tolerance':>10}  detail")
     for check in report.checks:
         error = "" if check.error is None else f"{check.error:.3g}"
         tolerance = "" if check.tolerance is None else f"{check.tolerance:.3g}"
         unit = f" {check.unit}" if check.unit and check.tolerance is not None else ""
-        lines.append(f"{check.name:36} {check.status:8} {error:>10} {tolerance:>10}{unit}  {check.detail}")
+        if narrow:
+            measured = [f"error {error}"] * bool(error) + [f"tolerance {tolerance}{unit}"] * bool(tolerance)
+            lines += wrap_units([check.name, check.status, *measured], width, rest="    ", sep="  ")
+            lines += wrap(f"    {check.detail}", width) if check.detail else []
+            continue
+        row = f"{check.name:36} {check.status:8} {error:>10} {tolerance:>10}{unit}"
+        if width is None or len(row) + 2 + len(check.detail) <= width:
+            lines.append(f"{row}  {check.detail}".rstrip())
+        else:
+            lines += [row.rstrip()] + wrap(f"    {check.detail}", width)
     counts = {status: sum(1 for c in report.checks if c.status == status) for status in STATUSES}
     lines.append(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
                  f"in {report.seconds:.1f} s")

@@ -3,11 +3,15 @@
 Hand-written beside the engine because importing the engine (dataclasses, the series parser,
 packaging, tomllib) costs several times an interpreter's own start. This path reads the manifest
 through safeio under the shared lock, finds the packages (envprobe), and checks what the engine
-would: every series id applied as recorded at the installed version, the series and patch files
-byte-identical to apply's (sha256), every patched file holding what apply wrote, every stored
-original the release's file (RECORD), every probe file holding the bytes its recorded result was
-computed on. It returns None -- and the engine runs -- on anything else: a mismatch, a journal,
-a note to make, a manifest older than the recorded answer, an error of any kind.
+would: the manifest by the engine's own rules (manifestrules), every series id applied as
+recorded at the installed version, the series and patch files byte-identical to apply's (sha256)
+and every variant file of the series there, every patched file holding what apply wrote, every
+stored original the release's file (RECORD) and there with its digest, every RECORD row apply
+added there (revertable), every bytecode file the interpreter could load holding the code of its
+source (bytecodecheck), every probe recorded and its file holding the bytes its recorded result was
+computed on. It returns None -- and the engine runs, and decides -- on anything else: a
+mismatch, a journal, a note to make, a manifest older than the recorded answer, a manifest the
+engine refuses, an error of any kind: it never gives another verdict than the engine's.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ import stat
 import sys
 from pathlib import Path
 
-from ..errors import PatcherError
+from ..errors import ExitCode, PatcherError
 from ..fs.fsops import Lock, made_dirs_detail
-from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir
+from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir, insecure_path, writable_by_others
 from ..target import envprobe
+from . import bytecodecheck, revertable
+from .manifestrules import manifest_problem
 
 try:  # the interpreter's own sha256: loading OpenSSL (hashlib) costs more than hashing a few files
     from _sha256 import sha256 as _sha256
@@ -83,16 +89,20 @@ def _builtin_directory() -> Path:
     return Path(__file__).resolve().parents[2] / "patches"
 
 
-def _environment(options: dict, packages: list[tuple[str, str]]) -> tuple[str, Path, dict]:
-    """(python as reported, state directory, description) as discovery.discover finds them."""
+def _environment(options: dict, packages: list[tuple[str, str]], bytecode: list[tuple[str, str]] | None = None,
+                 known: list[str] | None = None) -> tuple[str, Path, dict]:
+    """(python as reported, state directory, description) as discovery.discover finds them; the
+    description also holds the bytecode facts of BYTECODE ([module, relpath] pairs), as the target
+    interpreter finds them (KNOWN: see envprobe.bytecode_facts)."""
     python, site = options["python"], options["site"]
     _need(not (python and site))
+    request = {"packages": packages, "bytecode": bytecode or [], "known": known or []}
     if python:
         from ..target.interpreter import describe
 
-        described = describe(python, {"packages": packages})
+        described = describe(python, request)
     else:
-        described = envprobe.describe(packages, [str(Path(site).resolve())] if site else None)
+        described = envprobe.describe(packages, [str(Path(site).resolve())] if site else None, request)
     root = Path(site).resolve() if site else Path(described["purelib"])
     return (f"site:{root}" if site else described["python"]), root / STATE_DIRNAME, described
 
@@ -110,15 +120,27 @@ def _target(root: Path, module: str, relpath: str) -> Path:
     module_dir = (root / module).resolve()
     parent = path.parent.resolve()
     _need((parent == module_dir or module_dir in parent.parents) and not path.is_symlink())
+    _need(not _others_can_write(root, relpath))
     return path
 
 
+def _others_can_write(root: Path, relpath: str) -> bool:
+    """Whether another user than root (or the one running) can write a directory from ROOT down to
+    RELPATH's: the engine then answers, naming it (the pins of safeio)."""
+    directory = root
+    for part in ["", *relpath.split("/")[:-1]]:
+        directory = directory / part if part else directory
+        if writable_by_others(os.lstat(directory)):
+            return True
+    return False
+
+
 def _load(state: SafeDir, name: str) -> dict:
+    """The manifest, when the engine would read it (manifestrules); the engine says why else."""
     data = state.read(name, MAX_JSON)
     _need(data is not None)
     document = json.loads(data)
-    _need(isinstance(document, dict) and document.get("tool") == "ernie-patcher"
-          and document.get("schema") in (1, 2))
+    _need(manifest_problem(document) is None)
     return document
 
 
@@ -128,6 +150,18 @@ def _record_form(hex_digest: str) -> str:
 
     encoded = binascii.b2a_base64(bytes.fromhex(hex_digest), newline=False).decode()
     return "sha256=" + encoded.translate(str.maketrans("+/", "-_")).rstrip("=")
+
+
+def _rows(text: str) -> dict[str, str | None]:
+    """As discovery.parse_record, for a RECORD without quotes or lone carriage returns (nearly all)."""
+    text = text.replace("\r\n", "\n")
+    _need("\r" not in text and '"' not in text)
+    rows: dict[str, str | None] = {}
+    for line in text.split("\n"):
+        if line:
+            cells = line.split(",")
+            rows[cells[0]] = cells[1] if len(cells) > 1 and cells[1] else None
+    return rows
 
 
 def _release_rows(record: bytes, register: dict | None, created: set[str], state: SafeDir) -> bytes:
@@ -148,8 +182,34 @@ def _release_rows(record: bytes, register: dict | None, created: set[str], state
     return original
 
 
+def _module_root(described: dict, entry: dict) -> Path:
+    """The import root of ENTRY's package (as state.import_name names its module)."""
+    module = entry.get("module") or entry["package"].replace("-", "_")
+    location = described["modules"].get(module)
+    _need(location)
+    return Path(location["module_dir"]).parent
+
+
+def _registered(described: dict, entries: list[dict], appended: dict[str, str | None], dist_info: str) -> None:
+    """As originals.revert_problems: every file apply created and registered in RECORD, while it
+    holds what apply wrote, is listed there with its digest. APPENDED: the rows after the release's
+    (a created file in the release's rows is refused before)."""
+    created = []
+    for entry in entries:
+        if entry["action"] == "create" and entry["after"] is not None:
+            module = entry.get("module") or entry["package"].replace("-", "_")
+            current = _read(_target(_module_root(described, entry), module, _relative(entry["relpath"])))
+            if current is not None and sha256(current) == entry["after"]:
+                created.append((entry["relpath"], _record_form(entry["after"])))
+    problems = revertable.registration_problems(str(Path(dist_info) / "RECORD"), entries[0]["package"], appended,
+                                                created)
+    _need(not problems)
+
+
 def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
-    """As originals.check_originals, for a release whose RECORD lists every file apply wrote."""
+    """As originals.check_originals, for a release whose RECORD lists every file apply wrote; and,
+    as originals.revert_problems, every RECORD row apply added still there (a RECORD changed since
+    apply is the engine's to judge)."""
     by_package: dict[str, list[dict]] = {}
     for entry in manifest["files"].values():
         by_package.setdefault(entry["package"], []).append(entry)
@@ -159,14 +219,10 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
         record = _read(Path(info["dist_info"]) / "RECORD")
         _need(record is not None and b'"' not in record)
         register = next((e for e in entries if e["action"] == "register"), None)
+        _need(register is None or sha256(record) == register["after"])
         created = {e["relpath"] for e in entries if e["action"] == "create"}
-        text = _release_rows(record, register, created, state).decode("utf-8", "surrogateescape")
-        _need("\r" not in text.replace("\r\n", "\n"))
-        rows = {}
-        for line in text.replace("\r\n", "\n").split("\n"):
-            if line:
-                cells = line.split(",")
-                rows[cells[0]] = cells[1] if len(cells) > 1 else ""
+        release = _release_rows(record, register, created, state)
+        rows = _rows(release.decode("utf-8", "surrogateescape"))
         created_dirs = {d for e in entries if e["action"] == "create" for d in e.get("dirs", [])}
         _need(not any(row.startswith(d + "/") for d in created_dirs for row in rows))  # as originals.py
         for entry in entries:
@@ -175,6 +231,69 @@ def _check_originals(described: dict, manifest: dict, state: SafeDir) -> None:
             elif entry["action"] == "modify":
                 before = entry["before"]
                 _need(rows.get(entry["relpath"]) == _record_form(_digest(before)))
+        if register is not None:
+            appended = _rows(record[len(release):].decode("utf-8", "surrogateescape"))
+            _registered(described, entries, appended, info["dist_info"])
+
+
+def _check_stored(manifest: dict, state: SafeDir) -> None:
+    """As originals.revert_problems: every original revert would restore is stored, with its digest."""
+    befores = [(e["relpath"], e["before"]) for e in manifest["files"].values() if e["before"] is not None]
+    if not befores:
+        return
+    objects = state.subdir("objects")
+    _need(objects is not None)
+    with objects:
+        def stored(digest: str) -> str | None:
+            data = objects.read(digest, MAX_OBJECT)
+            return None if data is None else sha256(data)
+
+        _need(not revertable.original_problems(befores, stored, "objects"))
+
+
+def _variant_files(shown: dict, patch_dir: Path) -> None:
+    """As series.load_series: every variant file of the id is a regular file of the patch set."""
+    files = [_relative(file) for file, _ in shown["variants"]]
+    _need(shown["file"] in files)
+    for file in files:
+        _need("/" not in file)
+        try:
+            _need(stat.S_ISREG(os.stat(patch_dir / file).st_mode))
+        except OSError:
+            raise _Miss from None
+
+
+def _bytecode_request(answer: dict, manifest: dict, selected: list[str]) -> list[tuple[str, str]]:
+    """[module, relpath] of every Python file of the SELECTED patches, each once."""
+    wanted: dict[tuple[str, str], None] = {}
+    for patch_id in selected:
+        for relpath in manifest["patches"][patch_id]["files"]:
+            if relpath.endswith(".py"):
+                wanted[(answer["patches"][patch_id]["module"], _relative(relpath))] = None
+    return list(wanted)
+
+
+def _known(answer: dict, request: list[tuple[str, str]]) -> list[str]:
+    """The digests of the marshalled code apply wrote for the files of REQUEST: bytecode holding
+    exactly that need not be unmarshalled again (envprobe.bytecode_facts)."""
+    recorded = answer.get("bytecode")
+    entries = [recorded.get(relpath) for _, relpath in request] if isinstance(recorded, dict) else []
+    return [e["raw"] for e in entries if isinstance(e, dict) and isinstance(e.get("raw"), str)]
+
+
+def _check_bytecode(described: dict, request: list[tuple[str, str]], manifest: dict, answer: dict) -> None:
+    """As the engine (bytecodecheck.judge): the bytecode the target's interpreter would load for each
+    file of REQUEST is that file's code, as recorded at apply; anything else the engine decides."""
+    found = described.get("bytecode")
+    _need(isinstance(found, list) and len(found) == len(request))
+    for facts, (_, relpath) in zip(found, request):
+        _need(facts is not None and bytecodecheck.facts_ok({relpath: facts}, [relpath]))
+        after = manifest["files"][relpath]["after"]
+        reference = bytecodecheck.reference(answer, relpath, after, described.get("magic"))
+        try:
+            _need(not bytecodecheck.judge(facts, relpath, reference))
+        except bytecodecheck.Unproven:
+            raise _Miss from None
 
 
 def _selected(answer: dict, only: list[str]) -> list[str]:
@@ -190,16 +309,24 @@ def _selected(answer: dict, only: list[str]) -> list[str]:
     return [i for i in ids if not only or i in wanted]
 
 
-def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: dict) -> dict:
+def _file_digest(path: Path, digests: dict[Path, str | None]) -> str | None:
+    """sha256 of the file at PATH (None when absent), read once per answer (DIGESTS)."""
+    if path not in digests:
+        data = _read(path)
+        digests[path] = sha256(data) if data is not None else None
+    return digests[path]
+
+
+def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: dict,
+           digests: dict[Path, str | None]) -> dict:
     """PatchState.to_dict() of a patch applied as recorded."""
     root = roots[shown["package"]]
     files = []
     for relpath in recorded["files"]:
         entry = manifest["files"].get(relpath)
         path = _target(root, shown["module"], _relative(relpath))
-        current = _read(path)
-        _need(entry and patch_id in entry["patches"] and (sha256(current) if current is not None else None)
-              == entry["after"])
+        digest = _file_digest(path, digests)
+        _need(entry and patch_id in entry["patches"] and digest == entry["after"])
         dirs = [_relative(d) for d in entry.get("dirs", [])]
         detail = made_dirs_detail(dirs)
         files.append({"path": str(path), "relpath": relpath, "state": "applied", "detail": detail,
@@ -207,15 +334,15 @@ def _patch(patch_id: str, recorded: dict, shown: dict, roots: dict, manifest: di
     probes = []
     for probe in shown["probes"]:
         memo = recorded["probes"].get(probe["key"])
-        source = _read(root / _relative(probe["file"]))
-        _need(memo and memo["passed"] is True and source is not None and memo["file_sha256"] == sha256(source))
+        digest = _file_digest(root / _relative(probe["file"]), digests)
+        _need(memo and memo["passed"] is True and digest is not None and memo["file_sha256"] == digest)
         probes.append({"file": probe["file"], "kind": probe["kind"], "check": probe["check"], "passed": True,
                        "detail": memo["detail"] + " (file unchanged since apply)"})
     return {"id": patch_id, "package": shown["package"], "installed_version": recorded["version"],
             "versions": shown["tested"], "file": shown["file"],
             "variants": [{"file": f, "versions": v} for f, v in shown["variants"]],
             "state": "applied", "reason": "", "fit": None, "untested": shown["untested"], "manifest_stale": False,
-            "strip": shown["strip"], "strip_inferred": False, "files": files, "probes": probes}
+            "strip": shown["strip"], "strip_inferred": shown.get("strip_inferred") is True, "files": files, "probes": probes}
 
 
 def _answer(options: dict) -> dict:
@@ -227,38 +354,53 @@ def _answer(options: dict) -> dict:
     # The packages are known only from the manifest; discovery is asked for the ones it names.
     python, state_dir, described = _environment(options, [])
     _need(os.path.isdir(state_dir) and not os.path.islink(state_dir))
+    _need(not options["site"] or insecure_path(Path(os.path.abspath(options["site"]))) is None)
     with Lock(state_dir / "lock", exclusive=False):
         state = SafeDir.open(state_dir)
         _need(state is not None)
         with state:
-            _need(not state.exists("journal.json"))
+            _need(not state.exists("journal.json") and not state.exists("overwritten"))  # the engine notes those
             manifest = _load(state, "manifest.json")
+            _need(manifest.get("selected") is None)  # a selection recorded by apply --only: the engine's case
             answer = manifest.get("answer") or {}
             _need(answer.get("series_sha256") == series_digest and answer.get("patch_dir") == str(patch_dir))
             _need(set(manifest["patches"]) == set(answer["ids"]) == set(answer["patches"]))
             packages = sorted({(s["package"], s["module"]) for s in answer["patches"].values()})
-            python, state_dir, described = _environment(options, packages)
+            selected = _selected(answer, options["only"])
+            request = _bytecode_request(answer, manifest, selected)
+            python, state_dir, described = _environment(options, packages, request, _known(answer, request))
             roots = {}
             for patch_id, recorded in manifest["patches"].items():
                 shown = answer["patches"][patch_id]
                 _need(recorded["package"] == shown["package"])
                 roots[shown["package"]] = _package_root(described, shown["package"], shown["module"],
                                                         recorded["version"])
-                _need("/" not in _relative(shown["file"]))
+                _need(insecure_path(roots[shown["package"]]) is None)  # the engine names a way others can redirect
+                _variant_files(shown, patch_dir)
                 _need(sha256(_read(patch_dir / shown["file"]) or b"") == recorded["patch_sha256"])
+                _need({probe["key"] for probe in shown["probes"]} == set(recorded["probes"]))
             _check_originals(described, manifest, state)
-            patches = [_patch(i, manifest["patches"][i], answer["patches"][i], roots, manifest)
-                       for i in _selected(answer, options["only"])]
+            _check_stored(manifest, state)
+            digests: dict[Path, str | None] = {}
+            patches = [_patch(i, manifest["patches"][i], answer["patches"][i], roots, manifest, digests)
+                       for i in selected]
+            _check_bytecode(described, request, manifest, answer)
     return {"python": python, "state_dir": str(state_dir), "patches": patches, "patch_set": str(patch_dir),
             "manifest_patches": sorted(manifest["patches"])}
 
 
 def answer(options: dict) -> dict | None:
     """The payload of the report document (jsondoc.document's keys, as render.to_json fills them) of
-    `verify`/`status` OPTIONS when the environment is applied and unchanged, else None."""
+    `verify`/`status` OPTIONS when the environment is applied and unchanged, else None: then the
+    engine decides. Any failure here, malformed input of any depth or size included, is a None;
+    only an interruption (SIGINT, SIGTERM) goes on."""
     if options.get("reparse") or (not options["as_json"] and sys.stdout.isatty()):
         return None  # --reparse parses every file; a terminal gets the rich tables of the engine
     try:
         return _answer(options)
-    except (_Miss, PatcherError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+    except PatcherError as error:
+        if error.code in (ExitCode.INTERRUPTED, ExitCode.TERMINATED):
+            raise
+        return None
+    except Exception:  # the engine reads the same input again and says what is wrong with it
         return None

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..fs.fsops import read_bytes, sha256
+from ..fs.fsops import read_target, sha256
 from ..target.discovery import Environment, InstalledPackage, parse_record, record_form
+from .revertable import original_problems, registration_problems
 from .state import FileRecord, Manifest, StateDir, corrupt
 
 
@@ -34,7 +35,7 @@ def _release_record(package: InstalledPackage, entries: list[FileRecord], state:
     """RECORD as the release shipped it (without the rows apply added); None when there is none."""
     if package.dist_info is None:
         return None
-    current = read_bytes(package.dist_info / "RECORD")
+    current = read_target(package.dist_info / "RECORD", f"{package.dist_info.name}/RECORD")
     if current is None:
         return None
     register = next((e for e in entries if e.action == "register"), None)
@@ -96,3 +97,29 @@ def check_originals(env: Environment, manifest: Manifest, state: StateDir, where
 def unchecked_note(relpaths: list[str]) -> str:
     return (f"stored originals not checked against a RECORD (none lists them, e.g. an editable install), "
             f"trusted as recorded at apply: {', '.join(relpaths)}")
+
+
+def revert_problems(env: Environment, manifest: Manifest, state: StateDir) -> list[str]:
+    """Why revert could not run, or `pip uninstall` would leave a file apply created behind: a stored
+    original missing or damaged; a RECORD row apply added (for a created file still holding what
+    apply wrote, of the installed version) missing or holding another digest (revertable)."""
+    problems = original_problems([(e.relpath, e.before) for e in manifest.files.values() if e.before],
+                                 state.stored_digest, str(state.objects))
+    by_package: dict[str, list[FileRecord]] = defaultdict(list)
+    for entry in manifest.files.values():
+        by_package[entry.package].append(entry)
+    for name, entries in sorted(by_package.items()):
+        package = env.package(name)
+        if package is None or package.dist_info is None or not any(
+                e.action == "register" and e.version == package.version for e in entries):
+            continue
+        created = []
+        for entry in entries:
+            if entry.action == "create" and entry.after is not None and entry.version == package.version:
+                current = read_target(package.import_root / entry.relpath, entry.relpath)
+                if current is not None and sha256(current) == entry.after:
+                    created.append((entry.relpath, record_form(entry.after)))
+        record = read_target(package.dist_info / "RECORD", f"{package.dist_info.name}/RECORD")
+        rows = parse_record(record.decode("utf-8", "surrogateescape")) if record is not None else {}
+        problems += registration_problems(str(package.dist_info / "RECORD"), name, rows, created)
+    return problems

@@ -46,14 +46,24 @@ class Report:
     error: PatcherError | None = None
     dry_run: bool = False
     manifest_patches: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # ids apply applied or revert took out (or would)
 
-    def gate_code(self) -> ExitCode:
-        """`status --exit-code`: OK when every patch is applied, else the code of the worst state
-        (drifted 6, conflict 5, unsupported 4, missing 3, not applied 1), for a CI gate."""
-        codes = [GATE_CODES.get(p.state, ExitCode.NOT_VERIFIED) for p in self.patches]
-        return max(codes, default=ExitCode.OK) if self.exit_code == ExitCode.OK else self.exit_code
+    def gate_error(self) -> PatcherError | None:
+        """`status --exit-code`: None when every patch is applied, else the error of the worst state
+        (drifted 6, conflict 5, unsupported 4, missing 3, not applied 1), naming its first patch."""
+        codes = [(GATE_CODES.get(p.state, ExitCode.NOT_VERIFIED), p) for p in self.patches]
+        worst = max((code for code, _ in codes), default=ExitCode.OK)
+        if worst == ExitCode.OK:
+            return None
+        failing = [p for code, p in codes if code == worst]
+        first = failing[0]
+        others = [p for code, p in codes if code != ExitCode.OK and p is not first and p.reason]
+        return PatcherError(worst, f"status: {first.spec.id}: {first.reason or 'patch is ' + first.state}",
+                            details=[f"{p.spec.id}: {p.reason}" for p in others],
+                            hint="`ernie-patch status` shows each patch's state; `ernie-patch apply` applies "
+                                 "what is not applied")
 
 
 GATE_CODES = {"applied": ExitCode.OK, "not-applied": ExitCode.NOT_VERIFIED, "missing": ExitCode.MISSING,
               "unsupported": ExitCode.UNSUPPORTED_VERSION, "conflict": ExitCode.CONFLICT,
-              "drifted": ExitCode.DRIFTED}
+              "drifted": ExitCode.DRIFTED, "upstream": ExitCode.OK}

@@ -11,14 +11,20 @@ the module directory and above its file, and none may hold a row of the release'
 (originals.check_originals), so a forged manifest cannot name a release directory either; and
 only an empty directory is ever removed. Manifest schema 2 adds `dirs`; schema 1 manifests (no
 directory created) are still read, and an older tool refuses schema 2 by its number.
+
+Directories a patch empties (every file in them deleted or renamed away) are removed by apply
+and recorded likewise on each removed file's record (`emptied`: relpath -> mode), so revert, a
+rollback or a recovery makes them again, with their mode, before the file is put back. A file
+whose mode a patch changes (git's `old mode`/`new mode`, or a new executable file) records the
+mode apply gave it (`after_mode`; `mode` stays the one to restore). Manifest schema 3 adds both,
+journal schema 4 adds `emptied`; older ones are still read.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -27,13 +33,11 @@ from .. import __version__
 from ..errors import ExitCode, PatcherError
 from ..fs.fsops import sha256
 from ..fs.safeio import MAX_JSON, MAX_OBJECT, SafeDir
+from .manifestrules import TOOL, dirs_ok, emptied_ok, field_ok, manifest_problem
 
-MANIFEST_SCHEMA = 2
-MANIFEST_READABLE = (1, 2)  # 1: before `dirs`
-JOURNAL_SCHEMA = 3
-JOURNAL_READABLE = (2, 3)  # 2: before `dirs`
-ACTIONS = ("create", "modify", "register")
-TOOL = "ernie-patcher"
+MANIFEST_SCHEMA = 3
+JOURNAL_SCHEMA = 4
+JOURNAL_READABLE = (2, 3, 4)  # 2: before `dirs`; 3: before `emptied`
 
 
 def now() -> str:
@@ -60,6 +64,14 @@ class FileRecord:
     patches: list[str] = field(default_factory=list)
     module: str = ""
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
+    after_mode: int | None = None
+
+
+def _fields_of(record: object) -> dict:
+    """A record's fields for JSON: dataclasses.asdict deep-copies every list and dict (a second per
+    1 600-file manifest); the encoder only reads them."""
+    return dict(vars(record))
 
 
 def import_name(package: str, module: str) -> str:
@@ -83,7 +95,12 @@ class PatchRecord:
 class Manifest:
     """What apply did. ANSWER is what `verify`/`status` report for the applied patches, recorded by
     apply (plan.answer) so the fast path (fastpath.py) can report without the series parser; it
-    is used only while the series file and every digest are as recorded."""
+    is used only while the series file and every digest are as recorded.
+
+    SELECTED is what apply was asked for: None for the whole set, else the ids `apply --only`
+    selected (with what they require), added up over applies, less what `revert --only` took out.
+    verify, status and revert default to it. Older tools ignore the key (and check the whole set).
+    """
 
     series: str
     patch_dir: str
@@ -92,32 +109,27 @@ class Manifest:
     tool_version: str = __version__
     updated: str = field(default_factory=now)
     answer: dict = field(default_factory=dict)
+    selected: list[str] | None = None
 
     def to_json(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "tool": TOOL, "tool_version": self.tool_version,
                 "updated": self.updated, "series": self.series, "patch_dir": self.patch_dir,
-                "patches": {k: asdict(v) for k, v in self.patches.items()},
-                "files": {k: asdict(v) for k, v in self.files.items()}, "answer": self.answer}
+                "patches": {k: _fields_of(v) for k, v in self.patches.items()},
+                "files": {k: _fields_of(v) for k, v in self.files.items()}, "answer": self.answer,
+                "selected": self.selected}
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> "Manifest":
-        if not isinstance(data, dict) or data.get("tool") != TOOL:
-            raise corrupt(where, "not an ernie-patcher manifest")
-        if data.get("schema") not in MANIFEST_READABLE:
-            readable = ", ".join(map(str, MANIFEST_READABLE))
-            raise corrupt(where, f"manifest schema {data.get('schema')!r} is not one of {readable} "
-                                 "(written by another ernie-patcher version?)")
-        try:
-            manifest = cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
-                           patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
-                           files={k: FileRecord(**v) for k, v in data["files"].items()},
-                           tool_version=str(data["tool_version"]), updated=str(data["updated"]),
-                           answer=data.get("answer") if isinstance(data.get("answer"), dict) else {})
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise corrupt(where, f"missing or malformed field ({exc})") from None
-        for record in [*manifest.patches.values(), *manifest.files.values()]:
-            _check_fields(record, where)
-        return manifest
+        problem = manifest_problem(data)  # the fast path checks a manifest by the same rules
+        if problem:
+            raise corrupt(where, problem)
+        assert isinstance(data, dict)
+        return cls(series=str(data["series"]), patch_dir=str(data["patch_dir"]),
+                   patches={k: PatchRecord(**v) for k, v in data["patches"].items()},
+                   files={k: FileRecord(**v) for k, v in data["files"].items()},
+                   tool_version=str(data["tool_version"]), updated=str(data["updated"]),
+                   answer=data.get("answer") if isinstance(data.get("answer"), dict) else {},
+                   selected=data.get("selected"))
 
 
 @dataclass
@@ -130,7 +142,9 @@ class RestoreEntry:
     interrupted run was putting there: any other content means the journal is not about this
     environment, and recovery refuses. DIRS are the directories (relpaths under the import root)
     apply created for the file: made again when the file is put back, removed when empty once it
-    is removed.
+    is removed. EMPTIED are the directories (relpath -> mode) the write removes once empty after
+    removing the file, or makes (with that mode) before putting it back: made again with their mode
+    when the file is put back, removed when empty once it is removed.
     """
 
     package: str
@@ -142,6 +156,7 @@ class RestoreEntry:
     written: str | None
     mode: int
     dirs: list[str] = field(default_factory=list)
+    emptied: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +168,7 @@ class Journal:
 
     def to_json(self) -> dict:
         return {"schema": JOURNAL_SCHEMA, "tool": TOOL, "operation": self.operation,
-                "started": self.started, "restore": [asdict(e) for e in self.restore],
+                "started": self.started, "restore": [_fields_of(e) for e in self.restore],
                 "manifest": self.manifest}
 
     @classmethod
@@ -172,57 +187,27 @@ class Journal:
         return journal
 
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _field_ok(name: str, kind: object, value: object) -> bool:
-    """Whether VALUE fits the annotation KIND; digests must be sha256 hex (they name files)."""
-    kind = str(kind)
-    if name in ("before", "after", "digest", "written"):
-        return value is None or (isinstance(value, str) and bool(_DIGEST.match(value)))
-    if name == "path":
-        return isinstance(value, str) and value.startswith("/") and "\x00" not in value
-    if name == "relpath":
-        return (isinstance(value, str) and bool(value) and not value.startswith("/") and "\x00" not in value
-                and ".." not in value.split("/"))
-    if name == "action":
-        return value in ACTIONS
-    if name == "dirs":
-        return isinstance(value, list) and all(_field_ok("relpath", str, v) for v in value)
-    if name == "probes":
-        return isinstance(value, dict) and all(_probe_memo_ok(k, v) for k, v in value.items())
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind.startswith("list["):
-        item = int if kind == "list[int]" else str
-        return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
-    return isinstance(value, str)
-
-
-def _probe_memo_ok(key: object, memo: object) -> bool:
-    return (isinstance(key, str) and bool(_DIGEST.match(key)) and isinstance(memo, dict)
-            and set(memo) == {"file_sha256", "passed", "detail"}
-            and (memo["file_sha256"] is None or bool(_DIGEST.match(str(memo["file_sha256"]))))
-            and isinstance(memo["passed"], bool) and isinstance(memo["detail"], str))
-
-
 def _check_fields(record: object, where: Path) -> None:
     """Refuse a record whose fields have the wrong types, so a damaged file cannot steer a write."""
     for item in fields(record):
         value = getattr(record, item.name)
-        if not _field_ok(item.name, item.type, value):
+        if not field_ok(item.name, item.type, value):
             raise corrupt(where, f"field {item.name!r} of {type(record).__name__} has a bad value {value!r:.60}")
     dirs = getattr(record, "dirs", [])
-    if dirs and not _dirs_ok(record.relpath, record.action, dirs):
+    if dirs and not dirs_ok(record.relpath, record.action, dirs):
         raise corrupt(where, f"field 'dirs' of {record.relpath} names directories that are not between "
                              f"its package module and the file: {dirs!r:.80}")
+    emptied = getattr(record, "emptied", {})
+    if emptied and not emptied_ok(record.relpath, record.action, list(emptied), _removes(record)):
+        raise corrupt(where, f"field 'emptied' of {record.relpath} names directories that are not between "
+                             f"its package module and the file, or the file is not one removed: {emptied!r:.80}")
 
 
-def _dirs_ok(relpath: str, action: str, dirs: list[str]) -> bool:
-    """Directories apply created for a file it created: each below the module directory (the
-    first part of RELPATH) and above the file, so revert can never remove anything else."""
-    return action == "create" and all(len(d.split("/")) >= 2 and not {"", "."} & set(d.split("/"))
-                                      and relpath.startswith(d + "/") for d in dirs)
+def _removes(record: object) -> bool:
+    """Whether the recorded change removes its file (a manifest record's `after`, a journal entry's
+    digest or written bytes, is None)."""
+    return (getattr(record, "after", "") is None or getattr(record, "digest", "") is None
+            or getattr(record, "written", "") is None)
 
 
 def corrupt(where: Path, reason: str) -> PatcherError:
@@ -244,13 +229,57 @@ class StateDir:
         self.journal_path = root / "journal.json"
         self.objects = root / "objects"
         self.lock_path = root / "lock"
+        self._held: SafeDir | None = None
+        self.overwritten = root / "overwritten"
 
     def exists(self) -> bool:
         """Whether anything is at ROOT (a symlink too: it is refused when opened, never skipped)."""
         return os.path.lexists(self.root)
 
     def _open(self, create: bool = False) -> SafeDir | None:
-        return SafeDir.open(self.root, create=create)
+        """The state directory, opened once per run and held: every later use goes through that
+        descriptor, so a directory swapped in at its path meanwhile is never used (check_in_place
+        refuses before the run commits to anything)."""
+        if self._held is None:
+            self._held = SafeDir.open(self.root, create=create)
+            if self._held is None:
+                return None
+        return SafeDir(self.root, os.dup(self._held.fd))
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self._held is None:
+            return None
+        found = os.fstat(self._held.fd)
+        return found.st_dev, found.st_ino
+
+    def pin(self, identity: tuple[int, int] | None) -> None:
+        """The state directory of this run is the one its lock is in: another one is refused."""
+        if identity is None:
+            return
+        self._open()
+        if self._identity() != identity:
+            raise self._moved()
+
+    def check_in_place(self) -> None:
+        """Refuse when the state directory this run holds is no longer the one at its path (moved away
+        and replaced): a journal or manifest written there would never be found by the next run."""
+        held = self._identity()
+        try:
+            found = os.stat(self.root, follow_symlinks=False)
+        except OSError:
+            found = None
+        if held is not None and (found is None or (found.st_dev, found.st_ino) != held):
+            raise self._moved()
+
+    def _moved(self) -> PatcherError:
+        return PatcherError(ExitCode.ENVIRONMENT, f"refusing {self.root}: it is another directory than the one "
+                            "this run locked (moved or replaced meanwhile)",
+                            hint=f"another process is changing {self.root.parent}; find out who can write it")
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def has_journal(self) -> bool:
         """Whether a journal is pending; an unsafe state directory is refused here already."""
@@ -283,7 +312,8 @@ class StateDir:
 
     def write_json(self, path: Path, document: dict) -> None:
         with self._create() as directory:
-            directory.write(path.name, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+            # One line, by json's C encoder: with indent it encodes in Python (~1 s for a 1 600-file manifest).
+            directory.write(path.name, (json.dumps(document, sort_keys=True) + "\n").encode(), 0o644)
 
     def _create(self) -> SafeDir:
         directory = self._open(create=True)
@@ -325,21 +355,30 @@ class StateDir:
         """Keep DATA under its digest (once); return the digest."""
         return self.store_many([data])[0]
 
-    def store_many(self, datas: list[bytes]) -> list[str]:
-        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once."""
+    def store_many(self, datas: list[bytes], modes: list[int] | None = None) -> list[str]:
+        """Keep each of DATAS under its digest, each distinct one once, the directory fsynced once.
+        MODES (those of the files the bytes are from) limit who may read each copy: a file only its
+        owner may read is not stored readable by everyone."""
         digests = [sha256(data) for data in datas]
         with self._subdir(self.objects.name, create=True) as objects:
             written: dict[str, bool] = {}
-            for digest, data in zip(digests, datas):
+            for index, (digest, data) in enumerate(zip(digests, datas)):
                 if digest in written:
                     continue
                 kept = objects.read(digest, MAX_OBJECT)
                 written[digest] = kept is None or sha256(kept) != digest
                 if written[digest]:
-                    objects.write(digest, data, 0o444, sync_dir=False, sync_file=False)
+                    mode = 0o444 if modes is None else (modes[index] & 0o444) | 0o400
+                    objects.write(digest, data, mode, sync_dir=False, sync_file=False)
             objects.fsync_entries([d for d, new in written.items() if new])
             objects.sync()
         return digests
+
+    def stored_digest(self, digest: str) -> str | None:
+        """The sha256 of the bytes stored under DIGEST; None when nothing is (verify: can revert run?)."""
+        with self._subdir(self.objects.name) as objects:
+            data = objects.read(digest, MAX_OBJECT) if objects is not None else None
+        return None if data is None else sha256(data)
 
     def fetch(self, digest: str) -> bytes:
         """Stored bytes for DIGEST, checked; a missing or damaged object is a corrupt state."""
@@ -360,24 +399,34 @@ class StateDir:
                 objects.sync()
 
     def save_overwritten(self, path: Path, data: bytes) -> Path:
-        """Keep a copy of bytes `revert --force` is about to overwrite; return where."""
+        """Keep a copy of bytes `revert --force` is about to overwrite, in OVERWRITTEN (the one place
+        those copies go, kept after the rest of the state is gone); return where."""
         name = f"{sha256(data)[:16]}-{path.name}"
-        with self._subdir("overwritten", create=True) as saved:
-            saved.write(name, data, 0o644)
-        return self.root / "overwritten" / name
+        with self._subdir(self.overwritten.name, create=True) as saved:
+            saved.write(name, data, 0o600)  # someone's edits, of a file perhaps only they could read
+        return self.overwritten / name
+
+    def overwritten_names(self) -> list[str]:
+        """The copies `revert --force` kept (names in OVERWRITTEN)."""
+        with self._subdir(self.overwritten.name) as saved:
+            return sorted(saved.names()) if saved is not None else []
 
     def remove_if_empty(self) -> None:
-        """Remove the state directory once nothing is applied (lock file and empty dirs only)."""
+        """Once nothing is applied, remove the state: stored originals, lock file, empty directories,
+        and the state directory itself unless it still holds copies `revert --force` kept."""
         root = self._open()
         if root is None:
             return
         with root:
-            if any(root.exists(n) for n in (self.manifest_path.name, self.journal_path.name, "overwritten")):
+            if any(root.exists(n) for n in (self.manifest_path.name, self.journal_path.name)):
                 return
             self.drop_objects(set())
             root.sweep_temp()
             root.rmdir(self.objects.name)
+            if root.exists(self.overwritten.name):
+                return  # the lock stays with them: the directory is still in use
             root.remove(self.lock_path.name, quiet=True)
+        self.close()
         try:
             os.rmdir(self.root)
         except OSError:

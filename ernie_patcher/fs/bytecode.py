@@ -73,15 +73,14 @@ def release_flags(path: Path, beside: Path | None = None) -> int | None:
     return next((f for f in (_header_flags(cache / n) for n in siblings[:8]) if f is not None), None)
 
 
-def pyc_bytes(path: Path, data: bytes, code: bytes, flags: int) -> bytes:
-    """The .pyc of CODE (marshalled) for source DATA just written at PATH (its mtime and size for a
-    timestamp)."""
+def pyc_bytes(source: os.stat_result, data: bytes, code: bytes, flags: int) -> bytes:
+    """The .pyc of CODE (marshalled) for source DATA just written (SOURCE: its lstat, whose mtime a
+    timestamp .pyc records with the size)."""
     header = MAGIC_NUMBER + flags.to_bytes(4, "little")
     if flags & HASH_BASED:
         header += source_hash(data)
     else:
-        written = path.stat()
-        header += (int(written.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+        header += (int(source.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
         header += (len(data) & 0xFFFFFFFF).to_bytes(4, "little")
     return header + code
 
@@ -93,38 +92,36 @@ def compile_source(data: bytes, path: Path) -> bytes:
     return marshal.dumps(compile(data, str(path), "exec", dont_inherit=True, optimize=0))
 
 
-def _cache_directory(path: Path, cache: Path, below: str | None) -> SafeDir | None:
-    """CACHE (PATH's __pycache__) opened no-follow. BELOW (PATH's relpath, when it lies in
-    directories apply made): its directory reached from the module directory through no symlink
-    (safeio.open_tree) and CACHE made there when missing."""
-    if below is None:
-        return SafeDir.open(cache)
-    from .fsops import import_root
-
-    parent = open_tree(import_root(path, below), below.rpartition("/")[0])
-    if parent is None:
-        return None
-    with parent:
-        return SafeDir.open(cache, create=True, parent=parent)
-
-
-def write(path: Path, data: bytes, code: bytes | None, flags: int, below: str | None = None) -> Path | None:
-    """Write the .pyc of DATA (just written at PATH) in mode FLAGS; CODE (marshalled) None compiles DATA.
-    BELOW: PATH's relpath when its directory is one apply made (see _cache_directory).
+def write(path: Path, relpath: str, data: bytes, code: bytes | None, flags: int,
+          create_cache: bool = False) -> tuple[Path, str] | None:
+    """Write the .pyc of DATA (just written at package file PATH, RELPATH) in mode FLAGS; CODE
+    (marshalled) None compiles DATA. Its directory is reached from the import root by descriptor
+    (safeio.open_tree), its __pycache__ no-follow (made when CREATE_CACHE: a directory apply made).
 
     Bytecode only saves the interpreter work: a file that does not compile, an unsafe or
-    unwritable __pycache__ leave none (the stale one is already removed). Returns the .pyc written.
-    The caller fsyncs the .pyc (fsops.fsync_files) and its directory (fsops.sync_dirs) with the others."""
-    pyc = Path(cache_from_source(str(path), optimization=""))
+    unwritable __pycache__ leave none (the stale one is already removed). Returns the .pyc written
+    as (import root, relpath); the caller fsyncs it (fsops.fsync_entries) and its directory
+    (fsops.sync_directories) with the others."""
+    from .fsops import import_root
+
+    root = import_root(path, relpath)
+    reldir, _, name = relpath.rpartition("/")
+    pyc = Path(cache_from_source(str(path), optimization="")).name
     try:
         code = code if code is not None else compile_source(data, path)
-        body = pyc_bytes(path, data, code, flags)
-        mode = (path.stat().st_mode | 0o200) & 0o666
-        directory = _cache_directory(path, pyc.parent, below)
-        if directory is None:
+        parent = open_tree(root, reldir)
+        if parent is None:
             return None
-        with directory:
-            directory.write(pyc.name, body, mode, sync_dir=False, sync_file=False)
+        with parent:
+            source = parent.lstat(name)
+            if source is None or not stat.S_ISREG(source.st_mode):
+                return None
+            cache = SafeDir.open(parent.path / "__pycache__", create=create_cache, parent=parent)
+            if cache is None:
+                return None
+            with cache:
+                cache.write(pyc, pyc_bytes(source, data, code, flags), (source.st_mode | 0o200) & 0o666,
+                            sync_dir=False, sync_file=False)
     except (*COMPILE_ERRORS, OSError, PatcherError):
         return None
-    return pyc
+    return root, "/".join(filter(None, [reldir, "__pycache__", pyc]))

@@ -1,13 +1,17 @@
 """Compile many modules at once, one worker process per CPU: compile() holds the GIL, so threads
 would not help. Hand-written rather than concurrent.futures: a ProcessPoolExecutor worker outlives
 a killed parent (it waits on a queue whose write end it holds itself); these workers read their
-work from a pipe only ernie-patch holds, so they end when it does, however it ends.
+work from a pipe only ernie-patch holds, so they end when it does, however it ends. Every reply has
+a deadline and the pipes are never waited on past it (non-blocking, polled): a worker that is
+stopped (SIGSTOP), hung or starved is killed and what it did not answer is compiled in this process,
+so apply never waits on a worker while it holds the lock.
 """
 from __future__ import annotations
 
 import os
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,9 @@ JOBS_ENV = "ERNIE_PATCHER_JOBS"
 MAX_JOBS = 8
 MIN_POOL_BYTES = 256 * 1024  # below this, starting workers (~20 ms each) costs more than it saves
 _FRAME = struct.Struct(">II")  # two lengths: path and source in a request, kind and body in a reply
+_CHUNK = 1 << 20
+REPLY_BASE_S = 20.0
+REPLY_BYTES_PER_S = 64 * 1024
 
 # Runs in `python -I -B -c`: no site-packages, no ernie_patcher import, nothing written. It compiles
 # as bytecode.compile_source does; a failure is sent back as its type name and message.
@@ -59,9 +66,9 @@ Compiled = bytes | CompileFailure
 
 def jobs() -> int:
     """Worker processes to use: ERNIE_PATCHER_JOBS, else the CPUs this process may run on."""
-    wanted = count(JOBS_ENV)
+    wanted = count(JOBS_ENV, MAX_JOBS)
     if wanted is not None:
-        return min(wanted, MAX_JOBS)
+        return wanted
     try:
         return min(len(os.sched_getaffinity(0)), MAX_JOBS)
     except (AttributeError, OSError):
@@ -78,25 +85,71 @@ def compile_one(path: Path, data: bytes) -> Compiled:
 
 def compile_many(sources: Sequence[tuple[Path, bytes]]) -> list[Compiled]:
     """Each (path, source) compiled as compile_one would, in the same order; in parallel when
-    there is more than one CPU and enough source to repay starting the workers."""
+    there is more than one CPU and enough source to repay starting the workers. What a worker
+    did not answer (it died, stopped, or stayed silent past its reply's deadline) is compiled here."""
     workers = min(jobs(), len(sources))
     if workers < 2 or sum(len(data) for _, data in sources) < MIN_POOL_BYTES or not sys.executable:
         return [compile_one(path, data) for path, data in sources]
-    try:
-        return _Pool(workers).run(sources)
-    except _PoolBroken:
-        return [compile_one(path, data) for path, data in sources]
+    results = _Pool(workers).run(sources)
+    return [results[i] if i in results else compile_one(path, data) for i, (path, data) in enumerate(sources)]
+
+
+def reply_due(size: int) -> float:
+    """Seconds a worker has to answer for SIZE bytes of source: compile() takes about 1 s per MB here;
+    the deadline is far above that, so only a stopped, hung or starved worker misses it."""
+    return REPLY_BASE_S + size / REPLY_BYTES_PER_S
 
 
 class _PoolBroken(Exception):
-    """A worker could not start or died (e.g. killed for memory): compile in this process instead."""
+    """A worker could not start, died (e.g. killed for memory) or missed its reply's deadline."""
 
 
-def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise _PoolBroken()
-    return data
+class _Worker:
+    """One worker process and its exchange: the request bytes not yet written, the reply bytes read."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.index: int | None = None  # the source it is compiling
+        self.due = 0.0
+        self.outgoing = memoryview(b"")
+        self.incoming = bytearray()
+        for stream in (process.stdin, process.stdout):
+            os.set_blocking(stream.fileno(), False)
+
+    def give(self, index: int, request: bytes) -> None:
+        self.index, self.outgoing, self.due = index, memoryview(request), time.monotonic() + reply_due(len(request))
+
+    def write(self) -> None:
+        try:
+            written = os.write(self.process.stdin.fileno(), self.outgoing[:_CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # it died
+            raise _PoolBroken() from None
+        self.outgoing = self.outgoing[written:]
+
+    def read(self) -> Compiled | None:
+        """The reply, once it has all arrived; None before."""
+        try:
+            chunk = os.read(self.process.stdout.fileno(), _CHUNK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            raise _PoolBroken() from None
+        if not chunk:  # it died
+            raise _PoolBroken()
+        self.incoming += chunk
+        if len(self.incoming) < _FRAME.size:
+            return None
+        kind_len, body_len = _FRAME.unpack_from(self.incoming)
+        end = _FRAME.size + kind_len + body_len
+        if len(self.incoming) < end:
+            return None
+        kind = bytes(self.incoming[_FRAME.size:_FRAME.size + kind_len]).decode("utf-8", "replace")
+        body = bytes(self.incoming[_FRAME.size + kind_len:end])
+        del self.incoming[:end]
+        self.index = None
+        return CompileFailure(kind, body.decode("utf-8", "replace")) if kind else body
 
 
 class _Pool:
@@ -104,32 +157,53 @@ class _Pool:
         self.size = size
         self.processes: list[subprocess.Popen] = []
 
-    def run(self, sources: Sequence[tuple[Path, bytes]]) -> list[Compiled]:
-        import selectors  # with subprocess: only a run with a pool pays for importing them
-
+    def run(self, sources: Sequence[tuple[Path, bytes]]) -> dict[int, Compiled]:
+        """Results by index: all of them, or those received before a worker broke or missed a deadline."""
         order = sorted(range(len(sources)), key=lambda i: -len(sources[i][1]))  # largest first
         results: dict[int, Compiled] = {}
-        busy: dict[subprocess.Popen, int] = {}
-        selector = selectors.DefaultSelector()
         finished = False
         try:
-            for _ in range(self.size):
-                process = self._start()
-                selector.register(process.stdout, selectors.EVENT_READ, process)
-            for process in self.processes:
+            workers = [_Worker(self._start()) for _ in range(self.size)]
+            for worker in workers:
                 if order:
-                    busy[process] = self._send(process, order.pop(0), sources)
-            while busy:
-                for key, _ in selector.select():
-                    process = key.data
-                    results[busy.pop(process)] = self._receive(process)
-                    if order:
-                        busy[process] = self._send(process, order.pop(0), sources)
+                    index = order.pop(0)
+                    worker.give(index, self._request(worker.process, index, sources))
+            while any(w.index is not None for w in workers):
+                for worker, readable in self._ready(workers):
+                    if not readable:
+                        worker.write()
+                        continue
+                    index, result = worker.index, worker.read()
+                    if result is not None:
+                        results[index] = result
+                        if order:
+                            index = order.pop(0)
+                            worker.give(index, self._request(worker.process, index, sources))
             finished = True
+        except _PoolBroken:
+            pass
         finally:
-            selector.close()
             self._stop(kill=not finished)
-        return [results[index] for index in range(len(sources))]
+        return results
+
+    @staticmethod
+    def _ready(workers: list[_Worker]) -> list[tuple[_Worker, bool]]:
+        """The busy workers with a reply to read (True) or room for their request (False), once one
+        is; _PoolBroken when the earliest reply's deadline passes first."""
+        import select  # only a run with a pool pays for importing it
+
+        busy = [w for w in workers if w.index is not None]
+        wait = min(w.due for w in busy) - time.monotonic()
+        if wait <= 0:
+            raise _PoolBroken()  # a worker stopped, hung or starved: the rest is compiled here
+        poller, ends = select.poll(), {}
+        for worker in busy:
+            ends[worker.process.stdout.fileno()] = (worker, True)
+            poller.register(worker.process.stdout.fileno(), select.POLLIN)
+            if worker.outgoing:
+                ends[worker.process.stdin.fileno()] = (worker, False)
+                poller.register(worker.process.stdin.fileno(), select.POLLOUT)
+        return [ends[fd] for fd, _ in poller.poll(max(1, int(wait * 1000) + 1))]
 
     def _start(self) -> subprocess.Popen:
         import subprocess
@@ -143,27 +217,15 @@ class _Pool:
         return process
 
     @staticmethod
-    def _send(process: subprocess.Popen, index: int, sources: Sequence[tuple[Path, bytes]]) -> int:
+    def _request(process: subprocess.Popen, index: int, sources: Sequence[tuple[Path, bytes]]) -> bytes:
+        """The request frame for source INDEX, to be written to PROCESS."""
         path, data = sources[index]
         name = str(path).encode("utf-8", "surrogateescape")
-        try:
-            process.stdin.write(_FRAME.pack(len(name), len(data)) + name)
-            process.stdin.write(data)
-            process.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise _PoolBroken() from None
-        return index
-
-    @staticmethod
-    def _receive(process: subprocess.Popen) -> Compiled:
-        kind_len, body_len = _FRAME.unpack(_read_exact(process.stdout, _FRAME.size))
-        kind = _read_exact(process.stdout, kind_len).decode("utf-8", "replace")
-        body = _read_exact(process.stdout, body_len)
-        return CompileFailure(kind, body.decode("utf-8", "replace")) if kind else body
+        return _FRAME.pack(len(name), len(data)) + name + data
 
     def _stop(self, kill: bool) -> None:
-        """End every worker: a closed stdin ends an idle one; after a failure or an interruption
-        (KILL) none is left compiling."""
+        """End every worker: a closed stdin ends an idle one; after a failure, a missed deadline or an
+        interruption (KILL) none is left compiling (SIGKILL ends a stopped one too)."""
         import subprocess
 
         for process in self.processes:

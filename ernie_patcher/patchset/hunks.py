@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .diffparse import Hunk
+from .diffparse import BinaryPatch, Hunk
 
 MAX_OFFSET = 1000
 
@@ -71,37 +71,67 @@ def _candidates(expected: int, low: int, high: int, max_offset: int):
                 yield at
 
 
-def _locate(lines: list[str], hunk: Hunk, expected: int, low: int, max_offset: int) -> int | None:
-    if not hunk.old:
+def _locate(lines: list[str], old: Sequence[str], expected: int, low: int, max_offset: int) -> int | None:
+    if not old:
         return expected if low <= expected <= len(lines) else None
-    high = len(lines) - len(hunk.old)
+    high = len(lines) - len(old)
     for at in _candidates(expected, low, high, max_offset):
-        if _matches(lines, at, hunk.old):
+        if _matches(lines, at, old):
             return at
     return None
 
 
 def apply_hunks(text: str, hunks: Sequence[Hunk], *, reverse: bool = False,
                 max_offset: int = MAX_OFFSET) -> tuple[str, list[HunkPlacement]]:
-    """Return TEXT with HUNKS applied (or un-applied), and where each matched; raise HunkConflict."""
+    """Return TEXT with HUNKS applied (or un-applied), and where each matched; raise HunkConflict.
+    Each hunk's lines are made from the patch bytes here, one hunk at a time (diffparse.Hunk)."""
     lines = split_lines(text)
     crlf = _uses_crlf(lines)
     placements: list[HunkPlacement] = []
     delta = 0
     low = 0
     for index, hunk in enumerate(hunks):
+        old, new = hunk.sides()
+        source_start = hunk.source_start
         if reverse:
-            hunk = hunk.reversed()
+            old, new, source_start = new, old, hunk.target_start
         if crlf:
-            hunk = Hunk(hunk.source_start, hunk.target_start, _to_crlf(hunk.old), _to_crlf(hunk.new))
-        start = hunk.source_start - 1 if hunk.old else hunk.source_start
+            old, new = _to_crlf(old), _to_crlf(new)
+        start = source_start - 1 if old else source_start
         expected = max(start + delta, 0)
-        at = _locate(lines, hunk, expected, low, max_offset)
+        at = _locate(lines, old, expected, low, max_offset)
         if at is None:
             reason = f"hunk #{index + 1} does not match at line {expected + 1} or within {max_offset} lines"
             raise HunkConflict(HunkFailure(index=index, expected_line=expected + 1, reason=reason))
-        lines[at:at + len(hunk.old)] = list(hunk.new)
+        lines[at:at + len(old)] = list(new)
         placements.append(HunkPlacement(index=index, line=at + 1, offset=at - expected))
-        delta += len(hunk.new) - len(hunk.old) + (at - expected)
-        low = at + len(hunk.new)
+        delta += len(new) - len(old) + (at - expected)
+        low = at + len(new)
     return "".join(lines), placements
+
+
+def apply_binary(current: bytes | None, patch: BinaryPatch) -> bytes | None:
+    """CURRENT (None: no file) with git binary PATCH applied, as git apply does it: the file must be
+    the one the patch was made from (its git object id), and so must the result; raise HunkConflict.
+    None: the patch deletes the file."""
+    from .gitbinary import BinaryError, apply_delta, object_id
+
+    length = len(patch.old_id)
+    found = object_id(current, length) if current is not None else "0" * length
+    if found != patch.old_id:
+        raise _binary_conflict(f"the file is not the one the binary patch was made from (git id {found[:12]}, "
+                               f"the patch expects {patch.old_id[:12]})")
+    if patch.new_id == "0" * length:
+        return None
+    try:
+        result = patch.payload if patch.method == "literal" else apply_delta(current or b"", patch.payload)
+    except BinaryError as exc:
+        raise _binary_conflict(str(exc)) from None
+    made = object_id(result, length)
+    if made != patch.new_id:
+        raise _binary_conflict(f"the binary patch makes git id {made[:12]}, its index line says {patch.new_id[:12]}")
+    return result
+
+
+def _binary_conflict(reason: str) -> HunkConflict:
+    return HunkConflict(HunkFailure(index=0, expected_line=1, reason=reason))

@@ -60,10 +60,6 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
-def _suffix_match(full: str | None, wanted: str) -> bool:
-    return full is not None and (full == wanted or full.endswith("." + wanted))
-
-
 def _positional(node: ast.AST) -> tuple[str, ...]:
     args = node.args  # type: ignore[attr-defined]
     return tuple(a.arg for a in [*args.posonlyargs, *args.args])
@@ -84,14 +80,6 @@ def _scope(tree: ast.Module, probe: ProbeSpec) -> tuple[ast.AST | None, str]:
     return _resolve(tree, probe.within), probe.within
 
 
-def _is_call(node: ast.AST, probe: ProbeSpec) -> bool:
-    return isinstance(node, ast.Call) and _suffix_match(_dotted(node.func), probe.name or "")
-
-
-def _is_string(node: ast.AST, probe: ProbeSpec) -> bool:
-    return isinstance(node, ast.Constant) and node.value == probe.value
-
-
 def _imported_names(node: ast.AST) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
@@ -100,16 +88,43 @@ def _imported_names(node: ast.AST) -> list[str]:
     return []
 
 
-def _is_import(node: ast.AST, probe: ProbeSpec) -> bool:
-    return any(_suffix_match(n, probe.name or "") for n in _imported_names(node))
-
-
-# kind -> (does this node show the fact?, what a match is called, how to say it is missing)
+# kind -> (what a match is called, how to say it is missing)
 _SEARCHES = {
-    "call": (_is_call, "call", lambda p: f"no call to {p.name}"),
-    "string": (_is_string, "string", lambda p: f"no string {p.value!r}"),
-    "import": (_is_import, "import", lambda p: f"no import of {p.name}"),
+    "call": ("call", lambda p: f"no call to {p.name}"),
+    "string": ("string", lambda p: f"no string {p.value!r}"),
+    "import": ("import", lambda p: f"no import of {p.name}"),
 }
+
+
+def _suffixes(dotted: str | None) -> list[str]:
+    """Every name a dotted name matches by suffix: `a.b.c` is itself, `b.c` and `c`."""
+    if not dotted:
+        return []
+    parts = dotted.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _keys(node: ast.AST, kind: str) -> list[str]:
+    """What NODE shows for probes of KIND: the names a call or import matches, a string's value."""
+    if kind == "call":
+        return _suffixes(_dotted(node.func)) if isinstance(node, ast.Call) else []
+    if kind == "string":
+        return [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+    return [key for name in _imported_names(node) for key in _suffixes(name)]
+
+
+def _index(scope: ast.AST, kind: str) -> dict[str, int]:
+    """Each thing probes of KIND look for in SCOPE, with the line of its first node in ast.walk order:
+    one walk per scope and kind, kept on the scope node (the tree is kept per file content, _parse),
+    so a thousand probes of one file walk it once, not a thousand times."""
+    kept = scope.__dict__.setdefault("_probe_index", {})
+    if kind not in kept:
+        index: dict[str, int] = {}
+        for node in ast.walk(scope):
+            for key in _keys(node, kind):
+                index.setdefault(key, node.lineno)
+        kept[kind] = index
+    return kept[kind]
 
 
 def _search(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
@@ -117,10 +132,11 @@ def _search(tree: ast.Module, probe: ProbeSpec) -> tuple[bool, str]:
     scope, label = _scope(tree, probe)
     if scope is None:
         return False, f"{label} not defined"
-    matches, noun, missing = _SEARCHES[probe.kind]
-    for node in ast.walk(scope):
-        if matches(node, probe):
-            return True, f"{noun} at line {node.lineno}"
+    noun, missing = _SEARCHES[probe.kind]
+    wanted = probe.value if probe.kind == "string" else probe.name
+    line = _index(scope, probe.kind).get(wanted or "")
+    if line is not None:
+        return True, f"{noun} at line {line}"
     return False, f"{missing(probe)} in {label}"
 
 

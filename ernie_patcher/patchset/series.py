@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Mapping
 
@@ -22,7 +22,7 @@ SCHEMA = 1
 PROBE_KINDS = ("function", "class", "method", "call", "string", "import")
 
 _TOP_KEYS = {"schema", "name", "description", "patch"}
-_PATCH_KEYS = {"id", "file", "package", "module", "versions", "strip", "summary", "requires", "probe"}
+_PATCH_KEYS = {"id", "file", "package", "module", "versions", "strip", "summary", "requires", "probe", "fixed-in"}
 _PROBE_KEYS = {"file", "kind", "name", "within", "value", "params", "absent"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -62,11 +62,18 @@ class PatchSpec:
     requires: tuple[str, ...] = ()
     probes: tuple[ProbeSpec, ...] = ()
     versions_text: str = ""
+    fixed_in: SpecifierSet | None = None
+    fixed_in_text: str = ""
 
     def covers(self, version: str) -> bool:
         """Whether VERSION is in the tested range (pre-releases and local builds such as
         0.19.0rc1+npu count)."""
         return self.versions.contains(version, prereleases=True)
+
+    def fixed_upstream(self, version: str) -> bool:
+        """Whether VERSION is a release the series' `fixed-in` range names as carrying an equivalent
+        fix of its own (the patch is not needed there)."""
+        return self.fixed_in is not None and self.fixed_in.contains(version, prereleases=True)
 
     @property
     def tested(self) -> str:
@@ -80,7 +87,10 @@ class PatchSpec:
         return self.path.read_bytes().decode("utf-8", "surrogateescape")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        """sha256 of the patch file, read in chunks (a whole-release diff need not be in memory twice)."""
+        with self.path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                else hashlib.sha256(handle.read()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -258,10 +268,16 @@ def _patch(table: object, directory: Path, index: int) -> PatchSpec:
     probes = table.get("probe", [])
     if not isinstance(probes, list):
         raise _fail(where, "'probe' must be an array of tables ([[patch.probe]])")
+    fixed_in_text = _string(table, "fixed-in", where, required=False)
+    try:
+        fixed_in = SpecifierSet(fixed_in_text) if fixed_in_text is not None else None
+    except InvalidSpecifier as exc:
+        raise _fail(where, f"'fixed-in' is not a PEP 440 specifier: {exc}",
+                    hint='e.g. fixed-in = ">=0.32.0": the releases that carry an equivalent fix') from None
     return PatchSpec(
         id=patch_id, file=file, package=package, module=module, versions=versions, path=path,
         strip=strip, summary=_string(table, "summary", where, False) or "", requires=tuple(requires),
-        versions_text=versions_text,
+        versions_text=versions_text, fixed_in=fixed_in, fixed_in_text=fixed_in_text or "",
         probes=tuple(_probe(p, module, f"{where} probe #{i + 1}") for i, p in enumerate(probes)),
     )
 
@@ -276,16 +292,16 @@ def _boundaries(specifiers: SpecifierSet) -> set[Version]:
     return versions
 
 
-def _overlap(a: PatchSpec, b: PatchSpec) -> bool:
+def _overlap(a: SpecifierSet, b: SpecifierSet) -> bool:
     """Whether two ranges obviously overlap: identical, or a version either names is in both.
 
     Not complete (`>0.5` and `<0.6` share 0.55 but no named version); selection refuses any
     version that more than one variant covers.
     """
-    if a.versions == b.versions:
+    if a == b:
         return True
-    return any(a.covers(v) and b.covers(v)
-               for v in _boundaries(a.versions) | _boundaries(b.versions))
+    return any(a.contains(v, prereleases=True) and b.contains(v, prereleases=True)
+               for v in _boundaries(a) | _boundaries(b))
 
 
 def _check_variants(variants: list[PatchSpec]) -> None:
@@ -301,9 +317,31 @@ def _check_variants(variants: list[PatchSpec]) -> None:
         for earlier in variants[:index - 1]:
             if other.file == earlier.file:
                 raise _fail(where, f"two variants use the same file {other.file!r}", hint=hint)
-            if _overlap(earlier, other):
+            if _overlap(earlier.versions, other.versions):
                 raise _fail(where, f"variants {earlier.file} ({earlier.tested}) and {other.file} ({other.tested}) "
                             "have overlapping 'versions' ranges", hint=hint)
+
+
+def _shared_fixed_in(variants: list[PatchSpec]) -> list[PatchSpec]:
+    """`fixed-in` belongs to the patch id: given on one variant (or the same on several), every
+    variant gets it; it must not overlap a variant's tested range (a release cannot both need the
+    patch and carry the fix)."""
+    texts = {v.fixed_in_text for v in variants if v.fixed_in is not None}
+    where = f"patch {variants[0].id!r}"
+    if len(texts) > 1:
+        raise _fail(where, f"variants give different 'fixed-in' ranges: {', '.join(sorted(texts))}",
+                    hint="'fixed-in' names the releases that carry the fix, for the patch id as a whole: "
+                         "give it once")
+    if not texts:
+        return variants
+    declared = next(v for v in variants if v.fixed_in is not None)
+    for variant in variants:
+        if _overlap(variant.versions, declared.fixed_in):
+            raise _fail(where, f"'fixed-in' {declared.fixed_in_text} overlaps the tested range {variant.tested} "
+                        f"of {variant.file}",
+                        hint="a release either needs the patch (versions) or carries the fix (fixed-in): "
+                             "make the ranges disjoint")
+    return [replace(v, fixed_in=declared.fixed_in, fixed_in_text=declared.fixed_in_text) for v in variants]
 
 
 def parse_series(text: str, directory: Path) -> Series:
@@ -321,8 +359,11 @@ def parse_series(text: str, directory: Path) -> Series:
         raise _fail("(top level)", "no [[patch]] entries")
     patches = tuple(_patch(t, directory, i) for i, t in enumerate(tables))
     ids = [p.id for p in patches]
+    shared: dict[str, list[PatchSpec]] = {}
     for patch_id in dict.fromkeys(ids):
         _check_variants([p for p in patches if p.id == patch_id])
+        shared[patch_id] = _shared_fixed_in([p for p in patches if p.id == patch_id])
+    patches = tuple(shared[patch_id].pop(0) for patch_id in ids)
     for patch in patches:
         for required in patch.requires:
             if required not in ids:

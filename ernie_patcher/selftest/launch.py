@@ -4,8 +4,9 @@ The runtime package is copied to a private temp directory and run there with `-I
 user site, no current directory on sys.path), `-B` (no bytecode written into the target environment)
 and an explicit sys.path entry for that directory only,
 so the target interpreter needs no ernie-patcher and cannot pick up anything of it but the checks.
-Its answer is hostile input: stdout and stderr are read with a size cap, the run has a timeout after
-which its whole process group is ended, and the JSON document is checked field by field.
+Its answer is hostile input: it runs bounded (target.runner: stdout capped, the tail of stderr kept,
+a timeout, every process it started ended), and the JSON document is checked field by field. A
+--site directory someone else could write is refused: it goes ahead of the standard library.
 """
 from __future__ import annotations
 
@@ -13,27 +14,29 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
+import stat
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import ExitCode, PatcherError
 from ..settings import seconds
+from ..target.runner import run_bounded
 
 RUNTIME = Path(__file__).resolve().parent / "runtime"
 PACKAGE = "ernie_patcher_selftest_runtime"
 TIMEOUT_ENV = "ERNIE_PATCHER_SELFTEST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
+SP_TIMEOUT_ENV = "ERNIE_PATCHER_SELFTEST_SP_TIMEOUT"
+DEFAULT_SP_TIMEOUT = 600.0
+MAX_TIMEOUT = 86400.0
 STDOUT_CAP = 1 << 20  # the document is a few KiB; more is refused, not parsed
 STDERR_TAIL = 1 << 16  # the last 64 KiB of stderr are kept for the error's details
 STATUSES = ("passed", "failed", "skipped")
 MAX_CHECKS = 200
-HINT = ("install torch in that interpreter (pip install 'ernie-patcher[selftest]' there), "
+HINT = ("install torch in that interpreter (e.g. `pip install torch` there, the build for its device), "
         "or pass --python the interpreter of the patched environment")
 BOOTSTRAP = (f"import sys, runpy; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
              f"runpy.run_module('{PACKAGE}', run_name='__main__', alter_sys=True)")
@@ -94,7 +97,12 @@ class SelftestReport:
 
 
 def _timeout() -> float:
-    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=1.0)
+    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=1.0, maximum=MAX_TIMEOUT)
+
+
+def _sp_timeout() -> float:
+    """Seconds each group of SP workers may run (read only when --sp asks for them)."""
+    return seconds(SP_TIMEOUT_ENV, DEFAULT_SP_TIMEOUT, minimum=1.0, maximum=MAX_TIMEOUT)
 
 
 def _copy_runtime(into: Path) -> Path:
@@ -106,58 +114,49 @@ def _copy_runtime(into: Path) -> Path:
     return into
 
 
-def _drain(stream: IO[bytes], keep: int, head: bool, into: list[bytes], over: list[bool], pgid: int) -> None:
-    """Read STREAM to its end; keep its first (HEAD) or last KEEP bytes in INTO. A HEAD stream that goes
-    past KEEP sets OVER[0] and ends the process group: its answer is refused anyway."""
-    kept = bytearray()
-    while chunk := stream.read1(65536):
-        kept += chunk
-        if len(kept) > keep:
-            kept = kept[:keep] if head else kept[-keep:]
-            if head and not over[0]:
-                over[0] = True
-                _end_group(pgid)
-    into.append(bytes(kept))
-
-
 def _run(python: str, options: dict[str, Any]) -> tuple[int | None, bytes, bool, str]:
-    """(exit code or None on timeout, stdout, stdout over the cap, stderr tail) of one selftest run."""
+    """(exit code, None when ended; stdout; stdout over the cap; stderr tail) of one selftest run."""
     with tempfile.TemporaryDirectory(prefix="ernie-patch-selftest-") as tmp:
         directory = _copy_runtime(Path(tmp))
         try:
-            process = subprocess.Popen([python, "-I", "-B", "-c", BOOTSTRAP, str(directory), json.dumps(options)],
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       start_new_session=True)
+            finished = run_bounded([python, "-I", "-B", "-c", BOOTSTRAP, str(directory), json.dumps(options)],
+                                   _timeout(), stdout_cap=STDOUT_CAP, stderr_tail=STDERR_TAIL)
         except OSError as exc:
             raise PatcherError(ExitCode.ENVIRONMENT, f"cannot run interpreter {python}: {exc.strerror or exc}",
                                hint=HINT) from None
-        out: list[bytes] = []
-        err: list[bytes] = []
-        over = [False]
-        readers = [threading.Thread(target=_drain, args=(process.stdout, STDOUT_CAP, True, out, over, process.pid)),
-                   threading.Thread(target=_drain, args=(process.stderr, STDERR_TAIL, False, err, [False], process.pid))]
-        for reader in readers:
-            reader.start()
+    return finished.code, finished.stdout, finished.stdout_over, finished.stderr.decode(errors="replace")
+
+
+def _unsafe_site(site: Path) -> str | None:
+    """Why SITE and the directories above it are not safe ahead of the standard library, or None:
+    each must be owned by the running user or root, and writable by nobody else (unless it is the
+    user's own and the user is not root, or it is sticky like /tmp and not SITE itself)."""
+    me = os.geteuid()
+    directory = site
+    while True:
         try:
-            code: int | None = process.wait(timeout=_timeout())
-        except subprocess.TimeoutExpired:
-            code = None
-        except BaseException:
-            _end_group(process.pid)
-            process.wait()
-            raise
-        _end_group(process.pid)  # workers it started and left behind go too
-        process.wait()
-        for reader in readers:
-            reader.join()
-    return code, out[0] if out else b"", over[0], (err[0] if err else b"").decode(errors="replace")
+            st = os.stat(directory)
+        except OSError as exc:
+            return f"{directory} cannot be inspected ({exc.strerror or exc})"
+        if st.st_uid not in (me, 0):
+            return f"{directory} is owned by uid {st.st_uid}, neither you (uid {me}) nor root"
+        shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky_above = directory != site and st.st_mode & stat.S_ISVTX
+        if shared and not sticky_above and (st.st_uid != me or me == 0):
+            return f"{directory} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
+        if directory.parent == directory:
+            return None
+        directory = directory.parent
 
 
-def _end_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
+def _checked_site(site: Path) -> str:
+    resolved = site.resolve()
+    why = _unsafe_site(resolved)
+    if why is not None:
+        raise PatcherError(ExitCode.ENVIRONMENT, f"refusing --site {site}: {why}; its modules would run ahead of "
+                                                 "the standard library", hint="pass a directory only you (or root) "
+                                                 "can write, e.g. a copy made with pip install --target")
+    return str(resolved)
 
 
 def _refuse(python: str, what: str, stderr: str) -> PatcherError:
@@ -203,8 +202,10 @@ def _parse(python: str, stdout: bytes) -> tuple[dict[str, Any], list[Check]]:
     if not isinstance(document, dict) or document.get("schema") != 1:
         raise ValueError("not a selftest document (schema 1)")
     if document.get("error") is not None:
+        hint = document.get("hint")
         raise PatcherError(ExitCode.ENVIRONMENT, f"selftest in interpreter {python}: "
-                                                 f"{_text(document['error'], 300)}", hint=HINT)
+                                                 f"{_text(document['error'], 300)}",
+                           hint=_text(hint, 300) if isinstance(hint, str) else HINT)
     checks = document.get("checks")
     if not isinstance(checks, list) or not 0 < len(checks) <= MAX_CHECKS:
         raise ValueError("no list of checks")
@@ -223,13 +224,13 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
         python = resolve(python)
     python = python or sys.executable
     options = {"device": device, "dtype": dtype, "sp": sp, "threads": threads,
-               "site": str(site.resolve()) if site else None}
+               "site": _checked_site(site) if site else None, "sp_timeout": _sp_timeout() if sp else None}
     code, stdout, over, stderr = _run(python, options)
-    if code is None:
-        raise _refuse(python, f"did not finish within {_timeout():g} s ({TIMEOUT_ENV}) and was ended with its "
-                              "process group", stderr)
     if over:
-        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout", stderr)
+        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout and was ended", stderr)
+    if code is None:
+        raise _refuse(python, f"did not finish within {_timeout():g} s ({TIMEOUT_ENV}) and was ended with every "
+                              "process it started", stderr)
     if code != 0:
         raise _refuse(python, f"failed (exit {code})", stderr)
     try:

@@ -9,6 +9,7 @@ from ..errors import ExitCode, PatcherError
 from . import envprobe
 
 STATE_DIRNAME = ".ernie-patcher"
+MAX_RECORD = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,17 @@ class InstalledPackage:
     editable: bool
 
     def record(self) -> dict[str, str | None]:
-        """RECORD entries: import-root-relative path -> 'sha256=<urlsafe-b64>' (or None)."""
+        """RECORD entries: import-root-relative path -> 'sha256=<urlsafe-b64>' (or None). Read by
+        descriptor like every package file (a symlink, FIFO or file over 64 MiB is refused)."""
         if self.dist_info is None:
             return {}
+        from ..fs.fsops import read_target
+
+        data = read_target(self.dist_info / "RECORD", f"{self.dist_info.name}/RECORD", cap=MAX_RECORD)
         try:
-            text = (self.dist_info / "RECORD").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            return parse_record(data.decode("utf-8")) if data is not None else {}
+        except UnicodeDecodeError:
             return {}
-        return parse_record(text)
 
 
 def parse_record(text: str) -> dict[str, str | None]:
@@ -65,11 +69,17 @@ def _parse_record_csv(text: str) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class Environment:
-    """The environment being patched; STATE_DIR holds the manifest, journal and originals."""
+    """The environment being patched; STATE_DIR holds the manifest, journal and originals.
+
+    CACHE_TAG and MAGIC (hex) are those of the interpreter that loads its bytecode; INTERPRETER is
+    the --python it was described by (None: this interpreter, --site included)."""
 
     python: str
     state_dir: Path
     packages: dict[str, InstalledPackage | None]
+    cache_tag: str | None = None
+    magic: str | None = None
+    interpreter: str | None = None
 
     def package(self, name: str) -> InstalledPackage | None:
         return self.packages.get(name)
@@ -118,5 +128,8 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
             dist_info=Path(info["dist_info"]) if info.get("dist_info") else None,
             import_root=module_dir.parent, editable=bool(info.get("editable")),
         )
+    tag, magic = described.get("cache_tag"), described.get("magic")
     return Environment(python=described["python"] if not site else f"site:{state_dir}",
-                       state_dir=state_dir / STATE_DIRNAME, packages=found)
+                       state_dir=state_dir / STATE_DIRNAME, packages=found,
+                       cache_tag=tag if isinstance(tag, str) else None, magic=magic if isinstance(magic, str) else None,
+                       interpreter=python or None)

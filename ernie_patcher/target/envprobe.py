@@ -1,7 +1,8 @@
-"""Describe an environment's distributions and module locations, as JSON, without importing them.
+"""Describe an environment's distributions and module locations, as JSON, without importing them,
+and the bytecode its interpreter would load for given source files (bytecode_facts).
 
 This file is also run as a script by another interpreter (`--python PATH`), so it must stay
-self-contained: standard library only, no relative imports.
+self-contained: standard library only, no relative imports, syntax of the oldest Python it serves.
 
 Hand-written lookup of a `*.dist-info` (or `*.egg-info`) directory on the search path, reading only
 its Name and Version headers, because importlib.metadata (email, zipfile, csv, its finders) costs
@@ -10,6 +11,7 @@ so no layout it knows is lost.
 """
 import json
 import os
+import stat
 import sys
 
 _SUFFIXES = (".dist-info", ".egg-info")
@@ -25,11 +27,22 @@ def _normalize(name):
 
 
 def _read(path):
+    """At most 1 MiB of the regular file PATH, None when it is anything else: opened non-blocking and
+    not through a symlink at its name, so a FIFO planted as METADATA never hangs the caller."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read(1 << 20).decode("utf-8", "surrogateescape")
     except OSError:
         return None
+    finally:
+        os.close(fd)
 
 
 def _headers(text):
@@ -60,28 +73,34 @@ def _info_dirs(entry, wanted):
 
 
 def _scan(name, paths):
-    """The first metadata directory of distribution NAME along PATHS with a readable version."""
+    """The first metadata directory of distribution NAME along PATHS with a readable version; False
+    when there are such directories but none is readable (then importlib.metadata is not asked:
+    it would open a FIFO planted as METADATA and wait forever)."""
     wanted = _normalize(name)
+    seen = False
     for entry in paths:
         for dirname, suffix in _info_dirs(entry, wanted):
+            seen = True
             path = os.path.join(entry or ".", dirname)
             text = _read(os.path.join(path, _METADATA[suffix]))
             headers = _headers(text) if text is not None else {}
             if headers.get("Version") and _normalize(headers.get("Name", name)) == wanted:
                 return path, headers
-    return None
+    return False if seen else None
 
 
 def _direct_url(path):
     text = _read(os.path.join(path, "direct_url.json"))
     try:
         return json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
 def _distribution(name, paths):
     found = _scan(name, sys.path if paths is None else paths)
+    if found is False:
+        return None
     if found is None:
         return _metadata_distribution(name, paths)
     path, headers = found
@@ -112,7 +131,7 @@ def _metadata_distribution(name, paths):
     path = getattr(dist, "_path", None)
     try:
         direct = json.loads(dist.read_text("direct_url.json") or "null") or {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         direct = {}
     return {
         "name": dist.metadata["Name"],
@@ -149,7 +168,7 @@ def _purelib():
     """sysconfig's purelib; the sysconfig module is imported only when the venv layout does not say."""
     version = "python%d.%d" % sys.version_info[:2]
     guess = os.path.join(sys.prefix, "lib", version, "site-packages")
-    if os.name == "posix" and sys.platlibdir == "lib" and not sys.flags.no_site:
+    if os.name == "posix" and getattr(sys, "platlibdir", "lib") == "lib" and not sys.flags.no_site:
         import site
 
         if guess in site.getsitepackages():
@@ -159,17 +178,240 @@ def _purelib():
     return sysconfig.get_paths()["purelib"]
 
 
-def describe(packages, paths=None):
-    """PACKAGES: [[distribution, module], ...]; PATHS: search these instead of sys.path."""
-    return {
+# The bytecode an interpreter would load for a source file (bytecode_facts). Hand-written from
+# importlib._bootstrap_external (SourceLoader.get_code, _classify_pyc, _validate_*_pyc), whose
+# functions are private and differ between versions: a .pyc is loaded when its magic is this
+# interpreter's and its header matches the source (mtime and size; or, hash-based, the source hash
+# when checked -- never checked for unchecked-hash bytecode).
+PYC_CAP = 256 << 20
+_HASH_BASED, _CHECK_SOURCE = 0b01, 0b10
+_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def sha256_hex(data):
+    try:  # the interpreter's own sha256: loading OpenSSL (hashlib) costs more than a verify
+        from _sha256 import sha256
+    except ImportError:
+        try:
+            from _sha2 import sha256
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
+def _anonymous(code):
+    """CODE and the code objects in its constants without their file name: the same source
+    compiled at another path (an environment moved or copied) is the same code."""
+    code_type = type(code)
+    consts = tuple(_anonymous(c) if isinstance(c, code_type) else c for c in code.co_consts)
+    return code.replace(co_filename="", co_consts=consts)
+
+
+def code_digest(code):
+    """sha256 of CODE (a code object) without its file name, marshalled in version 2 (no
+    references: two marshallings of equal code differ by references, never in version 2)."""
+    import marshal
+
+    try:
+        return sha256_hex(marshal.dumps(_anonymous(code), 2))
+    except ValueError:  # a constant version 2 cannot hold: this interpreter's own format
+        return sha256_hex(marshal.dumps(_anonymous(code)))
+
+
+def _read_capped(path, follow=False):
+    """The bytes of regular file PATH (no-follow unless FOLLOW), at most PYC_CAP; an OSError else."""
+    fd = os.open(path, _READ if not follow else _READ & ~getattr(os, "O_NOFOLLOW", 0))
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_size > PYC_CAP:
+            raise OSError("not a regular file of at most %d bytes" % PYC_CAP)
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > PYC_CAP:
+                raise OSError("more than %d bytes" % PYC_CAP)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _kind(mode):
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _Source:
+    """A source file as the import system sees it: its stat; its bytes, hash and compiled code,
+    read and computed only when a bytecode file needs them."""
+
+    def __init__(self, path):
+        self.path = path
+        self.stat = os.stat(path)
+        self._data = None
+        self._code = {}
+
+    def data(self):
+        if self._data is None:
+            self._data = _read_capped(self.path, follow=True)
+        return self._data
+
+    def source_hash(self):
+        from importlib.util import source_hash
+
+        return source_hash(self.data())
+
+    def compiled(self, level):
+        """The code the import system compiles from the source at optimisation LEVEL."""
+        if level not in self._code:
+            self._code[level] = compile(self.data(), self.path, "exec", dont_inherit=True, optimize=level)
+        return self._code[level]
+
+
+def _pyc_fact(source, pyc, level, compared, known):
+    """What the interpreter does with PYC for SOURCE at optimisation LEVEL: None when there is none
+    or it would not load it (another interpreter's magic, a bad header, a stale timestamp);
+    else a dict with its verdict: 'loads' (with the sha256 of the marshalled code after the header,
+    'raw'; unless that is one of KNOWN, the digest of the code itself, 'code'; and with COMPARED
+    whether that is the source's code, 'same'), 'stale' (hash-based bytecode of other source:
+    unchecked-hash is loaded all the same, checked-hash whenever hash checks are off), 'broken'
+    (no code in it: importing fails), 'irregular' (not a regular file) or 'unreadable'."""
+    from importlib.util import MAGIC_NUMBER
+
+    fact = {"pyc": pyc, "level": level, "mode": None, "verdict": "", "raw": None, "code": None, "same": None,
+            "why": ""}
+    try:
+        found = os.lstat(pyc)
+    except OSError:
+        return None
+    if not stat.S_ISREG(found.st_mode):
+        fact.update(verdict="irregular", why=_kind(found.st_mode))
+        return fact
+    try:
+        data = _read_capped(pyc)
+    except OSError as exc:
+        fact.update(verdict="unreadable", why=exc.strerror or str(exc))
+        return fact
+    flags = int.from_bytes(data[4:8], "little") if len(data) >= 16 else -1
+    if data[:4] != MAGIC_NUMBER or flags < 0 or flags & ~(_HASH_BASED | _CHECK_SOURCE):
+        return None
+    if flags & _HASH_BASED:
+        fact["mode"] = "checked-hash" if flags & _CHECK_SOURCE else "unchecked-hash"
+        try:
+            stale = data[8:16] != source.source_hash()
+        except OSError as exc:
+            fact.update(verdict="unreadable", why="its source is unreadable: %s" % (exc.strerror or exc))
+            return fact
+        if stale:
+            fact.update(verdict="stale", why="hash of other source")
+            return fact
+    else:
+        fact["mode"] = "timestamp"
+        if (int.from_bytes(data[8:12], "little") != int(source.stat.st_mtime) & 0xFFFFFFFF
+                or int.from_bytes(data[12:16], "little") != source.stat.st_size & 0xFFFFFFFF):
+            return None
+    fact.update(verdict="loads", raw=sha256_hex(data[16:]))
+    if fact["raw"] in known and not compared:
+        return fact
+    import marshal
+
+    try:
+        code = marshal.loads(data[16:])
+    except (ValueError, EOFError, TypeError):
+        code = None
+    if not isinstance(code, type(_anonymous.__code__)):
+        fact.update(verdict="broken", why="holds no code object")
+        return fact
+    fact["code"] = code_digest(code)
+    if compared:
+        try:
+            fact["same"] = code == source.compiled(level)
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+            fact["same"] = False
+    return fact
+
+
+def bytecode_facts(sources, compared=False, known=()):
+    """For each source file path of SOURCES: the bytecode files this interpreter could load for
+    it, at every optimisation level, each described by _pyc_fact; COMPARED: each loadable one is
+    also compared with the code compiled from the source (costly); KNOWN: the sha256 of marshalled
+    code bodies not to unmarshal (those apply wrote). A __pycache__ that is a symlink is not read
+    through: any bytecode reached there is reported 'irregular'."""
+    known = frozenset(known)
+    try:
+        from importlib.util import cache_from_source
+
+        cache_from_source("x.py")
+    except (ImportError, NotImplementedError):  # no bytecode cache (cache_tag None)
+        return {path: [] for path in sources}
+    answer = {}
+    for path in sources:
+        facts = answer[path] = []
+        try:
+            source = _Source(path)
+        except OSError:
+            continue  # no source: its digest check says why
+        for level in (0, 1, 2):
+            pyc = cache_from_source(path, optimization=level or "")
+            cache = os.path.dirname(pyc)
+            if os.path.islink(cache):
+                if os.path.lexists(pyc):
+                    facts.append({"pyc": pyc, "level": level, "mode": None, "verdict": "irregular", "raw": None,
+                                  "code": None, "same": None, "why": "in a __pycache__ that is a symlink"})
+                continue
+            fact = _pyc_fact(source, pyc, level, compared, known)
+            if fact is not None:
+                facts.append(fact)
+    return answer
+
+
+def _bytecode_of(request, modules):
+    """The bytecode_facts of each [module, relpath] pair of REQUEST, the module found through
+    MODULES; in request order, None for a module not found."""
+    found = []
+    for module, relpath in request.get("bytecode") or []:
+        location = modules.get(module)
+        if location is None:
+            found.append(None)
+            continue
+        path = os.path.join(os.path.dirname(location["module_dir"]), relpath)
+        found.append(bytecode_facts([path], bool(request.get("compared")), request.get("known") or ())[path])
+    return found
+
+
+def _cache_tag():
+    return getattr(sys.implementation, "cache_tag", None)
+
+
+def _magic():
+    from importlib.util import MAGIC_NUMBER
+
+    return MAGIC_NUMBER.hex()
+
+
+def describe(packages, paths=None, request=None):
+    """PACKAGES: [[distribution, module], ...]; PATHS: search these instead of sys.path. REQUEST
+    may ask for the bytecode facts of [module, relpath] pairs ('bytecode'; 'compared' and 'known'
+    as bytecode_facts takes them)."""
+    modules = {module: _module(module, paths) for _, module in packages}
+    described = {
         "python": sys.executable,
         "python_version": "%d.%d.%d" % sys.version_info[:3],
         "purelib": _purelib(),
         "distributions": {dist: _distribution(dist, paths) for dist, _ in packages},
-        "modules": {module: _module(module, paths) for _, module in packages},
+        "modules": modules,
+        "cache_tag": _cache_tag(),
+        "magic": _magic(),
     }
+    if request and request.get("bytecode"):
+        described["bytecode"] = _bytecode_of(request, modules)
+    return described
 
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    json.dump(describe(request["packages"], request.get("paths")), sys.stdout)
+    json.dump(describe(request["packages"], request.get("paths"), request), sys.stdout)

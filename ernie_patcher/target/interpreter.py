@@ -1,10 +1,11 @@
-"""Ask another interpreter (`--python PATH`) to describe its environment: bounded in time, its
-whole process group ended on timeout, and its answer checked before anything trusts it."""
+"""Ask another interpreter (`--python PATH`) to describe its environment: bounded in time and output,
+every process it started ended (runner), and its answer checked before anything trusts it. A refusal
+is remembered for the rest of the process, so a command that asks twice (the fast path, then the
+engine) waits out a hanging interpreter once."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 from ..errors import ExitCode, PatcherError
@@ -13,6 +14,7 @@ from . import envprobe
 
 TIMEOUT_ENV = "ERNIE_PATCHER_PYTHON_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
+MAX_TIMEOUT = 3600.0
 OLDEST = (3, 8)  # importlib.metadata
 HINT = "pass --python a Python >= 3.8 executable of the environment to patch, or the environment's directory"
 # Runs first in the other interpreter, in syntax every Python parses, so an old one says its
@@ -26,7 +28,7 @@ exec(compile(%r, "ernie_patcher_envprobe", "exec"))
 
 
 def _timeout() -> float:
-    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=0.1)
+    return seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT, minimum=0.1, maximum=MAX_TIMEOUT)
 
 
 def _said(text: str) -> str:
@@ -47,34 +49,22 @@ def _refuse(python: str, what: str, stdout: str, stderr: str) -> PatcherError:
 
 
 def _run(python: str, request: dict) -> tuple[int, str, str]:
-    import subprocess  # only for --python: the CLI starts faster without it
+    from .runner import STDOUT_CAP, run_bounded
 
     source = _PREAMBLE % (OLDEST, Path(envprobe.__file__).read_text(encoding="utf-8"))
+    timeout = _timeout()
     try:
-        process = subprocess.Popen([python, "-c", source, json.dumps(request)], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        finished = run_bounded([python, "-c", source, json.dumps(request)], timeout)
     except OSError as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"cannot run interpreter {python}: {exc.strerror or exc}",
                            hint=HINT) from None
-    try:
-        out, err = process.communicate(timeout=_timeout())
-    except subprocess.TimeoutExpired:
-        _end_group(process.pid)
-        out, err = process.communicate()
-        raise _refuse(python, f"did not answer within {_timeout():g} s and was ended with its process group",
-                      out.decode(errors="replace"), err.decode(errors="replace")) from None
-    except BaseException:
-        _end_group(process.pid)
-        process.wait()
-        raise
-    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def _end_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
+    out, err = finished.stdout.decode(errors="replace"), finished.stderr.decode(errors="replace")
+    if finished.timed_out:
+        raise _refuse(python, f"did not answer within {timeout:g} s ({TIMEOUT_ENV}) and was ended with every "
+                              "process it started", out, err)
+    if finished.stdout_over:
+        raise _refuse(python, f"printed more than {STDOUT_CAP} bytes on stdout and was ended", out[-200:], err)
+    return finished.code, out, err
 
 
 def _shape_ok(described: object, request: dict) -> bool:
@@ -115,9 +105,34 @@ def resolve(python: str) -> str:
                        "not a virtual environment", hint=HINT)
 
 
+_REFUSED: dict[tuple, PatcherError] = {}
+
+
+def _identity(python: str) -> tuple:
+    """PYTHON as the file it is now: a refusal is remembered for that file, not for a replaced one."""
+    try:
+        st = os.stat(python)
+    except OSError:
+        return (python,)
+    return (python, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def describe(python: str, request: dict) -> dict:
-    """The environment description of interpreter PYTHON (see envprobe.describe), checked."""
+    """The environment description of interpreter PYTHON (see envprobe.describe), checked. An
+    interpreter refused once in this process is refused again at once, with the same error."""
     python = resolve(python)
+    key = _identity(python)
+    refused = _REFUSED.get(key)
+    if refused is not None:
+        raise refused
+    try:
+        return _describe(python, request)
+    except PatcherError as error:
+        _REFUSED[key] = error
+        raise
+
+
+def _describe(python: str, request: dict) -> dict:
     code, out, err = _run(python, request)
     if code != 0:
         raise _refuse(python, f"failed to describe its environment (exit {code}; is it a Python >= "

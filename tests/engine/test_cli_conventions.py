@@ -46,7 +46,8 @@ def test_status_exit_code_missing_package(tmp_path: Path):
 
 def test_quiet_is_one_line_and_verbose_lists_files_and_probes(site: Path):
     quiet = cli("apply", "--site", site, "-q")
-    assert quiet.code == 0 and quiet.stdout.count("\n") == 1 and quiet.stdout.startswith("apply: 5 applied")
+    assert quiet.code == 0 and quiet.stdout.count("\n") == 1 and quiet.stdout == \
+        "apply: 5 patches applied; 4 files patched, 1 created, 1 RECORD updated\n"
     quiet_verify = cli("verify", "--site", site, "--quiet")
     assert quiet_verify.stdout.splitlines() == [line for line in quiet_verify.stdout.splitlines()
                                                 if line.startswith("verified: 5/5 patches applied")]

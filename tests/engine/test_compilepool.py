@@ -94,7 +94,7 @@ _KILLED_PARENT = textwrap.dedent("""
     from ernie_patcher.fs import compilepool
 
     os.environ[compilepool.JOBS_ENV] = "2"
-    start, send = compilepool._Pool._start, compilepool._Pool._send
+    start, send = compilepool._Pool._start, compilepool._Pool._request
     sent = []
 
     def reporting(self):
@@ -108,7 +108,7 @@ _KILLED_PARENT = textwrap.dedent("""
             time.sleep(120)
         return send(process, index, sources)
 
-    compilepool._Pool._start, compilepool._Pool._send = reporting, staticmethod(stalling)
+    compilepool._Pool._start, compilepool._Pool._request = reporting, staticmethod(stalling)
     big = "".join(f"def f_{i}(x):\\n    return x + {i}\\n" for i in range(40000)).encode()
     compilepool.compile_many([(Path(f"/nonexistent/m{i}.py"), big) for i in range(8)])
 """)

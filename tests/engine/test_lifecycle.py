@@ -65,7 +65,7 @@ def test_manifest_records_what_was_done(site: Path, tmp_path: Path):
     patches = own_set(site, tmp_path / "set")
     assert cli("apply", "--site", site, "--patches", patches).code == 0
     manifest = json.loads((site / ".ernie-patcher" / "manifest.json").read_text())
-    assert manifest["schema"] == 2 and manifest["tool"] == "ernie-patcher" and manifest["tool_version"]
+    assert manifest["schema"] == 3 and manifest["tool"] == "ernie-patcher" and manifest["tool_version"]
     assert set(manifest["patches"]) == {"rope", "dispatch", "omni"}
     assert all(len(p["patch_sha256"]) == 64 for p in manifest["patches"].values())
     files = {entry["relpath"]: entry for entry in manifest["files"].values()}

@@ -20,7 +20,7 @@ from support.tree import snapshot
 
 def test_new_subpackage_applies_imports_verifies_and_reverts_to_the_same_tree(site: Path, tmp_path: Path):
     patches = subpackage_set(site, tmp_path / "set")
-    (site / "diffusers").chmod(0o2775)  # not what mkdir and the umask give: the mode must be copied
+    (site / "diffusers").chmod(0o2751)  # not what mkdir and the umask give: the mode must be copied
     pristine = snapshot(site)
 
     status = cli("status", "--site", site, "--patches", patches, "--json").json()
@@ -177,9 +177,9 @@ def test_manifest_of_schema_1_is_still_read_and_a_newer_one_refused(site: Path, 
         result = run(*args, "--site", site, "--patches", patches)
         assert result.code == 0, (args, result.stdout, result.stderr)
     saved = manifest.read_text()
-    _rewrite(manifest, lambda d: d.update(schema=3))
+    _rewrite(manifest, lambda d: d.update(schema=4))
     refused = cli("verify", "--site", site, "--patches", patches)
-    assert refused.code == 7 and "manifest schema 3 is not one of 1, 2" in refused.reason, refused.reason
+    assert refused.code == 7 and "manifest schema 4 is not one of 1, 2, 3" in refused.reason, refused.reason
     manifest.write_text(saved)
     assert cli("revert", "--site", site).code == 0
     assert snapshot(site) == pristine

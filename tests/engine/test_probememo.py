@@ -54,7 +54,12 @@ def test_a_damaged_or_unsafe_memo_is_ignored(site: Path, parsed: list[int], tmp_
         memo.symlink_to(tmp_path / "elsewhere")
     parsed.clear()
     again = cli("status", "--site", site, "--json")
-    assert parsed and (again.code, again.stdout) == (first.code, first.stdout)
+    notes = again.json().pop("notes")
+    assert parsed and (again.code, {**again.json(), "notes": []}) == (first.code, first.json())
+    if damage == "symlink":
+        assert len(notes) == 1 and f"the probe memo in {memo} is not used: {memo} is a symlink" in notes[0], notes
+    else:
+        assert notes == []
 
 
 def test_the_memo_goes_where_the_variable_says_or_nowhere(site: Path, parsed: list[int], tmp_path: Path,

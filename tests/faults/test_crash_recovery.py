@@ -119,6 +119,22 @@ def test_recovery_killed_midway_is_finished_by_the_run_after(world: World, resto
     assert consistent(world) == "pristine"
 
 
+@pytest.mark.parametrize("op", ["apply", "revert"])
+def test_recovery_killed_between_its_manifest_and_the_journal_removal_is_finished_by_the_run_after(
+        world: World, op: str):
+    """Recovery writes back the manifest of before the interrupted run, then removes the journal:
+    killed between the two, the journal is still there and the run after recovers again, to the
+    state before the interrupted run (its manifest included)."""
+    before = "pristine" if op == "apply" else "patched"
+    bring_to(world, before)
+    assert run(*_args(op, world.site, world.patches), env={KILL_ENV: "manifest-written"}).code == -9
+    again = run("status", "--site", world.site, "--patches", world.patches,
+                env={KILL_ENV: "restored-manifest-written"})
+    assert again.code == -9, "the recovery checkpoint did not fire"
+    assert (world.site / STATE / "journal.json").exists(), "the journal went before the manifest was put back"
+    assert consistent(world) == before
+
+
 def test_random_kills_during_apply_and_revert(world: World):
     """A third of the kills land at a random moment of the whole run; the rest inside the write phase
     (a few milliseconds, too short to hit by timing alone): the run is held (test-only SIGSTOP hook)
@@ -158,3 +174,40 @@ def test_random_kills_during_apply_and_revert(world: World):
 
 def outcome_of(world: World) -> str:
     return "patched" if tree(world.site) == world.patched else "pristine"
+
+
+LOADED_MARK = ("import sys, importlib.machinery as m\n"
+               "print([('FAULT_MARK' in m.SourceFileLoader('checked', p).get_code('checked').co_names) "
+               "for p in sys.argv[1:]])\n")
+
+
+@pytest.mark.parametrize("how", ["killed", "terminated"])
+def test_an_interrupted_apply_on_unchecked_hash_bytecode_leaves_the_original_code_running(tmp_path: Path, how: str):
+    """A release compiled in unchecked-hash mode (the interpreter never compares it with the source):
+    apply writes such bytecode for each patched file; interrupted after the third file, the
+    recovery (killed) or the rollback (SIGTERM) puts the sources back and must remove that
+    bytecode, else Python keeps running the patched code over the original source."""
+    import signal
+    import subprocess
+    import sys
+
+    site = install_target(tmp_path / "site", DIFFUSERS, VLLM_OMNI)
+    patches = fault_set(site, tmp_path / "set")
+    sources = [str(site / relpath) for relpath in WRITTEN[:3]]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", *sources],
+                   check=True)
+    pristine = tree(site)
+    if how == "killed":
+        assert run(*_args("apply", site, patches), env={KILL_ENV: "file-3-written"}).code == -9
+        assert run("status", "--site", site, "--patches", patches).code == 0
+    else:
+        process = spawn(*_args("apply", site, patches), env={PAUSE_ENV: "file-3-written"})
+        wait_stopped(process)
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGCONT)
+        assert process.wait() == 143, process.communicate()
+    assert not [p for p in changed(pristine, tree(site)) if p.endswith(".py")], "a source was not put back"
+    loaded = subprocess.run([sys.executable, "-B", "-c", LOADED_MARK, *sources], capture_output=True, text=True,
+                            check=True)
+    assert loaded.stdout.strip() == "[False, False, False]", \
+        f"the interpreter still loads the patched code after the {how} apply was undone: {loaded.stdout}"

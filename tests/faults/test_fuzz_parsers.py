@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,3 +181,73 @@ def test_state_loaders(document: object):
             load(document)
         except PatcherError:
             pass
+
+
+@pytest.fixture(scope="module")
+def applied_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
+    from faultkit import cli, fault_set
+    from support.realpkgs import DIFFUSERS, VLLM_OMNI, install_target
+
+    root = tmp_path_factory.mktemp("fuzz-fast")
+    site = install_target(root / "site", DIFFUSERS, VLLM_OMNI)
+    patches = fault_set(site, root / "set")
+    assert cli("apply", "--site", site, "--patches", patches).code == 0
+    return site, patches, (site / ".ernie-patcher" / "manifest.json").read_bytes()
+
+
+@st.composite
+def damaged_real_manifest(draw, good: bytes) -> bytes:
+    """The applied manifest with one value at a random place replaced by random JSON, a key added
+    or removed, or nested deeper than any parser's recursion limit."""
+    document = json.loads(good)
+    if draw(st.integers(0, 9)) == 0:
+        depth = draw(st.integers(900, 200_000))
+        return (b'{"tool": "ernie-patcher", "schema": 2, "files": ' + b"[" * depth + b"]" * depth + b"}")
+    node = document
+    while isinstance(node, dict) and node and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(node)))
+        if not isinstance(node[key], dict) or draw(st.integers(0, 3)) == 0:
+            action = draw(st.sampled_from(["replace", "remove"]))
+            if action == "remove":
+                del node[key]
+            else:
+                node[key] = draw(JSON)
+            return json.dumps(document).encode()
+        node = node[key]
+    if isinstance(node, dict):
+        node[draw(st.text(max_size=8))] = draw(JSON)
+    return json.dumps(document).encode()
+
+
+def test_fast_path_hands_every_manifest_the_engine_refuses_to_it(applied_manifest: tuple[Path, Path, bytes]):
+    """For any damage to a real manifest the fast path returns an answer or None (the engine then
+    runs), never raises (exit 70); and for every manifest the engine refuses (corrupt state,
+    exit 7) it returns None: it never answers where the engine refuses."""
+    from ernie_patcher.core import fastpath
+
+    site, patches, good = applied_manifest
+    manifest = site / ".ernie-patcher" / "manifest.json"
+    options = {"command": "verify", "python": None, "site": str(site), "patches": str(patches), "only": [],
+               "as_json": True, "reparse": False, "quiet": False}
+    answered = []
+
+    @settings(max_examples=min(EXAMPLES, 300), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(damaged_real_manifest(good))
+    def check(data: bytes) -> None:
+        _count("fast path, damaged real manifests")
+        manifest.write_bytes(data)
+        try:
+            Manifest.from_json(json.loads(data), manifest)
+            refused = False
+        except (PatcherError, ValueError, RecursionError):
+            refused = True
+        answer = fastpath.answer(options)
+        assert not (refused and answer is not None), "the fast path answered from a manifest the engine refuses"
+        answered.append(answer is not None)
+
+    try:
+        check()
+    finally:
+        manifest.write_bytes(good)
+    assert fastpath.answer(options) is not None, "the fast path does not answer the undamaged manifest"

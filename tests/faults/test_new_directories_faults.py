@@ -198,15 +198,15 @@ def test_bytecode_is_never_written_through_a_directory_swapped_after_its_file(tm
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "diffusers" / "__init__.py")], check=True)
     patches = subpackage_set(site, tmp_path / "set")
     outside, before = _victim(tmp_path / "victim")
-    real = transaction.install_below
+    real = transaction.install
 
-    def racing(temp: str, path: Path, relpath: str) -> None:
-        real(temp, path, relpath)
-        if relpath == f"{SUB}/rope.py":
+    def racing(file, sync_dir: bool = True, drop_bytecode: bool = False) -> None:
+        real(file, sync_dir, drop_bytecode)
+        if file.relpath == f"{SUB}/rope.py":
             os.rename(site / TOP, site / (TOP + ".moved"))
             (site / TOP).symlink_to(outside)
 
-    monkeypatch.setattr(transaction, "install_below", racing)
+    monkeypatch.setattr(transaction, "install", racing)
     cli("apply", "--site", site, "--patches", patches)
     assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
     assert all(p.read_bytes() == b"not ernie-patch's" for p in outside.rglob("*") if p.is_file())

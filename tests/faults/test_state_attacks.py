@@ -129,8 +129,7 @@ def test_state_owned_by_another_user_is_refused(applied: tuple[Path, Path], part
     before = settled(site)
     why = f"it is owned by uid {stranger}"
     _refused(cli("revert", "--site", site), path.resolve() if part == "." else path, why)
-    if part != "objects":  # status and verify do not open the object store unless RECORD needs it
-        _refused(cli("status", "--site", site, "--patches", patches), path, why)
+    _refused(cli("status", "--site", site, "--patches", patches), path, why)  # it checks the originals revert needs
     assert tree(site) == patched and settled(site) == before
     os.chown(path, 0, 0)
     assert cli("revert", "--site", site).code == 0
@@ -292,3 +291,46 @@ def test_the_fast_path_also_refuses_a_release_directory_recorded_as_created(appl
     _release_directory_as_created(site)
     result = run("verify", "--site", site, "--patches", patches)
     assert result.code == 7 and "corrupt state file" in result.stderr, (result.stdout, result.stderr)
+
+
+class _SwapAtOpen:
+    """Replaces state file NAME by a symlink to TARGET just before ernie-patch opens it, after it
+    checked the file (lstat): the window only O_NOFOLLOW on the open closes."""
+
+    def __init__(self, name: str, target: Path) -> None:
+        self.name, self.target, self.swapped = name, target, 0
+        self._open = os.open
+
+    def __call__(self, path, flags, mode=0o777, *, dir_fd=None):  # noqa: ANN001 (os.open's signature)
+        if path == self.name and dir_fd is not None and not os.path.islink(f"/proc/self/fd/{dir_fd}/{path}"):
+            os.unlink(path, dir_fd=dir_fd)
+            os.symlink(str(self.target), path, dir_fd=dir_fd)
+            self.swapped += 1
+        return self._open(path, flags, mode, dir_fd=dir_fd)
+
+
+def test_a_symlink_swapped_in_between_lstat_and_open_of_a_state_file_is_refused(applied: tuple[Path, Path],
+                                                                               tmp_path: Path, monkeypatch):
+    """The manifest is checked, then swapped for a symlink to a root-owned copy of itself: only a
+    no-follow open tells. The engine refuses (exit 7, naming it); the fast path never answers from it."""
+    from ernie_patcher.core import fastpath
+
+    site, patches = applied
+    manifest = site / STATE / "manifest.json"
+    good = manifest.read_bytes()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(good)
+    swap = _SwapAtOpen("manifest.json", elsewhere)
+    monkeypatch.setattr(os, "open", swap)
+    options = {"command": "verify", "python": None, "site": str(site), "patches": str(patches), "only": [],
+               "as_json": True, "reparse": False, "quiet": False}
+    assert fastpath.answer(options) is None, "the fast path answered from a manifest reached through a symlink"
+    assert swap.swapped == 1
+    manifest.unlink()
+    manifest.write_bytes(good)
+    _refused(cli("verify", "--site", site, "--patches", patches), manifest, "it is a symlink")
+    assert swap.swapped == 2
+    monkeypatch.undo()
+    manifest.unlink()
+    manifest.write_bytes(good)
+    assert cli("verify", "--site", site, "--patches", patches).code == 0

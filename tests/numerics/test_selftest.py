@@ -135,12 +135,15 @@ def test_selftest_fails_when_rope_angles_are_rounded_to_bf16(applied_site: Path,
     assert rope["status"] == "failed" and rope["error"] > 4 * rope["tolerance"], rope
 
 
-def test_selftest_fails_when_the_patches_are_not_applied(diffusers_version: str, tmp_path: Path) -> None:
+def test_selftest_before_apply_is_an_environment_error_naming_apply(diffusers_version: str, tmp_path: Path) -> None:
+    """The real runtime on a release's pristine diffusers: no check can mean anything, so exit 7 (not 8,
+    which says the patched code computes wrong numbers) with apply as the next step."""
     site = install_target(tmp_path / "site", ("diffusers", diffusers_version))
-    code, document, _ = selftest(site, "--dtype", "fp32")
-    assert code == 8
-    checks = _by_name(document)
-    assert checks["rope"]["status"] == "failed" and "not applied" in checks["rope"]["detail"]
+    code, document, stderr = selftest(site, "--dtype", "fp32")
+    assert code == 7, (stderr, document)
+    assert document["error"]["kind"] == "environment"
+    assert "patches are not applied" in document["error"]["reason"]
+    assert "ernie-patch apply" in document["error"]["hint"]
 
 
 def test_device_npu_without_an_npu_is_an_environment_error(applied_site: Path) -> None:

@@ -10,6 +10,11 @@ vllm-omni. Runs are session fixtures: several tests read the same run.
 
 ERNIE_SP_PATCHES (comma-separated patch ids) applies only those patches to the "patched" tree,
 to show which tests depend on which patch.
+
+ERNIE_SP_PORT_FROM=VERSION proves a ported variant instead of the built-in one: omni-sp-transformer
+is carried from vllm-omni VERSION onto the release under test by `ernie-patch port` (in a copy of
+the built-in set without the variant that covers that release), and the patched tree gets it, e.g.
+`ERNIE_SP_PORT_FROM=0.28.0 make test-sp-0.30.0`. Its figures go to a results file of their own.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from typing import Any, Sequence
 import pytest
 
 from ernie_patcher.selftest.runtime.sp import free_port, wait_ranks
-from tests.support.realpkgs import CACHE, install_target
+from tests.support.realpkgs import CACHE, install_target, wheel
 
 WORKER = Path(__file__).resolve().parent / "sp_worker.py"
 OMNI_PATCHES = ("omni-latent-sync", "omni-ulysses", "omni-sp-transformer")
@@ -39,6 +44,8 @@ ALL_MODES = "npu,cuda,npu-bf16,npu-laser"
 through vllm-omni's NPU attention backend with MindIE-SD's fused_attn_score and laser operators
 (SP=1 also runs bf16 on SDPA, the NPU backend's yardstick)."""
 TAIL_CHARS = 4000
+PORT_FROM = os.environ.get("ERNIE_SP_PORT_FROM")
+PORTED = "omni-sp-transformer"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -90,16 +97,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "figures": FIGURES,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"vllm-omni-{release}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    name = f"vllm-omni-{release}" + (f"-{PORTED}-ported-from-{PORT_FROM}" if PORT_FROM else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def apply_patches(site: Path, patch_ids: Sequence[str]) -> None:
-    """Apply the patches PATCH_IDS to the install tree SITE with the project's own engine, all or
-    nothing, without --allow-untested (the one place this tier applies patches): the release
-    must be inside each patch's declared range, and the engine picks the variant for it."""
+def apply_patches(site: Path, patch_ids: Sequence[str], patches: Path | None = None) -> None:
+    """Apply the patches PATCH_IDS (of the set PATCHES, default the built-in one) to the install tree
+    SITE with the project's own engine, all or nothing, without --allow-untested (the one place this
+    tier applies patches): the release must be inside each patch's declared range, and the engine
+    picks the variant for it."""
     from ernie_patcher.core.engine import Target, apply
 
-    report = apply(Target(site=site), only=tuple(patch_ids))
+    report = apply(Target(site=site, patches=patches), only=tuple(patch_ids))
     if report.error is not None:
         raise RuntimeError(f"ernie-patch apply failed: {report.error.reason}")
     assert {p.spec.id for p in report.patches if p.state == "applied"} >= set(patch_ids)
@@ -151,9 +160,30 @@ def pristine_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def patch_set(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The patch set the patched tree gets: None (the built-in one), or with ERNIE_SP_PORT_FROM a copy
+    whose omni-sp-transformer variant for the release under test is the one `port` made."""
+    if not PORT_FROM:
+        return None
+    from ernie_patcher.authoring.port import PortRequest, port_patch
+    from ernie_patcher.patchset.series import load_series
+    from tests.support.patchsets import builtin_copy
+
+    name, release = omni_release()
+    covering = tuple(v.file for v in load_series().variants(PORTED) if v.covers(release))
+    patches = builtin_copy(tmp_path_factory.mktemp("ported") / "set", drop=covering)
+    ported = port_patch(PortRequest(PORTED, release, from_version=PORT_FROM, from_wheel=wheel(name, PORT_FROM),
+                                    to_wheel=wheel(name, release), patches=patches))
+    if ported.error is not None:
+        raise pytest.UsageError(f"port of {PORTED} from {PORT_FROM} onto {release} stopped: {ported.error.reason}: "
+                                + "; ".join(ported.error.details))
+    return patches
+
+
+@pytest.fixture(scope="session")
+def patched_site(tmp_path_factory: pytest.TempPathFactory, patch_set: Path | None) -> Path:
     site = install_target(tmp_path_factory.mktemp("omni") / "patched", omni_release())
-    apply_patches(site, selected_patches())
+    apply_patches(site, selected_patches(), patch_set)
     return site
 
 

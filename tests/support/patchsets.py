@@ -70,3 +70,31 @@ def write_patchset(directory: Path, patches: list[PatchDef], name: str = "test-s
         lines.append("")
     (directory / "series.toml").write_text("\n".join(lines), encoding="utf-8")
     return directory
+
+
+def builtin_copy(dest: Path, drop: tuple[str, ...] = (), versions: dict[str, str] | None = None,
+                 keys: dict[str, dict[str, object]] | None = None) -> Path:
+    """A copy of the built-in patch set at DEST, its series.toml edited per entry (named by its patch
+    file): the entries of DROP (and their files) removed, VERSIONS' ranges set, KEYS added."""
+    import re
+    import shutil
+
+    from ernie_patcher.patchset.series import builtin_directory
+
+    shutil.copytree(builtin_directory(), dest)
+    text = (dest / "series.toml").read_text(encoding="utf-8")
+    head, *entries = re.split(r"(?m)^(?=\[\[patch\]\]$)", text)
+    kept = []
+    for entry in entries:
+        file = re.search(r'(?m)^file = "([^"]+)"$', entry).group(1)
+        if file in drop:
+            (dest / file).unlink()
+            continue
+        if versions and file in versions:
+            entry = re.sub(r'(?m)^versions = "[^"]*"$', f"versions = {_toml_value(versions[file])}", entry)
+        for key, value in (keys or {}).get(file, {}).items():
+            entry = re.sub(r'(?m)^(versions = .*)$', lambda m: f"{m.group(1)}\n{key} = {_toml_value(value)}", entry,
+                           count=1)
+        kept.append(entry)
+    (dest / "series.toml").write_text(head + "".join(kept), encoding="utf-8")
+    return dest

@@ -39,8 +39,13 @@ def _document(options: dict[str, Any]) -> dict[str, Any]:
     document["device"], document["versions"] = device.description, device.versions
     dtype = checks.DTYPES[options["dtype"]]
     diffusers_setup.prepare(device)
+    document["error"] = checks.unapplied()
+    if document["error"]:
+        document["hint"] = "run `ernie-patch apply` for this interpreter's environment, then selftest"
+        return document
     results = [checks.run_one(name, thunk) for name, thunk in checks.planned_checks(device, dtype)]
-    results.append(checks.run_one("sp", lambda: sp.check_sp(device, options["sp"], options.get("site"))))
+    results.append(checks.run_one("sp", lambda: sp.check_sp(device, options["sp"], options.get("site"),
+                                                            options.get("sp_timeout"))))
     document["checks"] = [result.to_dict() for result in results]
     document["seconds"] = round(time.monotonic() - started, 3)
     return document

@@ -76,6 +76,18 @@ def _require(module: Any, attribute: str, patch_id: str) -> Any:
     return getattr(module, attribute)
 
 
+def unapplied() -> str | None:
+    """Why no check can mean anything: this interpreter's diffusers has no ERNIE-Image patch (apply
+    not run); None when it has them, or has no diffusers (its checks are then skipped)."""
+    try:
+        transformer = importlib.import_module(TRANSFORMER)
+    except ImportError:
+        return None
+    if hasattr(transformer, "apply_rotary_emb_npu"):
+        return None
+    return f"the ERNIE-Image patches are not applied to the diffusers of {sys.executable}"
+
+
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

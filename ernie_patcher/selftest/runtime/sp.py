@@ -22,7 +22,7 @@ import torch
 from .checks import CheckResult, Skip, measured
 from .device import Device
 
-WORKER_TIMEOUT_S = float(os.environ.get("ERNIE_PATCHER_SELFTEST_SP_TIMEOUT", "600"))
+DEFAULT_WORKER_TIMEOUT_S = 600.0  # ernie-patch passes the timeout its settings read (options["sp_timeout"])
 # Relative bar (max abs difference / max |SP=1 output|), float32. Both runs execute the same ops on the
 # same device in the same precision; Ulysses SP only moves tokens and heads between ranks (all-to-all is
 # exact) and pads the sequence, and every op but attention is per token. What may differ is the
@@ -71,7 +71,7 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> list[int | str]
     return codes
 
 
-def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dict[str, Any]]:
+def _launch(world: int, device: Device, site: str | None, out: Path, timeout: float) -> list[dict[str, Any]]:
     """WORLD workers at SP=WORLD; the result each saved (rank order)."""
     root = str(Path(__file__).resolve().parents[len(__package__.split("."))])
     paths = json.dumps([site or "", root])
@@ -83,23 +83,24 @@ def _launch(world: int, device: Device, site: str | None, out: Path) -> list[dic
         args = [sys.executable, "-I", "-B", "-c", _bootstrap(), paths, json.dumps({"device": device.kind, "out": str(out)})]
         procs.append(subprocess.Popen(args, env={**env, "RANK": str(rank)}, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=subprocess.STDOUT))
-    codes = wait_ranks(procs, WORKER_TIMEOUT_S)
+    codes = wait_ranks(procs, timeout)
     if any(code != 0 for code in codes):
         tail = (out / f"sp{world}-rank0.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise AssertionError(f"SP={world} workers failed (exit codes {codes}): {' | '.join(tail)}")
     return [torch.load(out / f"sp{world}-rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
-def check_sp(device: Device, sp_size: int | None, site: str | None) -> CheckResult:
-    """SP=N against SP=1 on the patched vllm-omni, or skipped with the reason."""
+def check_sp(device: Device, sp_size: int | None, site: str | None, timeout: float | None = None) -> CheckResult:
+    """SP=N against SP=1 on the patched vllm-omni, or skipped with the reason; each group of workers
+    has TIMEOUT seconds."""
     reason = skip_reason(device, sp_size)
     if reason is not None:
         raise Skip(reason)
     assert sp_size is not None
     with tempfile.TemporaryDirectory(prefix="ernie-patch-selftest-sp-") as tmp:
         out = Path(tmp)
-        (single,) = _launch(1, device, site, out)
-        ranks = _launch(sp_size, device, site, out)
+        (single,) = _launch(1, device, site, out, timeout or DEFAULT_WORKER_TIMEOUT_S)
+        ranks = _launch(sp_size, device, site, out, timeout or DEFAULT_WORKER_TIMEOUT_S)
     reference = single["output"]
     error = max((rank["output"].double() - reference.double()).abs().max().item() for rank in ranks)
     relative = error / reference.abs().max().item()
