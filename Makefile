@@ -67,6 +67,7 @@ test-container: $(VENV)/.ready
 bench: $(VENV)/.ready
 	$(VENV)/bin/python bench/startup.py
 	$(VENV)/bin/python bench/largediff.py
+	$(VENV)/bin/python bench/gitdiff.py
 
 matrix: $(VENV)/.ready
 	$(VENV)/bin/python bench/version_matrix.py

@@ -1,6 +1,6 @@
 """A three-way merge of lines with diff3's rules (those of `git merge-file` and `git apply -3`).
 
-Hand-written on difflib because ernie-patch's runtime dependencies are click, rich, unidiff and
+Hand-written on difflib because ernie-patch's runtime dependencies are click, rich and
 packaging only; the tests cross-check it against the `merge3` package on random inputs.
 
 BASE is the common ancestor, OURS and THEIRS two descendants. The stretches of BASE that both
