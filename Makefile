@@ -25,6 +25,8 @@ $(VENV)/.ready: pyproject.toml
 # Heavy tiers live in cached environments named by the hash of their requirement files and built
 # once (tests/tier_env.sh): no file-time prerequisite, so a fresh clone reuses what is cached.
 tier_env = $$(PYTHON=$(PYTHON) bash tests/tier_env.sh $(1))
+# MindIE-SD's own Python (mindiesd 3.1.0, --no-deps) on PYTHONPATH over the numerics and SP environments.
+MINDIESD := overlay tests/requirements-mindiesd.txt
 
 demo: $(VENV)/.ready
 	$(VENV)/bin/python bench/demo.py
@@ -39,8 +41,8 @@ test-core: $(VENV)/.ready
 	$(call pytest,$(VENV)/bin/python,tests/engine $(wildcard tests/faults) $(wildcard tests/authoring))
 
 test-numerics:
-	venv=$(call tier_env,torch tests/requirements-torch.txt) && \
-	$(call pytest,PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/numerics)
+	venv=$(call tier_env,torch tests/requirements-torch.txt) && overlay=$(call tier_env,$(MINDIESD)) && \
+	$(call pytest,PYTHONPATH=$(CURDIR):$$overlay $$venv/bin/python,tests/numerics)
 
 test-sp: $(addprefix test-sp-,$(sort $(SP_EDGES)))
 
@@ -50,8 +52,8 @@ test-sp-matrix: $(addprefix test-sp-,$(SP_RELEASES))
 # requirement file names are removed), then the tier's tests on that release.
 test-sp-%:
 	@test -f tests/sp/requirements/vllm-omni-$*.txt || { echo "error: no tests/sp/requirements/vllm-omni-$*.txt" >&2; exit 2; }
-	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && \
-	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR) $$venv/bin/python,tests/sp)
+	venv=$(call tier_env,sp tests/sp/requirements/vllm-omni-$*.txt $(SP_REQS)) && overlay=$(call tier_env,$(MINDIESD)) && \
+	$(call pytest,ERNIE_PATCHER_TIER=sp PYTHONPATH=$(CURDIR):$$overlay $$venv/bin/python,tests/sp)
 
 # The example image serves (tests/engine/test_container_layout.py): examples/Dockerfile's install step
 # over the cached SP environment of the vllm-omni release it installs (whose vllm and what vllm

@@ -8,6 +8,11 @@
 # moved into place only when complete; a lock serialises builds of the same environment.
 # A line "#! uninstall NAME..." in REQFILE removes those distributions after the install (e.g.
 # a CUDA-only wheel that cannot load against the CPU torch build); it is part of the hash.
+#
+# KIND "overlay" builds no virtual environment but a `pip install --no-deps --target` tree
+# (overlay-<hash>) that a tier puts on PYTHONPATH over its environment: packages that must not pull
+# their declared dependencies (mindiesd declares torch-npu) and that the large environments need
+# not be rebuilt for.
 set -euo pipefail
 
 kind=$1 req=$2
@@ -17,13 +22,15 @@ current=("$@")
 cache=${ERNIE_PATCHER_CACHE:-$HOME/.cache/ernie-patcher}
 python=${PYTHON:-python3.11}
 
-venv_for() { echo "$cache/venv-$kind-$(sha256sum < "$1" | cut -c1-12)"; }
+prefix=venv-$kind
+[ "$kind" != overlay ] || prefix=overlay
+venv_for() { echo "$cache/$prefix-$(sha256sum < "$1" | cut -c1-12)"; }
 
 mkdir -p "$cache"
 venv=$(venv_for "$req")
 keep=()
 for file in "${current[@]}"; do keep+=("$(venv_for "$file")"); done
-for old in "$cache"/venv-"$kind"-*; do
+for old in "$cache"/"$prefix"-*; do
   [ -e "$old" ] || continue
   base=${old%.lock}
   base=${base%.tmp}
@@ -37,10 +44,14 @@ flock 9
 if [ ! -f "$venv/.ready" ]; then
   echo "tier_env: building $venv from $req" >&2
   rm -rf "$venv" "$venv.tmp"
-  "$python" -m venv "$venv.tmp"
-  "$venv.tmp/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
-  remove=$(sed -n 's/^#! uninstall //p' "$req")
-  [ -z "$remove" ] || "$venv.tmp/bin/python" -m pip uninstall -y -q $remove >&2
+  if [ "$kind" = overlay ]; then
+    "$python" -m pip install -q --disable-pip-version-check --no-deps --no-compile --target "$venv.tmp" -r "$req" >&2
+  else
+    "$python" -m venv "$venv.tmp"
+    "$venv.tmp/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+    remove=$(sed -n 's/^#! uninstall //p' "$req")
+    [ -z "$remove" ] || "$venv.tmp/bin/python" -m pip uninstall -y -q $remove >&2
+  fi
   mv "$venv.tmp" "$venv"
   touch "$venv/.ready"
 fi

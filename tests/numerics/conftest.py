@@ -99,7 +99,9 @@ def patched_site(tmp_path_factory: pytest.TempPathFactory, diffusers_version: st
 
 
 def _start_worker(site: Path, scenario: str, output: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), PYTHONDONTWRITEBYTECODE="1")
+    # The tier's PYTHONPATH (the mindiesd overlay) stays after the tree and the repository.
+    paths = [str(site), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.Popen(
         [sys.executable, "-m", "tests.numerics.worker", scenario, str(output)],
         cwd=REPO,

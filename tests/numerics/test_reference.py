@@ -1,20 +1,25 @@
-"""The CPU references themselves agree with the documented formulas and refuse what the kernels refuse.
+"""The kernel stand-ins themselves agree with the documented formulas and refuse what the kernels refuse.
 
 They are the yardstick of the NPU-branch tests, so they are checked against torch's own attention and an
-independent reading of the rotate-half formula, not against the code under test.
+independent reading of the rotate-half formula, not against the code under test. Their signatures are checked
+against torch_npu's and MindIE-SD's own declarations in test_kernel_contract.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import mindiesd_ops, torch_npu_ref
 
 FP32_TOLERANCE = 1e-6
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _fusion():
+    return torch_npu_ref.build_module(strict_device=False).npu_fusion_attention
 
 
 def _sdpa_bsnd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None,
@@ -51,7 +56,7 @@ def test_fusion_attention_mask_true_means_masked_out() -> None:
     q, k, v = _randn(2, 6, 2, 8), _randn(2, 6, 2, 8, seed=1), _randn(2, 6, 2, 8, seed=2)
     keep = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     keep[1, :, :, 4:] = False
-    out = torch_npu_ref.fusion_attention(q, k, v, 2, "BSND", atten_mask=~keep, scale=8**-0.5)
+    out = _fusion()(q, k, v, 2, "BSND", atten_mask=~keep, scale=8**-0.5)
     assert isinstance(out, tuple) and len(out) == 7
     assert (out[0] - _sdpa_bsnd(q, k, v, keep)).abs().max().item() <= FP32_TOLERANCE
 
@@ -61,26 +66,26 @@ def test_fusion_attention_refuses_unbroadcast_masks(shape: tuple[int, ...]) -> N
     q = _randn(2, 4, 2, 8)
     k = v = _randn(2, 6, 2, 8, seed=1)
     with pytest.raises(ValueError, match="atten_mask shape"):
-        torch_npu_ref.fusion_attention(q, k, v, 2, "BSND", atten_mask=torch.zeros(shape, dtype=torch.bool))
+        _fusion()(q, k, v, 2, "BSND", atten_mask=torch.zeros(shape, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("layout", ["BNSD", "BSH", "SBH"])
 def test_fusion_attention_layouts_agree(layout: str) -> None:
     q, k, v = _randn(2, 5, 3, 4), _randn(2, 5, 3, 4, seed=1), _randn(2, 5, 3, 4, seed=2)
-    expected = torch_npu_ref.fusion_attention(q, k, v, 3, "BSND", scale=0.5)[0]
+    expected = _fusion()(q, k, v, 3, "BSND", scale=0.5)[0]
     convert = {
         "BNSD": lambda t: t.transpose(1, 2),
         "BSH": lambda t: t.flatten(-2),
         "SBH": lambda t: t.flatten(-2).transpose(0, 1),
     }[layout]
-    out = torch_npu_ref.fusion_attention(convert(q), convert(k), convert(v), 3, layout, scale=0.5)[0]
+    out = _fusion()(convert(q), convert(k), convert(v), 3, layout, scale=0.5)[0]
     assert torch.allclose(out, convert(expected), atol=FP32_TOLERANCE)
 
 
 def test_fusion_attention_checks_head_num() -> None:
     q = _randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="head_num"):
-        torch_npu_ref.fusion_attention(q, q, q, 4, "BSND")
+        _fusion()(q, q, q, 4, "BSND")
 
 
 def test_strict_module_refuses_cpu_tensors_and_counts() -> None:
@@ -93,76 +98,52 @@ def test_strict_module_refuses_cpu_tensors_and_counts() -> None:
     assert module.calls == {"npu_rotary_mul": 1, "npu_fusion_attention": 1}
 
 
-def test_attention_forward_bsnd_in_bsnd_out() -> None:
-    module = mindiesd_ref.build_module(strict_device=False)
-    q, k, v = _randn(1, 7, 2, 8), _randn(1, 9, 2, 8, seed=1), _randn(1, 9, 2, 8, seed=2)
-    out = module.attention_forward(q, k, v, scale=0.3, opt_mode="manual", op_type="prompt_flash_attn", layout="BNSD")
-    assert out.shape == q.shape
-    assert (out - _sdpa_bsnd(q, k, v, scale=0.3)).abs().max().item() <= FP32_TOLERANCE
-    assert module.calls == {"prompt_flash_attn": 1}
+def _laser_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The mindiesd::la stand-in on BSND tensors, padded as la_preprocess_input pads them (the seq to 256, head_dim
+    to 128) and called as AscendLaserAttention calls it; the output cropped back to BSND."""
+    seq, dim = q.shape[1], q.shape[-1]
+    pad = -seq % 256
+    padded = [torch.nn.functional.pad(t.transpose(1, 2), (0, 128 - dim, 0, pad)) for t in (q, k, v)]
+    pre_tokens = pad or 2147483647
+    _, out = mindiesd_ops.laser_attention(*padded, None, None, None, 0.3, q.shape[2], "BNSD", 1.0, pre_tokens, 1, True,
+                                          **kwargs)
+    return out[:, :, :seq, :dim].transpose(1, 2)
 
 
-def _laser(module: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return module.attention_forward(q, k, v, scale=0.3, opt_mode="manual", op_type="ascend_laser_attention", layout="BNSD")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_laser_attention_refuses_other_than_half(dtype: torch.dtype) -> None:
-    """MindIE-SD's laser attention takes float16 / bfloat16 only and raises ParametersInvalid otherwise."""
-    module = mindiesd_ref.build_module(strict_device=False)
-    q = _randn(1, 7, 2, 8).to(dtype)
-    with pytest.raises(module.ParametersInvalid, match="float16 and bfloat16 only"):
-        _laser(module, q, q, q)
-    with pytest.raises(mindiesd_ref.ParametersInvalid):
-        _laser(module, q.to(torch.bfloat16), q.to(torch.bfloat16), q)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_laser_attention_computes_in_fp16_and_returns_the_input_dtype(dtype: torch.dtype) -> None:
-    """la_preprocess_input casts to fp16, la_postprocess_output casts the fp16 output back: the result is fp32
-    attention of the (exactly representable) inputs rounded to fp16, then to DTYPE (one DTYPE ulp at most)."""
-    module = mindiesd_ref.build_module(strict_device=False)
-    q, k, v = (_randn(1, 7, 2, 8, seed=seed).to(dtype) for seed in range(3))
-    out = _laser(module, q, k, v)
-    expected = _sdpa_bsnd(q.float(), k.float(), v.float(), scale=0.3).to(torch.float16).to(dtype)
-    assert out.dtype == dtype and out.shape == q.shape
-    ulp = torch.finfo(dtype).eps * expected.float().abs().max().item()
-    assert (out.float() - expected.float()).abs().max().item() <= ulp
-
-
-def test_laser_attention_models_the_fp16_overflow_of_bf16_inputs() -> None:
-    """A bf16 value beyond fp16's range (65504) becomes inf in la_preprocess_input; fusion attention keeps bf16."""
-    module = mindiesd_ref.build_module(strict_device=False)
-    q, k, v = (_randn(1, 7, 2, 8, seed=seed).to(torch.bfloat16) for seed in range(3))
-    v[0, 3, 0, 0] = 1.0e5
-    laser = _laser(module, q, k, v)
-    fusion = torch_npu_ref.fusion_attention(q, k, v, 2, "BSND", scale=0.3)[0]
-    assert not torch.isfinite(laser[:, :, 0]).all()
-    assert torch.isfinite(fusion).all()
-
-
-def test_attention_forward_head_first_and_default_scale() -> None:
-    module = mindiesd_ref.build_module(strict_device=False)
-    q, k, v = _randn(1, 2, 7, 8), _randn(1, 2, 7, 8, seed=1), _randn(1, 2, 7, 8, seed=2)
-    out = module.attention_forward(q, k, v, head_first=True)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert (out - expected).abs().max().item() <= FP32_TOLERANCE
-    assert module.calls == {"runtime": 1}
+@pytest.mark.parametrize("seq", [256, 300], ids=["no-padding", "44-padded-keys"])
+def test_laser_op_excludes_the_padded_keys(seq: int) -> None:
+    q, k, v = (_randn(1, seq, 2, 8, seed=seed).to(torch.float16) for seed in range(3))
+    out = _laser_op(q, k, v)
+    expected = _sdpa_bsnd(q.float(), k.float(), v.float(), scale=0.3)
+    assert out.dtype == torch.float16
+    assert (out.float() - expected).abs().max().item() <= 2.0**-11 * expected.abs().max().item() + FP32_TOLERANCE
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
-    [
-        ({"scale": 1}, TypeError),
-        ({"opt_mode": "fastest"}, ValueError),
-        ({"opt_mode": "manual", "op_type": "laser"}, ValueError),
-        ({"opt_mode": "manual", "layout": "SBH"}, ValueError),
-        ({"opt_mode": "manual", "op_type": "ascend_laser_attention", "attn_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)}, ValueError),
-    ],
-    ids=["int-scale", "opt-mode", "op-type", "layout", "laser-with-mask"],
+    ("dtypes", "error"),
+    [((torch.float32,) * 3, TypeError), ((torch.float16, torch.bfloat16, torch.bfloat16), TypeError)],
+    ids=["fp32", "mixed"],
 )
-def test_attention_forward_refuses_undocumented_arguments(kwargs: dict, error: type[Exception]) -> None:
-    module = mindiesd_ref.build_module(strict_device=False)
-    q = _randn(1, 4, 1, 8)
-    with pytest.raises(error):
-        module.attention_forward(q, q, q, **kwargs)
+def test_laser_op_takes_one_half_dtype(dtypes: tuple[torch.dtype, ...], error: type[Exception]) -> None:
+    q, k, v = (_randn(1, 256, 2, 128, seed=seed).to(dtype).transpose(1, 2) for seed, dtype in enumerate(dtypes))
+    with pytest.raises(error, match="float16"):
+        mindiesd_ops.laser_attention(q, k, v, scale_value=0.3, head_num=2)
+
+
+def test_laser_op_refuses_unpadded_shapes_and_masks() -> None:
+    q = _randn(1, 2, 300, 128).to(torch.float16)
+    with pytest.raises(ValueError, match="not padded"):
+        mindiesd_ops.laser_attention(q, q, q, head_num=2)
+    q = _randn(1, 2, 256, 128).to(torch.float16)
+    with pytest.raises(NotImplementedError, match="masks"):
+        mindiesd_ops.laser_attention(q, q, q, atten_mask=torch.zeros(256, 256, dtype=torch.float16), head_num=2)
+
+
+def test_device_module_answers_the_chip() -> None:
+    module = torch_npu_ref.build_module(chip="A5")
+    assert module.npu.get_soc_version() == 260 and module.npu.device_count() == 1
+    assert not module.npu.is_available(), "MindIE-SD must not load its device library here"
+    module.npu.set_chip("Duo")
+    assert module.npu.get_soc_version() == 202
+    with pytest.raises(ValueError, match="unknown chip"):
+        module.npu.set_chip("A9")

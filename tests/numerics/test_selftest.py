@@ -1,10 +1,13 @@
 """`ernie-patch selftest` for real, on the CPU through the fake NPU device, after `ernie-patch apply`.
 
 Each diffusers release gets a fresh `pip install --no-deps --target` tree of the real wheel, patched by
-the CLI itself; the selftest runs this tier's interpreter (torch, no torch_npu, no vllm-omni) on it.
+the CLI itself; the selftest runs this tier's interpreter (torch, no torch_npu, no vllm-omni) on it. The tree
+also gets the tier's mindiesd 3.1.0 (a link to the overlay's package): the selftest runs with `-I`, so the
+target has MindIE-SD exactly when its --site or its own site-packages does.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -42,7 +45,16 @@ def applied_site(tmp_path_factory: pytest.TempPathFactory, diffusers_version: st
     only = [arg for patch in DIFFUSERS_PATCHES for arg in ("--only", patch)]
     applied = ernie_patch("apply", "--site", str(site), *only)
     assert applied.returncode == 0, applied.stderr
+    with_mindiesd(site)
     return site
+
+
+def with_mindiesd(site: Path) -> None:
+    """The tier's own mindiesd package and einops (which it imports) linked into SITE, so the target has them."""
+    for name in ("mindiesd", "einops"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, f"the tier's {name} (mindiesd overlay) is not on the path"
+        (site / name).symlink_to(Path(spec.origin).parent, target_is_directory=True)
 
 
 def selftest(site: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -63,6 +75,7 @@ def test_selftest_passes_after_apply(applied_site: Path, dtype: str) -> None:
     assert code == 0, (stderr, document)
     assert document["ok"] and document["error"] is None
     assert document["selftest"]["device"].startswith("cpu (fake npu device")
+    assert "MindIE-SD's own code" in document["selftest"]["device"]
     checks = _by_name(document)
     passed = KERNEL_CHECKS | MODEL_CHECKS | ({"laser_attention"} if dtype == "bf16" else set())
     for name in passed:
@@ -85,7 +98,7 @@ def test_selftest_passes_after_apply(applied_site: Path, dtype: str) -> None:
 def test_selftest_names_the_rope_check_when_the_patched_rope_is_broken(applied_site: Path, tmp_path: Path) -> None:
     """cos and sin swapped in the applied apply_rotary_emb_npu: non-zero exit, the error names `rope`."""
     broken = tmp_path / "site"
-    shutil.copytree(applied_site, broken, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(applied_site, broken, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
     target = broken / ROPE_FILE
     text = target.read_text(encoding="utf-8")
     assert text.count(ROPE_CALL) == 1
@@ -101,6 +114,25 @@ def test_selftest_names_the_rope_check_when_the_patched_rope_is_broken(applied_s
     plain = ernie_patch("selftest", "--site", str(broken))
     assert plain.returncode == 8
     assert plain.stderr.splitlines()[0].startswith("error: selftest failed: rope")
+
+
+ROPE_ANGLES = ("    cos_ = torch.cos(freqs_cis).to(x.dtype)\n    sin_ = torch.sin(freqs_cis).to(x.dtype)\n")
+
+
+def test_selftest_fails_when_rope_angles_are_rounded_to_bf16(applied_site: Path, tmp_path: Path) -> None:
+    """The angles rounded to the dtype before cos/sin in the applied apply_rotary_emb_npu: at ERNIE-Image's real
+    positions (up to 512 rad, where a bf16 angle is off by up to 1 rad) `rope` fails in bf16."""
+    broken = tmp_path / "site"
+    shutil.copytree(applied_site, broken, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
+    target = broken / ROPE_FILE
+    text = target.read_text(encoding="utf-8")
+    assert text.count(ROPE_ANGLES) == 1
+    target.write_text(text.replace(ROPE_ANGLES, ROPE_ANGLES.replace("(freqs_cis)", "(freqs_cis.to(x.dtype))")),
+                      encoding="utf-8")
+    code, document, _ = selftest(broken, "--dtype", "bf16")
+    assert code == 8
+    rope = _by_name(document)["rope"]
+    assert rope["status"] == "failed" and rope["error"] > 4 * rope["tolerance"], rope
 
 
 def test_selftest_before_apply_is_an_environment_error_naming_apply(diffusers_version: str, tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
     python -m tests.numerics.worker SCENARIO OUTPUT.pt      (PYTHONPATH = <tree>:<repo root>)
 
 Scenarios:
-  cpu      plain CPU forward; then again with the CPU reference torch_npu importable
+  cpu      plain CPU forward; then again with the torch_npu stand-in importable
            (sys.modules["torch_npu"]) and refusing non-NPU tensors, counting its kernel calls.
-  npu      forward on the fake NPU device (ernie_patcher/selftest/runtime/fake_npu.py) with reference torch_npu and
-           mindiesd importable: once with the "native" attention backend (SDPA), once with "_native_npu".
+  npu      forward on the fake NPU device (ernie_patcher/selftest/runtime/fake_npu.py) with the torch_npu stand-in
+           and the real mindiesd 3.1.0 over it (its laser kernel stood in, an A2 chip): once with the "native"
+           attention backend (SDPA), once with "_native_npu".
   npu_bf16 the same in bfloat16 (weights and floating inputs cast after seeding, as a bf16 pipeline
            loads them); outputs are returned in bfloat16.
 
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from ernie_patcher.selftest.runtime import tiny_ernie
-from ernie_patcher.selftest.runtime import mindiesd_ref, torch_npu_ref
+from ernie_patcher.selftest.runtime import mindiesd_ops, torch_npu_ref
 
 TRANSFORMER = "diffusers.models.transformers.transformer_ernie_image"
 DISPATCH = "diffusers.models.attention_dispatch"
@@ -89,11 +90,10 @@ def run_npu(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     from ernie_patcher.selftest.runtime import fake_npu
 
     transformer, dispatch = _import_targets()
-    fake_npu.install()
-    torch_npu = torch_npu_ref.build_module(strict_device=True)
-    mindiesd = mindiesd_ref.build_module(strict_device=True)
+    torch_npu = torch_npu_ref.build_module(strict_device=True, chip="A2")
     sys.modules["torch_npu"] = torch_npu
-    sys.modules["mindiesd"] = mindiesd
+    fake_npu.install(torch_npu.npu)
+    mindiesd_ops.load("A2", strict_device=True)
     # What diffusers' own guarded import does when torch_npu is installed (attention_dispatch.py, module level).
     dispatch.npu_fusion_attention = torch_npu.npu_fusion_attention
     dispatch._CAN_USE_NPU_ATTN = True
@@ -107,12 +107,11 @@ def run_npu(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
             entry: dict[str, Any] = {"digest": digest, "param_device": str(next(model.parameters()).device)}
             for backend in ("native", "_native_npu"):
                 model.set_attention_backend(backend)
-                torch_npu.calls.clear()
-                mindiesd.calls.clear()
+                mindiesd_ops.clear(torch_npu)
                 run = _forward(model, inputs)
                 if "out" in run:
                     run = {"device": str(run["out"].device), "out": fake_npu.to_cpu(run["out"]).clone()}
-                entry[backend] = run | {"calls": dict(torch_npu.calls) | dict(mindiesd.calls)}
+                entry[backend] = run | {"calls": mindiesd_ops.routes(torch_npu)}
             model.reset_attention_backend()
             result["cases"][name] = entry
     return result

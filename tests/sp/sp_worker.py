@@ -7,9 +7,10 @@ initialize_model_parallel), runs the requested checks and saves what it saw to
 OUT/rank<RANK>.pt; the tests compare those files.
 
 Transformer runs (--modes, MODES below): the platform reporting NPU or CUDA, fp32 on vllm-omni's
-SDPA backend, and bf16 on SDPA or through vllm-omni's NPU attention backend with the MindIE-SD
-and torch_npu references of tests/sp/npu_kernels.py (MindIE-SD's fused_attn_score, or its laser
-operator through MINDIE_SD_FA_TYPE). Runs on the NPU backend come last: they swap the backend.
+SDPA backend, and bf16 on SDPA or through vllm-omni's NPU attention backend (chosen by vllm-omni's own
+NPU platform) with the real mindiesd over the kernel stand-ins of tests/sp/npu_kernels.py (MindIE-SD's
+fused_attn_score, or MINDIE_SD_FA_TYPE=ascend_laser_attention, which MindIE-SD itself sends back to
+fused_attn_score below 2048 tokens). Runs on the NPU backend come last: they swap the backend.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import npu_kernels
 from ernie_patcher.selftest.runtime import cpu_platform
 from ernie_patcher.selftest.runtime.sp_worker import fixed_weights
-from tiny import GRID, TEXT_LENS, TINY_CONFIG
+from tiny import GRID, JOINT_TOKENS, TEXT_LENS, TINY_CONFIG
 
 PLATFORM = cpu_platform.install()
 
@@ -45,17 +46,24 @@ from vllm_omni.diffusion.models.ernie_image.ernie_image_transformer import (  # 
 
 ULYSSES_MODULE = "vllm_omni.diffusion.models.ernie_image.ulysses_attention"
 CACHE_DIT_STEPS = 8
-# A residual-diff threshold the tiny random model always stays under, so cache-dit reuses the
-# last layer's residual on every step its warm-up and continuity limits allow, on every rank alike:
-# vllm-omni does not mark its sequence-parallel transformer as parallelized for cache-dit, so each
-# rank would otherwise decide from the diff of its own tokens.
+# vllm-omni's default residual-diff threshold (DiffusionCacheConfig / CacheDiTConfig.residual_diff_threshold). A
+# threshold >= 1.0 would take cache-dit's shortcut (always similar: no residual compared, no all-reduce).
+# Under SP every rank compares the residual of its own tokens; cache-dit (1.3.0 and later) treats the blocks as
+# parallelized whenever the world size is > 1 and all-reduces the residual means (AVG) before deciding, so the
+# ranks take one decision. --cache-dit-threshold sets another (tests/sp/test_sp_cache_dit.py picks one between two
+# ranks' local diffs).
+CACHE_DIT_DEFAULT_THRESHOLD = 0.24
 CACHE_DIT_CONFIG = {
     "Fn_compute_blocks": 1,
     "Bn_compute_blocks": 0,
     "max_warmup_steps": 2,
-    "residual_diff_threshold": 10.0,
     "max_continuous_cached_steps": 2,
 }
+CACHE_DIT_MODULATION_SCALE = 0.05
+"""fixed_weights() draws the timestep modulation (adaLN_modulation) at random like every weight: the sinusoids of
+consecutive timesteps then give unrelated shift/scale/gate, consecutive residuals differ by 97-205 % (measured) and
+vllm-omni's default 0.24 never caches. Scaled down 20x, the modulation drifts from step to step (as a trained
+model's does), consecutive residuals differ by 21-33 %, and 0.24 caches 2 of the 6 compared steps."""
 SP_HOOK_PREFIXES = ("sp_input---", "sp_output---")
 
 
@@ -89,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latents", action="store_true", help="check the SP latent broadcast")
     parser.add_argument("--pipeline", action="store_true", help="run one ErnieImagePipeline step (NPU)")
     parser.add_argument("--cache-dit", action="store_true", help="run the pipeline with cache-dit enabled (NPU)")
+    parser.add_argument("--cache-dit-threshold", type=float, default=CACHE_DIT_DEFAULT_THRESHOLD,
+                        help="cache-dit's residual-diff threshold (default: vllm-omni's, %(default)s)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -228,8 +238,8 @@ def build_transformer(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -
 def run_transformer(mode: str, vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
     npu, npu_backend, dtype, fa_type = MODES[mode]
     cpu_platform.set_npu(PLATFORM, npu, npu_attention_backend=npu_backend)
-    kernels = npu_kernels.installed() if npu_backend else contextlib.nullcontext((None, None))
-    with kernels as (mindiesd, torch_npu), environment("MINDIE_SD_FA_TYPE", fa_type):
+    kernels = npu_kernels.installed() if npu_backend else contextlib.nullcontext(None)
+    with kernels as torch_npu, environment("MINDIE_SD_FA_TYPE", fa_type):
         model = build_transformer(vllm_config, od_config).to(dtype)
         layer_of = {id(layer.self_attention): index for index, layer in enumerate(model.layers)}
         trace: dict[str, Any] = {}
@@ -244,7 +254,7 @@ def run_transformer(mode: str, vllm_config: VllmConfig, od_config: OmniDiffusion
         "all_to_all": trace["all_to_all"],
         "attention_calls": trace["attention_calls"],
         "attention_backend": sorted({type(layer.self_attention.attn.attention).__name__ for layer in model.layers}),
-        "kernel_calls": {} if mindiesd is None else {**dict(mindiesd.calls), **dict(torch_npu.calls)},
+        "kernel_calls": {} if torch_npu is None else npu_kernels.kernel_calls(torch_npu),
         "attention_skips_sp": [layer.self_attention.attn.skip_sequence_parallel for layer in model.layers],
     }
 
@@ -358,30 +368,70 @@ def pipeline_step(rank: int, vllm_config: VllmConfig, od_config: OmniDiffusionCo
     return denoise(pipeline, vllm_config, od_config, steps=1, generator=None)
 
 
-def cached_denoise(vllm_config: VllmConfig, od_config: OmniDiffusionConfig) -> dict[str, Any]:
+@contextmanager
+def residual_diffs(trace: list[dict[str, Any]]) -> Iterator[None]:
+    """Record each cache-dit residual comparison of this rank: its local diff (mean |t1 - t2| / mean |t1| over
+    this rank's tokens, what cache-dit computes before its all-reduce); "parts": those two means, and the two
+    sums over this rank's tokens that are not SP padding (the test combines the ranks' parts into the diff
+    cache-dit decides on and the diff one device computes); whether cache-dit treated the comparison as
+    parallelized; and the decision (similar: the step reuses the cached residual). Recording communicates
+    nothing: it adds no collective to the run under test."""
+    from cache_dit.caching.cache_contexts.cache_manager import CachedContextManager
+
+    group = parallel_state.get_sp_group()
+
+    def record(original: Callable) -> Callable:
+        def wrapper(self: Any, t1: torch.Tensor, t2: torch.Tensor, *, threshold: float, parallelized: bool = False,
+                    **kwargs: Any) -> bool:
+            similar = original(self, t1, t2, threshold=threshold, parallelized=parallelized, **kwargs)
+            diff, base = (t1 - t2).abs().double(), t1.abs().double()
+            real = max(0, min(t1.shape[0], JOINT_TOKENS - group.rank_in_group * t1.shape[0]))  # [S_local, B, C]
+            trace.append({
+                "local": float(diff.mean() / base.mean()),
+                "parts": (float(diff.mean()), float(base.mean()), float(diff[:real].sum()), float(base[:real].sum())),
+                "parallelized": parallelized,
+                "similar": bool(similar),
+            })
+            return similar
+
+        return wrapper
+
+    with patched_attr(CachedContextManager, "similarity", record):
+        yield
+
+
+def cached_denoise(vllm_config: VllmConfig, od_config: OmniDiffusionConfig, threshold: float) -> dict[str, Any]:
     """CACHE_DIT_STEPS steps with cache-dit enabled the way vllm-omni's model runner does it
     (the cache backend's enable() on the pipeline, which reads the transformer's
-    _cache_dit_adapter_config, then refresh() per request), from the same seeded noise on every
-    rank. Returns the final latents and, per layer, how often its attention ran: with
-    Fn_compute_blocks=1 the first layer runs every step and the last one only when cache-dit
-    does not reuse its residual, so fewer calls there show that caching took place."""
-    if getattr(ErnieImageTransformer2DModel, "_cache_dit_adapter_config", None) is None:
-        return {"supported": False}
+    _cache_dit_adapter_config, then refresh() per request; once per process, as in a vllm-omni
+    worker: cache-dit 1.3.0 marks its stand-in pipeline class as cached, so a second enable() in
+    the same process finds no cache context), from the same seeded noise on every rank, at
+    residual-diff THRESHOLD, with the modulation scaled by CACHE_DIT_MODULATION_SCALE.
+    Returns the final latents, per layer how often its attention ran (with Fn_compute_blocks=1 the
+    first layer runs every step and the last one only when cache-dit does not reuse its residual,
+    so fewer calls there show that caching took place) and each residual comparison
+    (residual_diffs); {"supported": False} for a release without ERNIE-Image's cache-dit adapter."""
     from vllm_omni.diffusion.cache.selector import get_cache_backend
 
+    if getattr(ErnieImageTransformer2DModel, "_cache_dit_adapter_config", None) is None:
+        return {"supported": False}
     pipeline = tiny_pipeline(vllm_config, od_config)
-    backend = get_cache_backend("cache_dit", dict(CACHE_DIT_CONFIG))
+    with torch.no_grad():
+        pipeline.transformer.adaLN_modulation[-1].weight.mul_(CACHE_DIT_MODULATION_SCALE)
+    backend = get_cache_backend("cache_dit", dict(CACHE_DIT_CONFIG, residual_diff_threshold=threshold))
     layer_of = {id(layer.self_attention): index for index, layer in enumerate(pipeline.transformer.layers)}
     trace: dict[str, Any] = {}
+    comparisons: list[dict[str, Any]] = []
     with omni_context(vllm_config, od_config):
         backend.enable(pipeline)
         backend.refresh(pipeline, CACHE_DIT_STEPS, verbose=False)
-    with recording(trace):
+    with recording(trace), residual_diffs(comparisons):
         latents = denoise(pipeline, vllm_config, od_config, CACHE_DIT_STEPS, torch.Generator().manual_seed(2024))
     calls = [0] * len(layer_of)
     for attn, _ in trace["processor_calls"]:
         calls[layer_of[attn]] += 1
-    return {"supported": True, "latents": latents, "layer_calls": calls}
+    return {"supported": True, "threshold": threshold, "latents": latents, "layer_calls": calls,
+            "comparisons": comparisons}
 
 
 def main() -> None:
@@ -404,7 +454,7 @@ def main() -> None:
     if args.pipeline:
         result["pipeline_latents"] = pipeline_step(rank, vllm_config, od_config)
     if args.cache_dit:
-        result["cache_dit"] = cached_denoise(vllm_config, od_config)
+        result["cache_dit"] = cached_denoise(vllm_config, od_config, args.cache_dit_threshold)
     for mode in (m for m in modes if MODES[m].npu_backend):  # last: it swaps the attention backend
         result[mode] = run_transformer(mode, vllm_config, od_config)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))

@@ -12,6 +12,7 @@ the patched code around it, not the rounding of the inputs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import sys
 import time
@@ -100,36 +101,58 @@ def _randn(*shape: int, seed: int) -> torch.Tensor:
 def _rope_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """The processor's own rotate-half RoPE (= npu_rotary_mul "half": x*cos + cat(-x2, x1)*sin), float64.
 
-    cos and sin are rounded to x's dtype first, as the patched and the original code both do.
+    cos and sin of the float32 angles are rounded to x's dtype first, as the patched and the original code both do.
     """
     rot = angles.shape[-1]
     x64, x_pass = x[..., :rot].double(), x[..., rot:].double()
-    cos, sin = (f(angles).to(x.dtype).double() for f in (torch.cos, torch.sin))
+    cos, sin = (f(angles.double()).to(x.dtype).double() for f in (torch.cos, torch.sin))
     x1, x2 = x64.chunk(2, dim=-1)
     return torch.cat((x64 * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
 
 
+# ERNIE-Image's real RoPE: head_dim 128 split into axes (32, 48, 48), theta 256; an image token of an image with T
+# text tokens sits at (T, row, column) of the side/16 x side/16 latent grid, text token t at (t, 0, 0). Angles reach
+# max(T, side/16 - 1) radians, where a bfloat16 angle (8 significant bits) is off by up to 1 rad.
+ROPE_CASES = {"1024x1024+256": (1024, 256, 128), "2048x2048+512": (2048, 512, 128), "1024x1024+256,half": (1024, 256, 64)}
+ROPE_THETA, ROPE_AXES, HEAD_DIM = 256, (32, 48, 48), 128
+
+
+def real_rope_angles(transformer: Any, side: int, text_len: int) -> torch.Tensor:
+    """freqs_cis [1, S, 1, 128] of one image of SIDE x SIDE pixels and TEXT_LEN text tokens, computed by the
+    release's own ErnieImageEmbedND3 from the position ids its transformer builds."""
+    grid = side // 16
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                   indexing="ij")
+    image_ids = torch.stack((torch.full((grid * grid,), float(text_len)), rows.reshape(-1), columns.reshape(-1)), -1)
+    text_ids = torch.stack((torch.arange(text_len, dtype=torch.float32), *torch.zeros(2, text_len)), -1)
+    embed = transformer.ErnieImageEmbedND3(dim=HEAD_DIM, theta=ROPE_THETA, axes_dim=ROPE_AXES)
+    return embed(torch.cat((image_ids, text_ids)).unsqueeze(0))
+
+
 def check_rope(device: Device, dtype: torch.dtype) -> CheckResult:
-    """apply_rotary_emb_npu (diffusers-rope) on the device, RoPE on all and on half of the head channels."""
+    """apply_rotary_emb_npu (diffusers-rope) on the device at ERNIE-Image's real positions (1024² and 2048² images,
+    256 and 512 text tokens), RoPE on all and on half of the head channels."""
     transformer = _import(TRANSFORMER)
     rope_npu = _require(transformer, "apply_rotary_emb_npu", "diffusers-rope")
     torch_npu = sys.modules.get("torch_npu") or importlib.import_module("torch_npu")
-    calls, worst, tolerance = [0], 0.0, 0.0
-    for seed, rot in ((1, 32), (2, 16)):
-        x = _randn(2, 24, 2, 32, seed=seed).to(dtype)
-        angles = torch.rand(2, 24, 1, rot, generator=torch.Generator().manual_seed(seed + 10)) * 2 * math.pi
+    calls, worst, tolerance, largest_angle = [0], 0.0, 0.0, 0.0
+    for seed, (side, text_len, rot) in enumerate(ROPE_CASES.values()):
+        angles = real_rope_angles(transformer, side, text_len)[..., :rot]
+        x = _randn(1, angles.shape[1], 1, HEAD_DIM, seed=seed).to(dtype)
         with device.active(), counting(torch_npu, "npu_rotary_mul", calls):
             out = device.get(rope_npu(device.put(x), device.put(angles)))
         worst = max(worst, _max_abs(out, _rope_reference(x, angles)))
+        largest_angle = max(largest_angle, angles.abs().max().item())
         # Each output element is x1*cos + x2*sin: two products and a sum, each rounded once to the dtype
         # (3u), plus the dtype roundings of cos and sin (2u) and the device's own cos/sin error (a few ulp
-        # of float32, below u of any dtype): 8u of max |x| bounds it with margin.
+        # of float32 of angles up to ~512 rad, below u of any dtype): 8u of max |x| bounds it with margin.
         tolerance = max(tolerance, 8 * UNIT_ROUNDOFF[dtype] * x.abs().max().item())
     if calls[0] == 0:
         raise AssertionError("apply_rotary_emb_npu never called torch_npu.npu_rotary_mul")
     return measured("rope", worst, tolerance, "abs",
-                     f"apply_rotary_emb_npu -> npu_rotary_mul(rotary_mode='half'), {calls[0]} call(s), "
-                     f"vs x*cos + rotate_half(x)*sin in float64")
+                     f"apply_rotary_emb_npu -> npu_rotary_mul(rotary_mode='half'), {calls[0]} call(s), ERNIE-Image "
+                     f"positions {', '.join(ROPE_CASES)} (angles up to {largest_angle:.0f} rad), vs x*cos + "
+                     f"rotate_half(x)*sin in float64")
 
 
 # Attention -----------------------------------------------------------------------------------------
@@ -195,17 +218,24 @@ def check_fusion_attention(device: Device, dtype: torch.dtype, mask_name: str) -
                      "abs", f"_native_npu_attention -> npu_fusion_attention, mask {mask_name}, {tuple(q.shape)} BSND")
 
 
+LASER_TOKENS = 4133
+"""Above 4096 and not a multiple of 256: MindIE-SD pads the sequence to 4352 and excludes the padding (pre_tokens)."""
+
+
 def check_laser_attention(device: Device, dtype: torch.dtype) -> CheckResult:
-    """The laser route of the patched dispatch: unmasked 4096-token self-attention in float16/bfloat16."""
+    """The laser route of the patched dispatch: unmasked self-attention of LASER_TOKENS tokens in float16/bfloat16,
+    through this interpreter's own MindIE-SD."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise Skip("the laser route takes float16/bfloat16 only (--dtype bf16 runs it)")
     dispatch = _import(DISPATCH)
     _require(dispatch, "_mindiesd_attention_forward", "diffusers-attention")
+    if importlib.util.find_spec("mindiesd") is None:
+        raise Skip("mindiesd (MindIE-SD) is not installed here")
     dispatch._mindiesd_attention_forward.cache_clear()
     if dispatch._mindiesd_attention_forward() is None:
-        raise Skip("MindIE-SD (mindiesd) is not installed here or does not import")
+        raise Skip("mindiesd (MindIE-SD) does not import here")
     mindiesd = sys.modules["mindiesd"]
-    batch, seq, heads, dim = 1, 4096, 2, 64  # laser attention serves self-attention of >= 4000 tokens
+    batch, seq, heads, dim = 1, LASER_TOKENS, 2, 64
     q, k, v = (_randn(batch, seq, heads, dim, seed=40 + i).to(dtype) for i in range(3))
     calls = [0]
     try:
@@ -213,10 +243,12 @@ def check_laser_attention(device: Device, dtype: torch.dtype) -> CheckResult:
             dispatch._mindiesd_attention_forward.cache_clear()
             with device.active():
                 out = device.get(_native_npu(dispatch, *(device.put(t) for t in (q, k, v)), None))
+            refused = dispatch._mindiesd_attention_forward().refused
     finally:
         dispatch._mindiesd_attention_forward.cache_clear()
-    if calls[0] != 1:
-        raise AssertionError(f"mindiesd.attention_forward called {calls[0]} time(s), expected once")
+    if calls[0] != 1 or refused:
+        raise AssertionError(f"mindiesd.attention_forward called {calls[0]} time(s), refused: {refused}; expected "
+                             "one laser call")
     expected = _attention_reference(q, k, v, None, dim**-0.5)
     # MindIE-SD computes on float16 copies and casts the output to float16 and back (la_preprocess_input,
     # la_postprocess_output): the fused-attention bound in float16 plus one rounding to the input dtype.

@@ -5,16 +5,24 @@ modules bind it at import time, so `install()` must run before any `vllm_omni.di
 import. `set_npu(True)` makes the platform report Ascend NPU (`is_npu()`), which selects the
 NPU code paths of the patched model; `set_npu(False)` reports CUDA, the upstream default path.
 Tensors stay on the CPU either way. Attention uses vllm-omni's SDPA backend, unless
-`set_npu(..., npu_attention_backend=True)`: then the backend is chosen as vllm-omni's own NPU
-platform chooses it (NPUOmniPlatform.get_diffusion_attn_backend_cls, which cannot be imported
-here: it needs vllm-ascend), FLASH_ATTN when `mindiesd` is importable, else SDPA, and its
-AttentionImpl.forward dispatches to `forward_npu` because the platform reports NPU.
+`set_npu(..., npu_attention_backend=True)`: then vllm-omni's own NPU platform chooses it: its
+NPUOmniPlatform.get_diffusion_attn_backend_cls runs (FLASH_ATTN when `mindiesd` is importable, after
+importing it; else SDPA), and the chosen AttentionImpl.forward dispatches to `forward_npu` because the
+platform reports NPU. vllm_omni/platforms/npu/platform.py imports `vllm_ascend.platform.NPUPlatform`
+at module level, only to derive NPUOmniPlatform from it; vllm-ascend (Ascend's vllm plugin, built for
+CANN) is not installed here, so while that module is imported a stand-in `vllm_ascend.platform` whose
+NPUPlatform is an empty subclass of vllm's Platform is in sys.modules (and removed again). Nothing of
+it is called: the backend choice reads only mindiesd's presence.
 """
 from __future__ import annotations
 
-from importlib.util import find_spec
+import importlib
+import importlib.util
+import sys
+import types
 
 import torch
+from vllm.platforms.interface import Platform
 import vllm_omni.platforms as omni_platforms
 from vllm_omni.platforms.interface import OmniPlatform, OmniPlatformEnum
 
@@ -56,13 +64,27 @@ class CpuTestPlatform(OmniPlatform):
 
     @classmethod
     def get_diffusion_attn_backend_cls(cls, selected_backend: str | None, head_size: int, **kwargs: object) -> str:
-        """SDPA, or in NPU-backend mode what the NPU platform's default choice is; later releases
-        pass extra hints (e.g. allow_trtllm_default)."""
-        if cls.reports_npu and cls.npu_attention_backend and find_spec("mindiesd") is not None:
-            from vllm_omni.diffusion.attention.backends.registry import DiffusionAttentionBackendEnum
-
-            return DiffusionAttentionBackendEnum.FLASH_ATTN.get_path()
+        """SDPA, or in NPU-backend mode vllm-omni's NPU platform's own choice; later releases pass
+        extra hints (e.g. allow_trtllm_default), handed on as they come."""
+        if cls.reports_npu and cls.npu_attention_backend:
+            choose = npu_platform_class().get_diffusion_attn_backend_cls.__func__
+            return choose(cls, selected_backend, head_size, **kwargs)
         return SDPA_BACKEND
+
+
+def npu_platform_class() -> type:
+    """vllm-omni's NPUOmniPlatform, its module imported with vllm_ascend.platform stood in if it is absent."""
+    name = "vllm_omni.platforms.npu.platform"
+    if name in sys.modules or importlib.util.find_spec("vllm_ascend") is not None:
+        return importlib.import_module(name).NPUOmniPlatform
+    package, platform = types.ModuleType("vllm_ascend"), types.ModuleType("vllm_ascend.platform")
+    platform.NPUPlatform = type("NPUPlatform", (Platform,), {"__doc__": "Stand-in base class (vllm-ascend absent)."})
+    package.platform = platform
+    sys.modules.update({"vllm_ascend": package, "vllm_ascend.platform": platform})
+    try:
+        return importlib.import_module(name).NPUOmniPlatform
+    finally:
+        del sys.modules["vllm_ascend"], sys.modules["vllm_ascend.platform"]
 
 
 def install() -> CpuTestPlatform:

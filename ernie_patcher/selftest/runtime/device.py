@@ -1,8 +1,10 @@
 """The device the checks run on: a real Ascend NPU (torch_npu), or the CPU through the fake NPU device.
 
-On the CPU, the reference torch_npu and mindiesd modules (torch_npu_ref, mindiesd_ref) are put in
-sys.modules before diffusers is imported, exactly as the numerics tests do, so the patched NPU branches
-run for real on CPU data. On an NPU the vendors' own modules are used and nothing is replaced.
+On the CPU, the torch_npu stand-in (torch_npu_ref: its kernels as CPU references, the chip MindIE-SD asks for)
+is put in sys.modules before diffusers is imported, and the interpreter's own mindiesd, when it has one, is
+imported over it with only its device operator standing in (mindiesd_ops), exactly as the numerics tests do, so
+the patched NPU branches run for real on CPU data. On an NPU the vendors' own modules are used and nothing is
+replaced.
 """
 from __future__ import annotations
 
@@ -105,15 +107,25 @@ def open_device(choice: str) -> Device:
         if choice == "npu":
             raise DeviceUnavailable(why_not)
     _install_fake()
-    return Device("cpu", "cpu (fake npu device, CPU references of torch_npu and mindiesd)", 1, versions)
+    mindiesd = "MindIE-SD's own code, its laser kernel stood in" if "mindiesd" in sys.modules else "no mindiesd"
+    return Device("cpu", f"cpu (fake npu device, CPU stand-ins of torch_npu's kernels; {mindiesd})", 1, versions)
+
+
+CHIP = "A2"
+"""The chip the fake device reports to MindIE-SD: an A2, whose MindIE-SD registers the laser operator."""
 
 
 def _install_fake() -> None:
-    from . import fake_npu, mindiesd_ref, torch_npu_ref
+    from . import fake_npu, mindiesd_ops, torch_npu_ref
 
-    fake_npu.install()
-    sys.modules["torch_npu"] = torch_npu_ref.build_module(strict_device=True)
-    sys.modules["mindiesd"] = mindiesd_ref.build_module(strict_device=True)
+    torch_npu = torch_npu_ref.build_module(strict_device=True, chip=CHIP)
+    sys.modules["torch_npu"] = torch_npu
+    fake_npu.install(torch_npu.npu)
+    if mindiesd_ops.available():
+        try:
+            mindiesd_ops.load(CHIP, strict_device=True)
+        except Exception as exc:  # a broken mindiesd is the laser check's skip reason (the patch's import fails too)
+            print(f"selftest: mindiesd does not import: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager

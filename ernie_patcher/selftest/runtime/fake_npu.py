@@ -92,20 +92,19 @@ class FakeNpuMode(TorchDispatchMode):
         return _run_on_cpu(func, args, kwargs or {})
 
 
-def install() -> None:
+def install(device_module: object) -> None:
     """Name PrivateUse1 "npu", as torch_npu does, with PyTorch's own Python-backend scaffolding.
 
     torch.utils.backend_registration._setup_privateuseone_for_python_backend registers what PyTorch
     expects of a backend (device module, hooks, device guard); it is experimental API, used here only.
-    The device module also answers `get_amp_supported_dtype()` as torch_npu's `torch.npu` does on a
-    bf16-capable device (float16, bfloat16, float32): `torch.autocast(device_type="npu", ...)` requires
-    it, and diffusers >= 0.41 enters `torch.autocast(device_type=pos.device.type, enabled=False)` in the
-    ERNIE-Image RoPE.
+    DEVICE_MODULE becomes `torch.npu`, as torch_npu's own `torch_npu.npu` does: the torch_npu stand-in's
+    (torch_npu_ref.NpuDeviceModule), which also answers `get_amp_supported_dtype()` as torch_npu's does on a
+    bf16-capable device: `torch.autocast(device_type="npu", ...)` requires it, and diffusers >= 0.41 enters
+    `torch.autocast(device_type=pos.device.type, enabled=False)` in the ERNIE-Image RoPE.
     """
     from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
-    _setup_privateuseone_for_python_backend(NPU)
-    getattr(torch, NPU).get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16, torch.float32]
+    _setup_privateuseone_for_python_backend(NPU, backend_module=device_module)
 
 
 def to_npu(tensor: torch.Tensor) -> NpuTensor:
