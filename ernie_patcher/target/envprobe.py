@@ -412,6 +412,87 @@ def describe(packages, paths=None, request=None):
     return described
 
 
+# The search path `site` would build, without running anything of the environment's (run with -I -S:
+# no .pth import line, no sitecustomize or usercustomize, no PYTHON* variable, no user site).
+# Hand-written after site.venv, site.addsitepackages and site.addpackage (3.8 to 3.13), because
+# those execute the import lines of .pth files, which another user may have written.
+def _venv_config(executable):
+    """(venv directory, its pyvenv.cfg's include-system-site-packages is true) as site.venv finds
+    them from EXECUTABLE: a pyvenv.cfg beside it or one directory up; None when there is none."""
+    exe_dir = os.path.dirname(os.path.abspath(executable))
+    prefix = os.path.dirname(exe_dir)
+    for config in (os.path.join(exe_dir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg")):
+        if os.path.isfile(config):
+            break
+    else:
+        return None
+    system_site = "true"  # site.venv's default when the key is absent
+    try:
+        text = _read_capped(config, follow=True).decode("utf-8", "surrogateescape")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "include-system-site-packages":
+            system_site = value.strip().lower()
+    return prefix, system_site == "true"
+
+
+def _pth_paths(sitedir, known):
+    """The existing directories (or archives) the plain path lines of SITEDIR's .pth files name, in
+    the order site adds them; lines starting with 'import' are skipped, never executed."""
+    try:
+        names = sorted(name for name in os.listdir(sitedir) if name.endswith(".pth"))
+    except OSError:
+        return []
+    if sys.version_info >= (3, 13):
+        names = [name for name in names if not name.startswith(".")]  # 3.13's site skips hidden ones
+    added = []
+    for name in names:
+        try:
+            text = _read_capped(os.path.join(sitedir, name), follow=True).decode("utf-8-sig", "surrogateescape")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip() or line.startswith(("import ", "import\t")):
+                continue
+            path = os.path.abspath(os.path.join(sitedir, line.rstrip()))
+            if os.path.normcase(path) not in known and os.path.exists(path):
+                known.add(os.path.normcase(path))
+                added.append(path)
+    return added
+
+
+def isolated_search_path():
+    """sys.path as `site` would complete it for this interpreter (run with -S): its site-packages
+    directories (a venv's, and the base installation's when its pyvenv.cfg includes them) and the
+    plain path lines of their .pth files. A venv's sys.prefix is set as site.venv sets it, so
+    sysconfig (purelib) answers as in a normal run."""
+    import site
+
+    prefixes = [sys.prefix, sys.exec_prefix]
+    venv = _venv_config(sys.executable)
+    if venv is not None:
+        sys.prefix = sys.exec_prefix = venv[0]
+        prefixes = [venv[0]] + (prefixes if venv[1] else [])
+    paths = list(sys.path)
+    known = set(os.path.normcase(os.path.abspath(p)) for p in paths if os.path.exists(p))
+    for sitedir in site.getsitepackages(list(dict.fromkeys(prefixes))):
+        if not os.path.isdir(sitedir):
+            continue
+        sitedir = os.path.abspath(sitedir)
+        if os.path.normcase(sitedir) not in known:
+            known.add(os.path.normcase(sitedir))
+            paths.append(sitedir)
+        paths.extend(_pth_paths(sitedir, known))
+    return paths
+
+
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    json.dump(describe(request["packages"], request.get("paths"), request), sys.stdout)
+    paths = request.get("paths")
+    if paths is None and sys.flags.no_site:
+        # Given explicitly, not put on sys.path: an import of a module the standard library lacks
+        # (e.g. _sha256 on 3.12) must not find one in a directory another user can write.
+        paths = isolated_search_path()
+    json.dump(describe(request["packages"], paths, request), sys.stdout)
