@@ -155,10 +155,15 @@ def _find_spec(name):
     return None
 
 
-def _module(name, paths):
+def _module(name, paths, editable=None):
+    """Where package NAME is imported from along PATHS (None: this interpreter's import system); else
+    from EDITABLE (module -> directory, the editable finders a .pth would install: they come after
+    the path finder on sys.meta_path)."""
     from importlib.machinery import PathFinder
 
     spec = PathFinder.find_spec(name, paths) if paths is not None else _find_spec(name)
+    if spec is None and editable and os.path.isdir(editable.get(name) or ""):
+        return {"module_dir": editable[name]}
     if spec is None or not spec.submodule_search_locations:
         return None
     return {"module_dir": list(spec.submodule_search_locations)[0]}
@@ -393,11 +398,12 @@ def _magic():
     return MAGIC_NUMBER.hex()
 
 
-def describe(packages, paths=None, request=None):
+def describe(packages, paths=None, request=None, editable=None):
     """PACKAGES: [[distribution, module], ...]; PATHS: search these instead of sys.path. REQUEST
     may ask for the bytecode facts of [module, relpath] pairs ('bytecode'; 'compared' and 'known'
-    as bytecode_facts takes them)."""
-    modules = {module: _module(module, paths) for _, module in packages}
+    as bytecode_facts takes them). EDITABLE: top-level module -> directory of editable installs
+    found by a finder rather than on the path (see isolated_search_path)."""
+    modules = {module: _module(module, paths, editable) for _, module in packages}
     described = {
         "python": sys.executable,
         "python_version": "%d.%d.%d" % sys.version_info[:3],
@@ -438,9 +444,10 @@ def _venv_config(executable):
     return prefix, system_site == "true"
 
 
-def _pth_paths(sitedir, known):
+def _pth_paths(sitedir, known, editable):
     """The existing directories (or archives) the plain path lines of SITEDIR's .pth files name, in
-    the order site adds them; lines starting with 'import' are skipped, never executed."""
+    the order site adds them. Lines starting with 'import' are never executed: one importing an
+    editable finder module of SITEDIR adds what that module maps to EDITABLE (_finder_mapping)."""
     try:
         names = sorted(name for name in os.listdir(sitedir) if name.endswith(".pth"))
     except OSError:
@@ -454,7 +461,11 @@ def _pth_paths(sitedir, known):
         except OSError:
             continue
         for line in text.splitlines():
-            if line.startswith("#") or not line.strip() or line.startswith(("import ", "import\t")):
+            if line.startswith(("import ", "import\t")):
+                for module, directory in _finder_mapping(sitedir, line).items():
+                    editable.setdefault(module, directory)
+                continue
+            if line.startswith("#") or not line.strip():
                 continue
             path = os.path.abspath(os.path.join(sitedir, line.rstrip()))
             if os.path.normcase(path) not in known and os.path.exists(path):
@@ -463,10 +474,43 @@ def _pth_paths(sitedir, known):
     return added
 
 
+def _finder_mapping(sitedir, line):
+    """Top-level module -> package directory of the editable finder .pth LINE imports from SITEDIR,
+    read from its source without running it: setuptools' __editable___*_finder.py (its MAPPING
+    dict) or the editables project's redirector (its F.map_module(name, path) calls)."""
+    import ast
+
+    name = line.split(None, 1)[1].split(";")[0].split(",")[0].strip() if len(line.split(None, 1)) > 1 else ""
+    if not name.isidentifier():
+        return {}
+    try:
+        tree = ast.parse(_read_capped(os.path.join(sitedir, name + ".py")))
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return {}
+    found = {}
+    for node in tree.body:
+        try:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and any(
+                    isinstance(t, ast.Name) and t.id == "MAPPING"
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+                mapping = ast.literal_eval(node.value)
+                found.update((k, v) for k, v in mapping.items() if isinstance(k, str) and isinstance(v, str))
+            elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                  and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "map_module"
+                  and len(node.value.args) == 2):
+                module, path = (ast.literal_eval(arg) for arg in node.value.args)
+                if isinstance(module, str) and isinstance(path, str) and os.path.basename(path) == "__init__.py":
+                    found[module] = os.path.dirname(path)
+        except (ValueError, TypeError, AttributeError, RecursionError, MemoryError):
+            continue
+    return dict((k, v) for k, v in found.items() if "." not in k and os.path.isabs(v))
+
+
 def isolated_search_path():
     """sys.path as `site` would complete it for this interpreter (run with -S): its site-packages
     directories (a venv's, and the base installation's when its pyvenv.cfg includes them) and the
-    plain path lines of their .pth files. A venv's sys.prefix is set as site.venv sets it, so
+    plain path lines of their .pth files; and, as module -> directory, the editable installs their
+    .pth import lines would add a finder for. A venv's sys.prefix is set as site.venv sets it, so
     sysconfig (purelib) answers as in a normal run."""
     import site
 
@@ -475,7 +519,7 @@ def isolated_search_path():
     if venv is not None:
         sys.prefix = sys.exec_prefix = venv[0]
         prefixes = [venv[0]] + (prefixes if venv[1] else [])
-    paths = list(sys.path)
+    paths, editable = list(sys.path), {}
     known = set(os.path.normcase(os.path.abspath(p)) for p in paths if os.path.exists(p))
     for sitedir in site.getsitepackages(list(dict.fromkeys(prefixes))):
         if not os.path.isdir(sitedir):
@@ -484,15 +528,15 @@ def isolated_search_path():
         if os.path.normcase(sitedir) not in known:
             known.add(os.path.normcase(sitedir))
             paths.append(sitedir)
-        paths.extend(_pth_paths(sitedir, known))
-    return paths
+        paths.extend(_pth_paths(sitedir, known, editable))
+    return paths, editable
 
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    paths = request.get("paths")
+    paths, editable = request.get("paths"), None
     if paths is None and sys.flags.no_site:
         # Given explicitly, not put on sys.path: an import of a module the standard library lacks
         # (e.g. _sha256 on 3.12) must not find one in a directory another user can write.
-        paths = isolated_search_path()
-    json.dump(describe(request["packages"], paths, request), sys.stdout)
+        paths, editable = isolated_search_path()
+    json.dump(describe(request["packages"], paths, request, editable), sys.stdout)
