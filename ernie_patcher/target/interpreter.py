@@ -4,8 +4,9 @@ is remembered for the rest of the process, so a command that asks twice (the fas
 engine) waits out a hanging interpreter once.
 
 As root, an interpreter another user could replace is not run at all (refuse_user_writable), and
-the one that is runs isolated (-I -S): no .pth import line, sitecustomize, usercustomize or PYTHON*
-variable of the environment runs; the probe builds the search path `site` would itself."""
+the one that is runs isolated (-E -s -S, the current directory off sys.path): no .pth import line,
+sitecustomize, usercustomize or PYTHON* variable of the environment runs, nor a module in root's
+current directory; the probe builds the search path `site` would itself."""
 from __future__ import annotations
 
 import json
@@ -22,11 +23,15 @@ TIMEOUT_ENV = "ERNIE_PATCHER_PYTHON_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
 MAX_TIMEOUT = 3600.0
 OLDEST = (3, 8)  # importlib.metadata
-ISOLATED = ("-I", "-S")  # no PYTHON* variables, user site, current directory, site (.pth, *customize)
+# Isolated mode (-I) spelled out, as Python 2 knows no -I and must still say its version: no PYTHON*
+# variable (-E), no user site (-s), no `site` at all (-S: no .pth import line, sitecustomize or
+# usercustomize runs); the current directory -c puts first on sys.path goes in the preamble's first line.
+ISOLATED = ("-E", "-s", "-S")
 HINT = "pass --python a Python >= 3.8 executable of the environment to patch, or the environment's directory"
 # Runs first in the other interpreter, in syntax every Python parses, so an old one says its
 # version instead of failing on the probe's own syntax.
 _PREAMBLE = """import sys
+sys.path[:] = [entry for entry in sys.path if entry]
 if sys.version_info[:2] < %r:
     sys.stdout.write('{"too_old": "%%d.%%d.%%d"}' %% tuple(sys.version_info[:3]))
     sys.exit(0)
