@@ -47,8 +47,8 @@ def base() -> Iterator[Path]:
 
 def _planted(python: Path, marker: Path) -> Path:
     """The code another user could plant in a site-packages they can write: a `.pth` import line and
-    a sitecustomize, each appending a line to MARKER when Python starts; the directory holding a
-    sitecustomize for PYTHONPATH."""
+    a sitecustomize, each appending a line to MARKER when Python starts; and the directory, for
+    PYTHONPATH, holding a sitecustomize, a usercustomize and a json module (which the probe imports)."""
     site = _purelib(python)
     (site / "zz-planted.pth").write_text("import os; " + MARKER_CODE.format(marker=str(marker), what="pth") + "\n")
     (site / "sitecustomize.py").write_text(MARKER_CODE.format(marker=str(marker), what="sitecustomize") + "\n")
@@ -56,6 +56,7 @@ def _planted(python: Path, marker: Path) -> Path:
     elsewhere.mkdir()
     (elsewhere / "sitecustomize.py").write_text(MARKER_CODE.format(marker=str(marker), what="PYTHONPATH") + "\n")
     (elsewhere / "usercustomize.py").write_text(MARKER_CODE.format(marker=str(marker), what="usercustomize") + "\n")
+    (elsewhere / "json.py").write_text(MARKER_CODE.format(marker=str(marker), what="PYTHONPATH json") + "\n")
     return elsewhere
 
 
@@ -92,13 +93,11 @@ def test_planted_pth_and_sitecustomize_never_run_and_the_answer_is_right(base: P
 
     monkeypatch.setenv("PYTHONPATH", str(elsewhere))
     monkeypatch.setenv("PYTHONSTARTUP", str(elsewhere / "sitecustomize.py"))
-    monkeypatch.setenv("PYTHONINSPECT", "1")
     described = describe(str(python), {"packages": [["vllm-omni", "vllm_omni"]]})
     assert described["distributions"]["vllm-omni"]["version"] == "0.20.0"
     assert described["modules"]["vllm_omni"]["module_dir"] == str(site / "vllm_omni")
     monkeypatch.delenv("PYTHONPATH")
     monkeypatch.delenv("PYTHONSTARTUP")
-    monkeypatch.delenv("PYTHONINSPECT")
     assert run("revert", "--python", python).code == 0
     assert b"omni-mark" not in (site / OMNI_PIPELINE).read_bytes()
     assert _ran(marker) == "", f"root ran code planted in the environment: {_ran(marker)!r}"
