@@ -103,6 +103,26 @@ def test_planted_pth_and_sitecustomize_never_run_and_the_answer_is_right(base: P
     assert _ran(marker) == "", f"root ran code planted in the environment: {_ran(marker)!r}"
 
 
+def test_a_site_packages_another_user_owns_runs_nothing_and_apply_is_refused(base: Path):
+    """The review's case: a root-owned interpreter whose site-packages a deploy user owns. Describing
+    it runs none of that user's code; status names the directory; apply refuses to write there."""
+    python = make_venv(base / "venv", DIFFUSERS, VLLM_OMNI)
+    site = _purelib(python)
+    patches = fault_set(site, base / "set")
+    marker = base / "marker"
+    (site / "zz-planted.pth").write_text("import os; " + MARKER_CODE.format(marker=str(marker), what="pth") + "\n")
+    _attacker_owns(site)
+    status = run("status", "--python", python, "--patches", patches, "--json")
+    assert status.code == 0, status.stdout + status.stderr
+    assert [p["installed_version"] for p in status.json()["patches"]] == ["0.38.0", "0.38.0", "0.20.0"]
+    assert any(f"{site} (owned by uid {ATTACKER})" in note for note in status.json()["notes"]), status.stdout
+    refused = run("apply", "--python", python, "--patches", patches)
+    assert refused.code == 7 and refused.reason.startswith(f"error: refusing to write as root in {site}"), \
+        refused.stderr
+    assert b"omni-mark" not in (site / OMNI_PIPELINE).read_bytes()
+    assert _ran(marker) == "", f"root ran code planted in the environment: {_ran(marker)!r}"
+
+
 def test_a_plain_path_pth_still_finds_a_package_installed_outside_site_packages(base: Path):
     python = make_venv(base / "venv", DIFFUSERS)
     outside = install_target(base / "outside", VLLM_OMNI)
