@@ -76,8 +76,12 @@ _USER_WRITABLE_HELP = ("As root, run a --python interpreter and write in package
                        "root writes).")
 
 
-def _allow_user_writable_option() -> Callable:
-    return click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
+_INTERPRETER_WRITABLE_HELP = ("As root, run a --python interpreter that another user can replace (by default "
+                              "refused: that user could make root run their code).")
+
+
+def _allow_user_writable_option(help: str = _USER_WRITABLE_HELP) -> Callable:
+    return click.option("--allow-user-writable", is_flag=True, help=help)
 
 
 def _output_options(func: Callable) -> Callable:
@@ -383,7 +387,7 @@ def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool)
               help="The edited files are in this interpreter's environment (or this environment directory).")
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="The edited files are in DIR (e.g. made by pip install --target DIR).")
-@_allow_user_writable_option()
+@_allow_user_writable_option(_INTERPRETER_WRITABLE_HELP)
 @click.option("--module", metavar="NAME", help="Import name, when it is not PACKAGE with '-' as '_'.")
 @click.option("--wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
               help="Take the pristine files from this wheel of the installed release instead of pip download.")
@@ -477,9 +481,7 @@ def port(patch_id: str, to_version: str, from_version: str | None, from_wheel: P
 @click.option("--site", type=click.Path(path_type=Path), metavar="DIR", envvar=ENV_PREFIX + "SITE",
               help="Put DIR (e.g. made by pip install --target DIR) first on the checks' sys.path "
                    "[env: ERNIE_PATCHER_SITE].")
-@click.option("--allow-user-writable", is_flag=True,
-              help="As root, run a --python interpreter that another user can replace (by default refused: "
-                   "that user could make root run their code).")
+@_allow_user_writable_option(_INTERPRETER_WRITABLE_HELP)
 @click.option("--device", type=click.Choice(["auto", "npu", "cpu"]), default="auto", show_default=True,
               help="npu: Ascend via torch_npu; cpu: the fake NPU device and CPU references; auto: npu if usable.")
 @click.option("--sp", type=click.IntRange(min=2), metavar="N",
