@@ -80,8 +80,8 @@ _INTERPRETER_WRITABLE_HELP = ("As root, run a --python interpreter that another 
                               "refused: that user could make root run their code).")
 
 
-def _allow_user_writable_option(help: str = _USER_WRITABLE_HELP) -> Callable:
-    return click.option("--allow-user-writable", is_flag=True, help=help)
+def _allow_user_writable_option(text: str = _USER_WRITABLE_HELP) -> Callable:
+    return click.option("--allow-user-writable", is_flag=True, help=text)
 
 
 def _output_options(func: Callable) -> Callable:
