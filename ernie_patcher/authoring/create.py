@@ -77,6 +77,7 @@ class AuthoringRequest:
     patches: Path | None = None
     python: str | None = None
     site: Path | None = None
+    allow_user_writable: bool = False  # as root: run a --python another user could replace
     module: str | None = None
     wheel: Path | None = None
     summary: str = ""
@@ -91,7 +92,7 @@ def create_patch(request: AuthoringRequest) -> Created:
     series = _existing_series(directory)
     replacing = _check_free(series, directory, request)
     module = request.module or request.package.replace("-", "_")
-    env = discover([(request.package, module)], request.python, request.site)
+    env = discover([(request.package, module)], request.python, request.site, request.allow_user_writable)
     package = env.package(request.package)
     if package is None:
         raise PatcherError(ExitCode.MISSING, f"{request.package} is not installed in {env.python}",

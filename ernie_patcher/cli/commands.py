@@ -64,10 +64,24 @@ def _where_options(func: Callable) -> Callable:
                      envvar=ENV_PREFIX + "SITE",
                      help="Patch packages installed in DIR (e.g. by pip install --target DIR) "
                           "[env: ERNIE_PATCHER_SITE]."),
+        _allow_user_writable_option(),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+_USER_WRITABLE_HELP = ("As root, run a --python interpreter and write in package directories that another user "
+                       "can write (by default refused: that user could make root run their code, or swap what "
+                       "root writes).")
+
+
+_INTERPRETER_WRITABLE_HELP = ("As root, run a --python interpreter that another user can replace (by default "
+                              "refused: that user could make root run their code).")
+
+
+def _allow_user_writable_option(text: str = _USER_WRITABLE_HELP) -> Callable:
+    return click.option("--allow-user-writable", is_flag=True, help=text)
 
 
 def _output_options(func: Callable) -> Callable:
@@ -139,7 +153,7 @@ def _run(command: str, as_json: bool, call: Callable, verbosity: int = 0) -> Non
     sys.exit(int(report.exit_code))
 
 
-def _target(python: str | None, site: Path | None, patches: Path | None):
+def _target(python: str | None, site: Path | None, patches: Path | None, allow_user_writable: bool = False):
     """The target the options name. An option on the command line wins over its variable; --python and
     --site name the target either way, so one of them given wins over both ERNIE_PATCHER_PYTHON and
     ERNIE_PATCHER_SITE."""
@@ -156,7 +170,7 @@ def _target(python: str | None, site: Path | None, patches: Path | None):
     elif not given and python and site:
         raise click.UsageError("ERNIE_PATCHER_PYTHON and ERNIE_PATCHER_SITE are both set: unset one, or pass "
                                "--python or --site")
-    return Target(python=python, site=site, patches=patches)
+    return Target(python=python, site=site, patches=patches, allow_user_writable=allow_user_writable)
 
 
 class _Group(click.Group):
@@ -203,17 +217,13 @@ def main() -> None:
 _ONLY_HELP = "Only these patches (repeatable)."
 
 
-_USER_WRITABLE_HELP = ("As root, write even in package directories another user can write (by default refused: "
-                       "that user could swap what root writes).")
-
-
 @main.command(epilog=EXIT_CODES)
 @_target_options
 @click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
 @click.option("--exit-code", "gate", is_flag=True,
               help="Exit 0 only when every selected patch is applied; else the code of the worst state "
                    "(1 not applied, 3 missing, 4 unsupported, 5 conflict, 6 drifted), for a CI gate.")
-def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
+def status(python, site, allow_user_writable, patches, as_json, quiet, verbose, only, gate) -> None:
     """Show what is installed where and the state of each patch.
 
     --exit-code without --only gates on the patches apply was given (`apply --only`), else on the
@@ -227,7 +237,7 @@ def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
     """
     from ..core.engine import status as run
 
-    target = _target(python, site, patches)
+    target = _target(python, site, patches, allow_user_writable)
     _run("status", as_json, lambda: run(target, tuple(only), gate=gate), _verbosity(quiet, verbose))
 
 
@@ -237,8 +247,7 @@ def status(python, site, patches, as_json, quiet, verbose, only, gate) -> None:
               shell_complete=_complete_ids)
 @click.option("--dry-run", is_flag=True, help="Plan every hunk and report; write nothing.")
 @click.option("--allow-untested", is_flag=True, help="Try patches outside their tested version range (conflicts are still refused).")
-@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
-def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_untested, allow_user_writable) -> None:
+def apply(python, site, allow_user_writable, patches, as_json, quiet, verbose, only, dry_run, allow_untested) -> None:
     """Apply the patches: all or nothing, idempotent.
 
     \b
@@ -249,7 +258,7 @@ def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_u
     """
     from ..core.engine import apply as run
 
-    target = _target(python, site, patches)
+    target = _target(python, site, patches, allow_user_writable)
     _run("apply", as_json, lambda: run(target, tuple(only), dry_run, allow_untested, allow_user_writable),
          _verbosity(quiet, verbose))
 
@@ -259,7 +268,7 @@ def apply(python, site, patches, as_json, quiet, verbose, only, dry_run, allow_u
 @click.option("--only", multiple=True, metavar="ID", help=_ONLY_HELP, shell_complete=_complete_ids)
 @click.option("--reparse", is_flag=True,
               help="Parse every probed file again instead of reusing results recorded at apply for identical bytes.")
-def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> None:
+def verify(python, site, allow_user_writable, patches, as_json, quiet, verbose, only, reparse) -> None:
     """Prove the patches are in place: versions, file digests and AST probes.
 
     Without --only: the patches apply was given (`apply --only`), else the whole set.
@@ -272,7 +281,7 @@ def verify(python, site, patches, as_json, quiet, verbose, only, reparse) -> Non
     """
     from ..core.engine import verify as run
 
-    target = _target(python, site, patches)
+    target = _target(python, site, patches, allow_user_writable)
     _run("verify", as_json, lambda: run(target, tuple(only), reparse), _verbosity(quiet, verbose))
 
 
@@ -291,8 +300,7 @@ def _refuse_patches(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--dry-run", is_flag=True, help="Report what would be restored; write nothing.")
 @click.option("--force", is_flag=True,
               help="Restore originals even over files edited since apply (a copy is kept in .ernie-patcher/overwritten/).")
-@click.option("--allow-user-writable", is_flag=True, help=_USER_WRITABLE_HELP)
-def revert(python, site, as_json, quiet, verbose, only, dry_run, force, allow_user_writable) -> None:
+def revert(python, site, allow_user_writable, as_json, quiet, verbose, only, dry_run, force) -> None:
     """Put every changed byte back exactly as it was before apply.
 
     Needs no patch files (no --patches): it works from the manifest and the stored originals.
@@ -305,7 +313,7 @@ def revert(python, site, as_json, quiet, verbose, only, dry_run, force, allow_us
     """
     from ..core.engine import revert as run
 
-    target = _target(python, site, None)
+    target = _target(python, site, None, allow_user_writable)
     _run("revert", as_json, lambda: run(target, dry_run, force, tuple(only), allow_user_writable),
          _verbosity(quiet, verbose))
 
@@ -379,6 +387,7 @@ def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool)
               help="The edited files are in this interpreter's environment (or this environment directory).")
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="The edited files are in DIR (e.g. made by pip install --target DIR).")
+@_allow_user_writable_option(_INTERPRETER_WRITABLE_HELP)
 @click.option("--module", metavar="NAME", help="Import name, when it is not PACKAGE with '-' as '_'.")
 @click.option("--wheel", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="FILE",
               help="Take the pristine files from this wheel of the installed release instead of pip download.")
@@ -386,8 +395,8 @@ def diff_command(patch_id: str, patches: Path | None, color: str, as_json: bool)
 @click.option("--force", is_flag=True, help="Replace the diff of an existing patch NAME.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None, python: str | None,
-           site: Path | None, module: str | None, wheel: Path | None, summary: str, force: bool,
-           as_json: bool) -> None:
+           site: Path | None, allow_user_writable: bool, module: str | None, wheel: Path | None, summary: str,
+           force: bool, as_json: bool) -> None:
     """Write a patch from your edits of installed files.
 
     PACKAGE is the distribution (e.g. diffusers); each PATH is an edited file, absolute or
@@ -404,7 +413,8 @@ def create(package: str, paths: tuple[str, ...], name: str, patches: Path | None
     from ..authoring.create import AuthoringRequest, create_patch
 
     request = AuthoringRequest(package=package, paths=paths, name=name, patches=patches, python=python,
-                               site=site, module=module, wheel=wheel, summary=summary, force=force,
+                               site=site, allow_user_writable=allow_user_writable, module=module, wheel=wheel,
+                               summary=summary, force=force,
                                progress=not as_json and sys.stderr.isatty())
     try:
         created = create_patch(request)
@@ -471,6 +481,7 @@ def port(patch_id: str, to_version: str, from_version: str | None, from_wheel: P
 @click.option("--site", type=click.Path(path_type=Path), metavar="DIR", envvar=ENV_PREFIX + "SITE",
               help="Put DIR (e.g. made by pip install --target DIR) first on the checks' sys.path "
                    "[env: ERNIE_PATCHER_SITE].")
+@_allow_user_writable_option(_INTERPRETER_WRITABLE_HELP)
 @click.option("--device", type=click.Choice(["auto", "npu", "cpu"]), default="auto", show_default=True,
               help="npu: Ascend via torch_npu; cpu: the fake NPU device and CPU references; auto: npu if usable.")
 @click.option("--sp", type=click.IntRange(min=2), metavar="N",
@@ -478,7 +489,8 @@ def port(patch_id: str, to_version: str, from_version: str | None, from_wheel: P
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Precision of the device runs (the laser-attention route needs bf16).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def selftest(python: str | None, site: Path | None, device: str, sp: int | None, dtype: str, as_json: bool) -> None:
+def selftest(python: str | None, site: Path | None, allow_user_writable: bool, device: str, sp: int | None, dtype: str,
+             as_json: bool) -> None:
     """Check the patched code numerically on the device against CPU references.
 
     Runs in the target interpreter (its torch, torch_npu, mindiesd, diffusers, vllm-omni) as a
@@ -498,7 +510,7 @@ def selftest(python: str | None, site: Path | None, device: str, sp: int | None,
         if site is not None and not site.is_dir():
             raise PatcherError(ExitCode.MISSING, f"--site {site} is not a directory",
                                hint="pass the directory pip install --target wrote to, or use --python")
-        report = run_selftest(python, site, device, sp, dtype)
+        report = run_selftest(python, site, device, sp, dtype, allow_user_writable=allow_user_writable)
     except PatcherError as error:
         _fail("selftest", error, as_json)
     except Exception as exc:  # a bug: one line and a traceback file

@@ -2,7 +2,8 @@
 
 Hand-written option parsing for those commands only, because importing click costs several
 times an interpreter's own start, more than everything `verify` checks. Only the plain forms are
-taken here -- `verify|status|apply [--json] [-q] [--python P] [--site D] [--patches D] [--only ID]...`
+taken here -- `verify|status|apply [--json] [-q] [--python P] [--site D] [--patches D] [--only ID]...
+[--allow-user-writable]`
 with `--reparse` (verify) or `--dry-run [--allow-untested]` (apply, which writes nothing then);
 anything else (help, another command, apply without --dry-run, an option this parser does not
 know, an ERNIE_PATCHER_* setting it does not know, a file given as a directory) goes to the click
@@ -16,7 +17,7 @@ import sys
 COMMANDS = ("verify", "status", "apply")
 _VALUED = {"--python": "python", "--site": "site", "--patches": "patches", "--only": "only"}
 _FLAGS = {"--json": "as_json", "--reparse": "reparse", "--dry-run": "dry_run", "--allow-untested": "allow_untested",
-          "-q": "quiet", "--quiet": "quiet"}
+          "--allow-user-writable": "allow_user_writable", "-q": "quiet", "--quiet": "quiet"}
 _ONLY_FOR = {"reparse": "verify", "dry_run": "apply", "allow_untested": "apply"}
 # Variables standing for an option (the click CLI reads them the same way: the option wins).
 _OPTION_ENV = {"ERNIE_PATCHER_PYTHON": "python", "ERNIE_PATCHER_SITE": "site", "ERNIE_PATCHER_PATCHES": "patches"}
@@ -30,7 +31,8 @@ def parse(argv: list[str]) -> dict | None:
     if not argv or argv[0] not in COMMANDS:
         return None
     options: dict = {"command": argv[0], "python": None, "site": None, "patches": None, "only": [],
-                     "as_json": False, "reparse": False, "dry_run": False, "allow_untested": False, "quiet": False}
+                     "as_json": False, "reparse": False, "dry_run": False, "allow_untested": False,
+                     "allow_user_writable": False, "quiet": False}
     rest = argv[1:]
     while rest:
         word = rest.pop(0)
@@ -138,7 +140,8 @@ def run(options: dict) -> None:
             from ..core.report import Target
 
             target = Target(python=options["python"], site=Path(options["site"]) if options["site"] else None,
-                            patches=Path(options["patches"]) if options["patches"] else None)
+                            patches=Path(options["patches"]) if options["patches"] else None,
+                            allow_user_writable=options["allow_user_writable"])
             if command == "verify":
                 report = engine.verify(target, tuple(options["only"]), options["reparse"])
             elif command == "apply":

@@ -136,7 +136,7 @@ def facts_for(env: Environment, files: list[tuple[str, str, str, Path]], compare
     request = {"packages": sorted({(dist, module) for dist, module, _, _ in files}),
                "bytecode": [[module, relpath] for _, module, relpath, _ in files], "compared": compared,
                "known": known}
-    answer = describe(env.interpreter, request).get("bytecode")
+    answer = describe(env.interpreter, request, env.allow_user_writable).get("bytecode")
     if not (isinstance(answer, list) and len(answer) == len(files)
             and all(facts_ok({"f": f}, ["f"]) for f in answer)):
         raise PatcherError(ExitCode.ENVIRONMENT, f"interpreter {env.interpreter} did not describe the bytecode "

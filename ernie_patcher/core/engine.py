@@ -37,7 +37,7 @@ def _locator(target: Target) -> Locate:
     """Where a pending journal's files are in the environment this run works on."""
     def locate(entries: list[RestoreEntry]) -> list[Path]:
         env = discover(sorted({(e.package, import_name(e.package, e.module)) for e in entries}),
-                       target.python, target.site)
+                       target.python, target.site, target.allow_user_writable)
         paths = []
         for entry in entries:
             path = recorded_path(env, entry)
@@ -166,7 +166,7 @@ def _assess_choice(assessor: Assessor, choice: Choice) -> PatchState:
 def _prepare(target: Target) -> tuple[Series, Environment]:
     """The patch set and the environment with the set's packages located."""
     series = load_series(target.patches)
-    env = discover(_packages(list(series.patches)), target.python, target.site)
+    env = discover(_packages(list(series.patches)), target.python, target.site, target.allow_user_writable)
     return series, env
 
 
@@ -411,10 +411,20 @@ def _record_strip(manifest: Manifest, states: list[PatchState]) -> None:
 
 def apply(target: Target, only: tuple[str, ...] = (), dry_run: bool = False, allow_untested: bool = False,
           allow_user_writable: bool = False) -> Report:
+    target = _allowing(target, allow_user_writable)
     series, env = _prepare(target)
     report = Report("apply", env, series, dry_run=dry_run)
     with _probe_memo_noted(report):
-        return _reported(report, lambda: _apply(report, target, series, only, allow_untested, allow_user_writable))
+        return _reported(report, lambda: _apply(report, target, series, only, allow_untested,
+                                                target.allow_user_writable))
+
+
+def _allowing(target: Target, allow_user_writable: bool) -> Target:
+    """TARGET, with --allow-user-writable also for its interpreter when ALLOW_USER_WRITABLE: one
+    option trusts the users who can write the environment, its directories and its interpreter."""
+    import dataclasses
+
+    return dataclasses.replace(target, allow_user_writable=True) if allow_user_writable else target
 
 
 def _apply(report: Report, target: Target, series: Series, only: tuple[str, ...], allow_untested: bool,
@@ -584,9 +594,10 @@ def _remaining(manifest: Manifest, chosen: set[str]) -> Manifest | None:
 
 def revert(target: Target, dry_run: bool = False, force: bool = False, only: tuple[str, ...] = (),
            allow_user_writable: bool = False) -> Report:
-    env = discover([], target.python, target.site)
+    target = _allowing(target, allow_user_writable)
+    env = discover([], target.python, target.site, target.allow_user_writable)
     report = Report("revert", env, None, dry_run=dry_run)
-    return _reported(report, lambda: _revert(report, target, force, only, allow_user_writable))
+    return _reported(report, lambda: _revert(report, target, force, only, target.allow_user_writable))
 
 
 def _revert(report: Report, target: Target, force: bool, only: tuple[str, ...], allow_user_writable: bool) -> None:
@@ -613,7 +624,7 @@ def _revert(report: Report, target: Target, force: bool, only: tuple[str, ...], 
             report.notes.append(f"also reverted, as they require it: {', '.join(implied)}")
         entries = _revert_entries(manifest, chosen)
         packages = sorted({(e.package, import_name(e.package, e.module)) for e in manifest.files.values()})
-        report.env = discover(packages, target.python, target.site)
+        report.env = discover(packages, target.python, target.site, target.allow_user_writable)
         _note_paths(target, report.env)
         _enter_directories(report.env, manifest)
         _refuse_user_writable(pins, allow_user_writable)  # before anything is saved or dropped

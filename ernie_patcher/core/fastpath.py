@@ -100,7 +100,7 @@ def _environment(options: dict, packages: list[tuple[str, str]], bytecode: list[
     if python:
         from ..target.interpreter import describe
 
-        described = describe(python, request)
+        described = describe(python, request, bool(options.get("allow_user_writable")))
     else:
         described = envprobe.describe(packages, [str(Path(site).resolve())] if site else None, request)
     root = Path(site).resolve() if site else Path(described["purelib"])

@@ -20,6 +20,7 @@ class Target:
     python: str | None = None
     site: Path | None = None
     patches: Path | None = None
+    allow_user_writable: bool = False  # as root: run a --python another user could replace
 
 
 @dataclass

@@ -6,7 +6,9 @@ and an explicit sys.path entry for that directory only,
 so the target interpreter needs no ernie-patcher and cannot pick up anything of it but the checks.
 Its answer is hostile input: it runs bounded (target.runner: stdout capped, the tail of stderr kept,
 a timeout, every process it started ended), and the JSON document is checked field by field. A
---site directory someone else could write is refused: it goes ahead of the standard library.
+--site directory someone else could write is refused: it goes ahead of the standard library; as
+root, so is a --python interpreter another user could replace (target.interpreter), unless
+--allow-user-writable.
 """
 from __future__ import annotations
 
@@ -216,12 +218,14 @@ def _parse(python: str, stdout: bytes) -> tuple[dict[str, Any], list[Check]]:
 
 
 def run_selftest(python: str | None, site: Path | None, device: str, sp: int | None, dtype: str,
-                 threads: int | None = None) -> SelftestReport:
-    """Run the checks in PYTHON (default: this interpreter) with SITE first on its sys.path."""
+                 threads: int | None = None, allow_user_writable: bool = False) -> SelftestReport:
+    """Run the checks in PYTHON (default: this interpreter) with SITE first on its sys.path. As root,
+    a PYTHON another user could replace is refused unless ALLOW_USER_WRITABLE, as for --site."""
     if python:
-        from ..target.interpreter import resolve
+        from ..target.interpreter import refuse_user_writable, resolve
 
         python = resolve(python)
+        refuse_user_writable(python, allow_user_writable)
     python = python or sys.executable
     options = {"device": device, "dtype": dtype, "sp": sp, "threads": threads,
                "site": _checked_site(site) if site else None, "sp_timeout": _sp_timeout() if sp else None}

@@ -72,7 +72,8 @@ class Environment:
     """The environment being patched; STATE_DIR holds the manifest, journal and originals.
 
     CACHE_TAG and MAGIC (hex) are those of the interpreter that loads its bytecode; INTERPRETER is
-    the --python it was described by (None: this interpreter, --site included)."""
+    the --python it was described by (None: this interpreter, --site included), ALLOW_USER_WRITABLE
+    whether it runs even when another user could replace it (--allow-user-writable)."""
 
     python: str
     state_dir: Path
@@ -80,6 +81,7 @@ class Environment:
     cache_tag: str | None = None
     magic: str | None = None
     interpreter: str | None = None
+    allow_user_writable: bool = False
 
     def package(self, name: str) -> InstalledPackage | None:
         return self.packages.get(name)
@@ -99,8 +101,9 @@ def record_form(hex_digest: str) -> str:
 
 
 def discover(packages: list[tuple[str, str]], python: str | None = None,
-             site: Path | None = None) -> Environment:
-    """Locate PACKAGES ([(distribution, module)]) without importing them."""
+             site: Path | None = None, allow_user_writable: bool = False) -> Environment:
+    """Locate PACKAGES ([(distribution, module)]) without importing them. As root, a PYTHON another
+    user could replace is refused unless ALLOW_USER_WRITABLE (interpreter.refuse_user_writable)."""
     if python and site:
         raise PatcherError(ExitCode.USAGE, "--python and --site cannot be used together")
     unique = sorted(set(packages))
@@ -110,7 +113,7 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
     if python:
         from .interpreter import describe
 
-        described = describe(python, {"packages": unique})
+        described = describe(python, {"packages": unique}, allow_user_writable)
     else:
         paths = [str(Path(site).resolve())] if site else None
         described = envprobe.describe(unique, paths)
@@ -132,4 +135,4 @@ def discover(packages: list[tuple[str, str]], python: str | None = None,
     return Environment(python=described["python"] if not site else f"site:{state_dir}",
                        state_dir=state_dir / STATE_DIRNAME, packages=found,
                        cache_tag=tag if isinstance(tag, str) else None, magic=magic if isinstance(magic, str) else None,
-                       interpreter=python or None)
+                       interpreter=python or None, allow_user_writable=allow_user_writable)

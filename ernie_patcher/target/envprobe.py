@@ -155,10 +155,15 @@ def _find_spec(name):
     return None
 
 
-def _module(name, paths):
+def _module(name, paths, editable=None):
+    """Where package NAME is imported from along PATHS (None: this interpreter's import system); else
+    from EDITABLE (module -> directory, the editable finders a .pth would install: they come after
+    the path finder on sys.meta_path)."""
     from importlib.machinery import PathFinder
 
     spec = PathFinder.find_spec(name, paths) if paths is not None else _find_spec(name)
+    if spec is None and editable and os.path.isdir(editable.get(name) or ""):
+        return {"module_dir": editable[name]}
     if spec is None or not spec.submodule_search_locations:
         return None
     return {"module_dir": list(spec.submodule_search_locations)[0]}
@@ -393,11 +398,12 @@ def _magic():
     return MAGIC_NUMBER.hex()
 
 
-def describe(packages, paths=None, request=None):
+def describe(packages, paths=None, request=None, editable=None):
     """PACKAGES: [[distribution, module], ...]; PATHS: search these instead of sys.path. REQUEST
     may ask for the bytecode facts of [module, relpath] pairs ('bytecode'; 'compared' and 'known'
-    as bytecode_facts takes them)."""
-    modules = {module: _module(module, paths) for _, module in packages}
+    as bytecode_facts takes them). EDITABLE: top-level module -> directory of editable installs
+    found by a finder rather than on the path (see isolated_search_path)."""
+    modules = {module: _module(module, paths, editable) for _, module in packages}
     described = {
         "python": sys.executable,
         "python_version": "%d.%d.%d" % sys.version_info[:3],
@@ -412,6 +418,125 @@ def describe(packages, paths=None, request=None):
     return described
 
 
+# The search path `site` would build, without running anything of the environment's (run with -I -S:
+# no .pth import line, no sitecustomize or usercustomize, no PYTHON* variable, no user site).
+# Hand-written after site.venv, site.addsitepackages and site.addpackage (3.8 to 3.13), because
+# those execute the import lines of .pth files, which another user may have written.
+def _venv_config(executable):
+    """(venv directory, its pyvenv.cfg's include-system-site-packages is true) as site.venv finds
+    them from EXECUTABLE: a pyvenv.cfg beside it or one directory up; None when there is none."""
+    exe_dir = os.path.dirname(os.path.abspath(executable))
+    prefix = os.path.dirname(exe_dir)
+    for config in (os.path.join(exe_dir, "pyvenv.cfg"), os.path.join(prefix, "pyvenv.cfg")):
+        if os.path.isfile(config):
+            break
+    else:
+        return None
+    system_site = "true"  # site.venv's default when the key is absent
+    try:
+        text = _read_capped(config, follow=True).decode("utf-8", "surrogateescape")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "include-system-site-packages":
+            system_site = value.strip().lower()
+    return prefix, system_site == "true"
+
+
+def _pth_paths(sitedir, known, editable):
+    """The existing directories (or archives) the plain path lines of SITEDIR's .pth files name, in
+    the order site adds them. Lines starting with 'import' are never executed: one importing an
+    editable finder module of SITEDIR adds what that module maps to EDITABLE (_finder_mapping)."""
+    try:
+        names = sorted(name for name in os.listdir(sitedir) if name.endswith(".pth"))
+    except OSError:
+        return []
+    if sys.version_info >= (3, 13):
+        names = [name for name in names if not name.startswith(".")]  # 3.13's site skips hidden ones
+    added = []
+    for name in names:
+        try:
+            text = _read_capped(os.path.join(sitedir, name), follow=True).decode("utf-8-sig", "surrogateescape")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(("import ", "import\t")):
+                for module, directory in _finder_mapping(sitedir, line).items():
+                    editable.setdefault(module, directory)
+                continue
+            if line.startswith("#") or not line.strip():
+                continue
+            path = os.path.abspath(os.path.join(sitedir, line.rstrip()))
+            if os.path.normcase(path) not in known and os.path.exists(path):
+                known.add(os.path.normcase(path))
+                added.append(path)
+    return added
+
+
+def _finder_mapping(sitedir, line):
+    """Top-level module -> package directory of the editable finder .pth LINE imports from SITEDIR,
+    read from its source without running it: setuptools' __editable___*_finder.py (its MAPPING
+    dict) or the editables project's redirector (its F.map_module(name, path) calls)."""
+    import ast
+
+    name = line.split(None, 1)[1].split(";")[0].split(",")[0].strip() if len(line.split(None, 1)) > 1 else ""
+    if not name.isidentifier():
+        return {}
+    try:
+        tree = ast.parse(_read_capped(os.path.join(sitedir, name + ".py")))
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return {}
+    found = {}
+    for node in tree.body:
+        try:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and any(
+                    isinstance(t, ast.Name) and t.id == "MAPPING"
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+                mapping = ast.literal_eval(node.value)
+                found.update((k, v) for k, v in mapping.items() if isinstance(k, str) and isinstance(v, str))
+            elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                  and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "map_module"
+                  and len(node.value.args) == 2):
+                module, path = (ast.literal_eval(arg) for arg in node.value.args)
+                if isinstance(module, str) and isinstance(path, str) and os.path.basename(path) == "__init__.py":
+                    found[module] = os.path.dirname(path)
+        except (ValueError, TypeError, AttributeError, RecursionError, MemoryError):
+            continue
+    return dict((k, v) for k, v in found.items() if "." not in k and os.path.isabs(v))
+
+
+def isolated_search_path():
+    """sys.path as `site` would complete it for this interpreter (run with -S): its site-packages
+    directories (a venv's, and the base installation's when its pyvenv.cfg includes them) and the
+    plain path lines of their .pth files; and, as module -> directory, the editable installs their
+    .pth import lines would add a finder for. A venv's sys.prefix is set as site.venv sets it, so
+    sysconfig (purelib) answers as in a normal run."""
+    import site
+
+    prefixes = [sys.prefix, sys.exec_prefix]
+    venv = _venv_config(sys.executable)
+    if venv is not None:
+        sys.prefix = sys.exec_prefix = venv[0]
+        prefixes = [venv[0]] + (prefixes if venv[1] else [])
+    paths, editable = list(sys.path), {}
+    known = set(os.path.normcase(os.path.abspath(p)) for p in paths if os.path.exists(p))
+    for sitedir in site.getsitepackages(list(dict.fromkeys(prefixes))):
+        if not os.path.isdir(sitedir):
+            continue
+        sitedir = os.path.abspath(sitedir)
+        if os.path.normcase(sitedir) not in known:
+            known.add(os.path.normcase(sitedir))
+            paths.append(sitedir)
+        paths.extend(_pth_paths(sitedir, known, editable))
+    return paths, editable
+
+
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    json.dump(describe(request["packages"], request.get("paths"), request), sys.stdout)
+    paths, editable = request.get("paths"), None
+    if paths is None and sys.flags.no_site:
+        # Given explicitly, not put on sys.path: an import of a module the standard library lacks
+        # (e.g. _sha256 on 3.12) must not find one in a directory another user can write.
+        paths, editable = isolated_search_path()
+    json.dump(describe(request["packages"], paths, request, editable), sys.stdout)

@@ -1,14 +1,21 @@
 """Ask another interpreter (`--python PATH`) to describe its environment: bounded in time and output,
 every process it started ended (runner), and its answer checked before anything trusts it. A refusal
 is remembered for the rest of the process, so a command that asks twice (the fast path, then the
-engine) waits out a hanging interpreter once."""
+engine) waits out a hanging interpreter once.
+
+As root, an interpreter another user could replace is not run at all (refuse_user_writable), and
+the one that is runs isolated (-E -s -S, the current directory off sys.path): no .pth import line,
+sitecustomize, usercustomize or PYTHON* variable of the environment runs, nor a module in root's
+current directory; the probe builds the search path `site` would itself."""
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from ..errors import ExitCode, PatcherError
+from ..fs.safeio import insecure_path, writable_by_others
 from ..settings import seconds
 from . import envprobe
 
@@ -16,10 +23,15 @@ TIMEOUT_ENV = "ERNIE_PATCHER_PYTHON_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
 MAX_TIMEOUT = 3600.0
 OLDEST = (3, 8)  # importlib.metadata
+# Isolated mode (-I) spelled out, as Python 2 knows no -I and must still say its version: no PYTHON*
+# variable (-E), no user site (-s), no `site` at all (-S: no .pth import line, sitecustomize or
+# usercustomize runs); the current directory -c puts first on sys.path goes in the preamble's first line.
+ISOLATED = ("-E", "-s", "-S")
 HINT = "pass --python a Python >= 3.8 executable of the environment to patch, or the environment's directory"
 # Runs first in the other interpreter, in syntax every Python parses, so an old one says its
 # version instead of failing on the probe's own syntax.
 _PREAMBLE = """import sys
+sys.path[:] = [entry for entry in sys.path if entry]
 if sys.version_info[:2] < %r:
     sys.stdout.write('{"too_old": "%%d.%%d.%%d"}' %% tuple(sys.version_info[:3]))
     sys.exit(0)
@@ -54,7 +66,7 @@ def _run(python: str, request: dict) -> tuple[int, str, str]:
     source = _PREAMBLE % (OLDEST, Path(envprobe.__file__).read_text(encoding="utf-8"))
     timeout = _timeout()
     try:
-        finished = run_bounded([python, "-c", source, json.dumps(request)], timeout)
+        finished = run_bounded([python, *ISOLATED, "-c", source, json.dumps(request)], timeout)
     except OSError as exc:
         raise PatcherError(ExitCode.ENVIRONMENT, f"cannot run interpreter {python}: {exc.strerror or exc}",
                            hint=HINT) from None
@@ -93,8 +105,13 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def resolve(python: str) -> str:
-    """The interpreter PYTHON names: itself, or the Python of the environment directory it names
-    (a venv, virtualenv or uv environment: DIR/bin/python)."""
+    """The interpreter PYTHON names: itself (a bare name: the file on PATH it runs, so that file is
+    the one checked), or the Python of the environment directory it names (a venv, virtualenv or
+    uv environment: DIR/bin/python)."""
+    if os.sep not in python:
+        import shutil
+
+        return shutil.which(python) or python
     if not os.path.isdir(python):
         return python
     for name in ("bin/python", "bin/python3", "Scripts/python.exe"):
@@ -103,6 +120,82 @@ def resolve(python: str) -> str:
             return candidate
     raise PatcherError(ExitCode.ENVIRONMENT, f"--python {python} is a directory with no bin/python: "
                        "not a virtual environment", hint=HINT)
+
+
+def _user_writable(python: str) -> tuple[str, str] | None:
+    """(what, why) of the first thing another user than root could change to make PYTHON run their
+    code: a directory on the way to it or to the file it resolves to (safeio.insecure_path), that
+    file itself, or the pyvenv.cfg it starts from and the `home` directory that names (the standard
+    library it loads)."""
+    path = os.path.abspath(python)
+    found = insecure_path(Path(path))
+    if found is not None:
+        return str(found[0]), found[1]
+    try:
+        why = writable_by_others(os.stat(path))
+    except OSError:
+        return None  # not there: running it fails and says so
+    if why:
+        return os.path.realpath(path), why
+    for config in (os.path.join(os.path.dirname(path), "pyvenv.cfg"),
+                   os.path.join(os.path.dirname(os.path.dirname(path)), "pyvenv.cfg")):
+        if os.path.isfile(config):
+            return _config_writable(Path(config))
+    return None
+
+
+def _config_writable(config: Path) -> tuple[str, str] | None:
+    """(what, why) of a pyvenv.cfg another user could change, or of the `home` it names."""
+    found = insecure_path(config)
+    why = writable_by_others(os.stat(config)) if found is None else ""
+    if found is not None or why:
+        return (str(found[0]), found[1]) if found is not None else (str(config), why)
+    home = _home(config)
+    if home is None or not os.path.isdir(home):
+        return None
+    found = insecure_path(home)
+    if found is not None:
+        return str(found[0]), found[1]
+    why = writable_by_others(os.stat(home))
+    return (str(home), why) if why else None
+
+
+def _home(config: Path) -> Path | None:
+    """The absolute `home` directory pyvenv.cfg CONFIG names (the base interpreter's), or None."""
+    try:
+        fd = os.open(config, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 1 << 16).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    except OSError:
+        text = ""
+    finally:
+        os.close(fd)
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "home" and os.path.isabs(value.strip()):
+            return Path(os.path.abspath(value.strip()))
+    return None
+
+
+def refuse_user_writable(python: str, allowed: bool) -> None:
+    """As root, refuse to run interpreter PYTHON when another user could change what it runs (see
+    _user_writable), unless ALLOWED (--allow-user-writable): apply's rule for the directories it
+    writes, applied to the program root runs first, before anything else is checked."""
+    if allowed or os.geteuid() != 0:
+        return
+    found = _user_writable(python)
+    if found is None:
+        return
+    where, why = found
+    raise PatcherError(ExitCode.ENVIRONMENT, f"refusing to run interpreter {python} as root: {where} is {why}, so "
+                       "another user could make root run their code",
+                       details=["the interpreter runs before anything else is checked: a user who can replace it, "
+                                "a directory on its way or its pyvenv.cfg runs code as root"],
+                       hint="make the interpreter and the directories above it root's and not group- or "
+                            "world-writable (chown root, chmod go-w), or pass --allow-user-writable if every "
+                            "user who can write them is trusted")
 
 
 _REFUSED: dict[tuple, PatcherError] = {}
@@ -117,10 +210,12 @@ def _identity(python: str) -> tuple:
     return (python, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def describe(python: str, request: dict) -> dict:
+def describe(python: str, request: dict, allow_user_writable: bool = False) -> dict:
     """The environment description of interpreter PYTHON (see envprobe.describe), checked. An
-    interpreter refused once in this process is refused again at once, with the same error."""
+    interpreter refused once in this process is refused again at once, with the same error. As
+    root, one another user could replace is refused unless ALLOW_USER_WRITABLE."""
     python = resolve(python)
+    refuse_user_writable(python, allow_user_writable)
     key = _identity(python)
     refused = _REFUSED.get(key)
     if refused is not None:
