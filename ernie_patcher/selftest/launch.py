@@ -161,6 +161,34 @@ def _checked_site(site: Path) -> str:
     return str(resolved)
 
 
+def _refuse_user_writable_search_path(python: str, allowed: bool) -> None:
+    """As root, refuse a selftest in PYTHON when one of its site directories is one another user can
+    write: the selftest imports torch and the patched packages from there and, unlike the environment
+    probe, runs `site`, so that user's .pth lines and modules would run as root. Apply's rule for the
+    directories it writes, applied to the code the selftest runs; found from the interpreter's layout
+    (site_directories), since running anything of it first is what must not happen."""
+    if allowed or os.geteuid() != 0:
+        return
+    from ..fs.safeio import insecure_path, writable_by_others
+    from ..target.interpreter import site_directories
+
+    for entry in site_directories(python):
+        found = insecure_path(entry)
+        if found is None:
+            why = writable_by_others(os.stat(entry))
+            found = (entry, why) if why else None
+        if found is not None:
+            raise PatcherError(ExitCode.ENVIRONMENT,
+                               f"refusing to run selftest in {python} as root: {found[0]} is {found[1]}, and the "
+                               f"selftest imports from {entry}",
+                               details=["the selftest imports torch, diffusers and vllm-omni and runs the .pth files "
+                                        "of the interpreter's site directories: a user who can write them runs "
+                                        "code as root"],
+                               hint="run selftest as the user who owns the environment, make its site directories "
+                                    "root's and not group- or world-writable, or pass --allow-user-writable if every "
+                                    "user who can write them is trusted")
+
+
 def _refuse(python: str, what: str, stderr: str) -> PatcherError:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     said = f": it printed {lines[-1][:200]!r} on stderr" if lines else ""
@@ -226,6 +254,7 @@ def run_selftest(python: str | None, site: Path | None, device: str, sp: int | N
 
         python = resolve(python)
         refuse_user_writable(python, allow_user_writable)
+        _refuse_user_writable_search_path(python, allow_user_writable)
     python = python or sys.executable
     options = {"device": device, "dtype": dtype, "sp": sp, "threads": threads,
                "site": _checked_site(site) if site else None, "sp_timeout": _sp_timeout() if sp else None}

@@ -160,23 +160,56 @@ def _config_writable(config: Path) -> tuple[str, str] | None:
     return (str(home), why) if why else None
 
 
-def _home(config: Path) -> Path | None:
-    """The absolute `home` directory pyvenv.cfg CONFIG names (the base interpreter's), or None."""
+def _config(config: Path) -> dict[str, str]:
+    """The keys of pyvenv.cfg CONFIG (lower-cased) and their values; empty when it is not a regular file."""
     try:
         fd = os.open(config, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None
+        return {}
     try:
         text = os.read(fd, 1 << 16).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
     except OSError:
         text = ""
     finally:
         os.close(fd)
+    values = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key.strip().lower() == "home" and os.path.isabs(value.strip()):
-            return Path(os.path.abspath(value.strip()))
-    return None
+        if sep:
+            values[key.strip().lower()] = value.strip()
+    return values
+
+
+def _home(config: Path) -> Path | None:
+    """The absolute `home` directory pyvenv.cfg CONFIG names (the base interpreter's), or None."""
+    home = _config(config).get("home", "")
+    return Path(os.path.abspath(home)) if os.path.isabs(home) else None
+
+
+SITE_PATTERNS = ("lib*/python3*/site-packages", "lib*/python3*/dist-packages", "lib/python3/dist-packages",
+                 "local/lib*/python3*/dist-packages")
+
+
+def site_directories(python: str) -> list[Path]:
+    """The site directories `site` would add for interpreter PYTHON, found from its layout without running
+    it: its venv's (a pyvenv.cfg beside it or one level up) and, unless that venv leaves them out, those of
+    the base installation (its prefix; Debian's dist-packages and /usr/local too)."""
+    executable = Path(os.path.abspath(python))
+    prefixes = []
+    for config in (executable.parent / "pyvenv.cfg", executable.parent.parent / "pyvenv.cfg"):
+        if config.is_file():
+            prefixes.append(config.parent)
+            values, home = _config(config), _home(config)
+            if values.get("include-system-site-packages", "false").lower() == "true" and home is not None:
+                prefixes.append(home.parent)
+            break
+    else:
+        prefixes.append(Path(os.path.realpath(executable)).parent.parent)
+    found: list[Path] = []
+    for prefix in dict.fromkeys(prefixes):
+        for pattern in SITE_PATTERNS:
+            found.extend(path for path in sorted(prefix.glob(pattern)) if path.is_dir() and path not in found)
+    return found
 
 
 def refuse_user_writable(python: str, allowed: bool) -> None:

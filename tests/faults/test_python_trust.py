@@ -241,3 +241,39 @@ def test_in_process_allowance_reaches_every_interpreter_run(base: Path):
     verified = engine.verify(Target(python=str(python), patches=patches, allow_user_writable=True), ("omni",), True)
     assert int(verified.exit_code) == 0
     assert cli("revert", "--python", python, ALLOW).code == 0
+
+
+def test_selftest_refuses_a_search_path_another_user_can_write(base: Path):
+    """selftest imports torch and the patched packages and runs `site` (the environment probe does
+    not): a root-owned interpreter whose site-packages another user owns is refused before it runs,
+    naming the directory; nothing of that user's runs. With --allow-user-writable it runs."""
+    python = make_venv(base / "venv", VLLM_OMNI)
+    site = _purelib(python)
+    marker = base / "marker"
+    (site / "zz-planted.pth").write_text("import os; " + MARKER_CODE.format(marker=str(marker), what="pth") + "\n")
+    _attacker_owns(site)
+    refused = run("selftest", "--python", python)
+    assert refused.code == 7, refused.stdout + refused.stderr
+    assert refused.reason == (f"error: refusing to run selftest in {python} as root: {site} is owned by uid "
+                              f"{ATTACKER}, and the selftest imports from {site}"), refused.stderr
+    assert "try: " in refused.stderr and ALLOW in refused.stderr, refused.stderr
+    assert _ran(marker) == "", f"root ran code planted in the environment: {_ran(marker)!r}"
+    allowed = run("selftest", "--python", python, ALLOW)
+    assert "refusing to run selftest" not in allowed.stderr, allowed.stderr
+    assert "pth" in _ran(marker), "with --allow-user-writable the selftest's interpreter runs site"
+
+
+def test_site_directories_are_the_venvs_and_the_bases_only_when_it_includes_them(tmp_path: Path):
+    """What the selftest's refusal checks, found from the layout without running the interpreter."""
+    from ernie_patcher.target.interpreter import site_directories
+
+    said = subprocess.run(["python3.11", "-c", "import sys, sysconfig; print(sys.executable); "
+                           "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True)
+    base_python, base_site = said.stdout.split()
+    base_site = Path(base_site)
+    assert base_site in site_directories(base_python)
+    for name, options in (("plain", []), ("system", ["--system-site-packages"])):
+        subprocess.run(["python3.11", "-m", "venv", "--without-pip", *options, str(tmp_path / name)], check=True)
+        found = site_directories(str(tmp_path / name / "bin" / "python"))
+        assert _purelib(tmp_path / name / "bin" / "python") in found, found
+        assert (base_site in found) == (name == "system"), (name, found)
