@@ -1,7 +1,7 @@
 """Root and `--python`: nothing of the target environment runs as root before a check refuses it. The
 interpreter another user could replace (its directory, a directory on its way or on the way to the
 file it resolves to, its pyvenv.cfg) is refused with one line naming it, unless
---allow-user-writable; the one that runs describes its environment isolated (-I -S), so a `.pth`
+--allow-user-writable; the one that runs describes its environment isolated (-E -s -S), so a `.pth`
 import line, a sitecustomize or a PYTHON* variable planted in the environment never runs, while the
 environment's packages (a plain-path .pth one installed elsewhere included) are still found.
 
