@@ -196,7 +196,8 @@ def _install_step(tmp_path: Path) -> str:
     runs = [rest for keyword, rest in _instructions() if keyword == "RUN" and "pip install" in rest]
     assert len(runs) == 1, runs
     step = re.sub(r"\$\{([A-Z_]+)\}", lambda m: args[m.group(1)], runs[0])
-    return step.replace("/opt/ernie-patcher", str(ROOT)).replace("/tmp/", f"{tmp_path}/").replace(
+    # /tmp/ first: the checkout itself may lie under /tmp (a CI clone).
+    return step.replace("/tmp/", f"{tmp_path}/").replace("/opt/ernie-patcher", str(ROOT)).replace(
         " --no-cache-dir", "")
 
 
