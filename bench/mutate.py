@@ -140,7 +140,7 @@ MUTATIONS = [
              (f"{T_RACES}::test_directories_swapped_before_the_recovering_run_starts[inner-symlink]",)),
     Mutation("a directory swapped since planning written through", "ernie_patcher/fs/safeio.py",
              "        if pinned != identity:\n", "        if False:\n",
-             (f"{T_RACES}::test_directories_swapped_while_apply_writes[journal-written-directory]",)),
+             (f"{T_RACES}::test_directories_swapped_while_apply_writes[file-1-written-directory]",)),
     Mutation("temp file's owner set by name", "ernie_patcher/fs/safeio.py",
              "            if owner is not None:\n                _fchown(fd, owner)\n",
              "            if owner is not None:\n                os.chown(temp, *owner, dir_fd=self.fd)\n",
