@@ -169,14 +169,10 @@ def _refuse_user_writable_search_path(python: str, allowed: bool) -> None:
     (site_directories), since running anything of it first is what must not happen."""
     if allowed or os.geteuid() != 0:
         return
-    from ..fs.safeio import insecure_path, writable_by_others
-    from ..target.interpreter import site_directories
+    from ..target.interpreter import changeable_by_others, site_directories
 
     for entry in site_directories(python):
-        found = insecure_path(entry)
-        if found is None:
-            why = writable_by_others(os.stat(entry))
-            found = (entry, why) if why else None
+        found = changeable_by_others(entry)
         if found is not None:
             raise PatcherError(ExitCode.ENVIRONMENT,
                                f"refusing to run selftest in {python} as root: {found[0]} is {found[1]}, and the "

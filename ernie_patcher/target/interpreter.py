@@ -144,20 +144,23 @@ def _user_writable(python: str) -> tuple[str, str] | None:
     return None
 
 
-def _config_writable(config: Path) -> tuple[str, str] | None:
-    """(what, why) of a pyvenv.cfg another user could change, or of the `home` it names."""
-    found = insecure_path(config)
-    why = writable_by_others(os.stat(config)) if found is None else ""
-    if found is not None or why:
-        return (str(found[0]), found[1]) if found is not None else (str(config), why)
-    home = _home(config)
-    if home is None or not os.path.isdir(home):
-        return None
-    found = insecure_path(home)
+def changeable_by_others(path: Path) -> tuple[str, str] | None:
+    """(what, why) of the first thing another user could change to replace existing PATH: a directory on
+    the way to it (safeio.insecure_path), or PATH itself."""
+    found = insecure_path(path)
     if found is not None:
         return str(found[0]), found[1]
-    why = writable_by_others(os.stat(home))
-    return (str(home), why) if why else None
+    why = writable_by_others(os.stat(path))
+    return (str(path), why) if why else None
+
+
+def _config_writable(config: Path) -> tuple[str, str] | None:
+    """(what, why) of a pyvenv.cfg another user could change, or of the `home` it names."""
+    found = changeable_by_others(config)
+    if found is not None:
+        return found
+    home = _home(config)
+    return changeable_by_others(home) if home is not None and os.path.isdir(home) else None
 
 
 def _config(config: Path) -> dict[str, str]:
